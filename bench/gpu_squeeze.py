@@ -1,0 +1,195 @@
+"""The seed incident, on purpose: fill the GPU with torch tensors until only X MiB stay free,
+start the server, and fire the seed's request (a long webm, verbose_json, word timestamps)
+alone and as 4 concurrent copies. Records status codes, what the planner degraded, and the NVML
+peak against the planner's estimate. Needs a CUDA GPU, torch and nvidia-ml-py.
+
+    python bench/gpu_squeeze.py --free 256 512 1024 2048 4096 [--model DIR] [--minutes 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import contextlib
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from server.audio import decode_audio  # noqa: E402
+from server.memory import NvmlProbe  # noqa: E402
+
+MIB = 1 << 20
+
+
+def make_webm(minutes: float) -> bytes:
+    """A long Opus-in-WebM file made by repeating real speech (LJSpeech, 231 s)."""
+    import av
+
+    src = ROOT / "tests/data/en_ljspeech_LJ001-0001_to_0032_concat.flac"
+    pcm = decode_audio(src.read_bytes(), max_duration=1e6).samples
+    reps = int(np.ceil(minutes * 60 / (len(pcm) / 16000)))
+    audio = np.tile(pcm, reps)[: int(minutes * 60 * 16000)]
+    out = io.BytesIO()
+    with av.open(out, "w", format="webm") as container:
+        stream = container.add_stream("libopus", rate=48000)
+        stream.bit_rate = 64000
+        frame_len = 16000
+        for i in range(0, len(audio), frame_len):
+            chunk = (audio[i : i + frame_len] * 32767).astype(np.int16)[None, :]
+            frame = av.AudioFrame.from_ndarray(chunk, format="s16", layout="mono")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return out.getvalue()
+
+
+def occupy(free_target: int, probe: NvmlProbe) -> list:
+    """Allocate torch tensors until NVML reports about ``free_target`` bytes free."""
+    import torch
+
+    blocks = []
+    torch.cuda.init()
+    while True:
+        free = probe.snapshot().device.free
+        extra = free - free_target
+        if extra < 16 * MIB:
+            return blocks
+        size = min(extra, 1 << 30) if extra > 1 << 30 else extra - 8 * MIB
+        blocks.append(torch.empty(int(size), dtype=torch.uint8, device="cuda"))
+        torch.cuda.synchronize()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def server(env: dict[str, str]):
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(url + "/ready", timeout=1).status_code == 200:
+                    break
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read() if proc.stderr else "server exited")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def fire(url: str, webm: bytes) -> tuple[int, str, str]:
+    resp = requests.post(
+        url + "/v1/audio/transcriptions",
+        files={"file": ("seed.webm", webm)},
+        data={
+            "model": "whisper-1",
+            "response_format": "verbose_json",
+            "timestamp_granularities[]": "word",
+        },
+        timeout=3600,
+    )
+    degraded = resp.headers.get("x-whisper-degraded", "")
+    words = "words" if resp.ok and resp.json().get("words") else "-"
+    return resp.status_code, degraded, words
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--free", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--model", default=None, help="model folder (default: embedded base)")
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    args = parser.parse_args()
+
+    probe = NvmlProbe(0)
+    webm = make_webm(args.minutes)
+    print(f"seed file: {len(webm) / MIB:.1f} MiB webm, {args.minutes:g} min", file=sys.stderr)
+    env = {"WHISPER_DEVICE": "cuda", "WHISPER_MAX_MEMORY_WAIT": "5"}
+    if args.model:
+        env["WHISPER_MODEL"] = args.model
+    rows = []
+    with server(env) as url:
+        for free_mib in args.free:
+            blocks = occupy(free_mib * MIB, probe)
+            try:
+                for n in args.concurrency:
+                    before = probe.snapshot().device
+                    peak = [before.used]
+                    stop = threading.Event()
+
+                    def sample(stop: threading.Event = stop, peak: list[int] = peak) -> None:
+                        while not stop.is_set():
+                            peak[0] = max(peak[0], probe.snapshot().device.used)
+                            time.sleep(0.005)
+
+                    sampler = threading.Thread(target=sample)
+                    sampler.start()
+                    started = time.perf_counter()
+                    with cf.ThreadPoolExecutor(n) as pool:
+                        results = list(pool.map(lambda _: fire(url, webm), range(n)))
+                    wall = time.perf_counter() - started
+                    stop.set()
+                    sampler.join()
+                    memory = requests.get(url + "/v1/memory", timeout=10).json()
+                    estimates = [d["estimate_bytes"] for d in memory["recent_decisions"][-n:]]
+                    rows.append(
+                        (
+                            free_mib,
+                            n,
+                            results,
+                            (peak[0] - before.used) / MIB,
+                            max(estimates, default=0) / MIB,
+                            wall,
+                        )
+                    )
+                    print(".", end="", file=sys.stderr, flush=True)
+            finally:
+                del blocks
+                import torch
+
+                torch.cuda.empty_cache()
+    print(file=sys.stderr)
+    print(
+        "| free MiB | clients | statuses | degraded | words kept | NVML peak extra MiB "
+        "| planner estimate MiB | wall s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for free_mib, n, results, peak, estimate, wall in rows:
+        statuses = ",".join(str(r[0]) for r in results)
+        degraded = ";".join(sorted({r[1] or "-" for r in results}))
+        kept = sum(r[2] == "words" for r in results)
+        print(
+            f"| {free_mib} | {n} | {statuses} | {degraded} | {kept}/{n} | {peak:.0f} "
+            f"| {estimate:.0f} | {wall:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

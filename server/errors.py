@@ -1,0 +1,180 @@
+"""The exception hierarchy, and the one place it becomes an OpenAI-style error body.
+
+Every failure the server reports is an :class:`APIError`. Client faults (4xx) and server
+faults (5xx) are separate branches so callers can tell them apart; lower-level exceptions
+(PyAV, CTranslate2, pydantic) are translated where they are caught and chained with
+``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    """An error with an HTTP status and an OpenAI error envelope.
+
+    Attributes:
+        status: HTTP status code.
+        message: What went wrong and, where possible, what to do about it.
+        type: OpenAI's error ``type`` (``invalid_request_error``, ``server_error``, ...).
+        param: The request field at fault, if any.
+        code: A short machine-readable code.
+        headers: Extra response headers (``Retry-After``, ...).
+    """
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body OpenAI's API returns for this error."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+# ---- client faults ---------------------------------------------------------------------------
+
+
+class ClientError(APIError):
+    """The request cannot be served as sent (4xx)."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidRequestError(ClientError):
+    """A field is missing, malformed or out of range."""
+
+    code = "invalid_request"
+
+
+class AudioError(InvalidRequestError):
+    """The uploaded file is not audio the server can decode."""
+
+    code = "invalid_audio"
+
+
+class AuthenticationError(ClientError):
+    """No API key, or a wrong one."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
+class NotFoundError(ClientError):
+    """A model or route that does not exist."""
+
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    """The ``model`` field names no model this server serves."""
+
+    code = "model_not_found"
+
+
+class MethodNotAllowedError(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLargeError(ClientError):
+    """The upload is larger than ``WHISPER_MAX_UPLOAD_SIZE``."""
+
+    status = 413
+    code = "file_too_large"
+
+
+class RateLimitError(ClientError):
+    """The queue is full; retry later (429 with ``Retry-After``)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, *, retry_after: float, **kwargs: Any) -> None:
+        headers = {"Retry-After": str(max(1, round(retry_after)))}
+        super().__init__(message, headers=headers, **kwargs)
+        self.retry_after = retry_after
+
+
+# ---- server faults ---------------------------------------------------------------------------
+
+
+class ServerError(APIError):
+    """The server failed (5xx)."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+class ServiceUnavailableError(ServerError):
+    """The server cannot take the request now (503, with ``Retry-After`` when it knows)."""
+
+    status = 503
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        headers = dict(kwargs.pop("headers", None) or {})
+        if retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(retry_after)))
+        super().__init__(message, headers=headers, **kwargs)
+        self.retry_after = retry_after
+
+
+class ModelNotReadyError(ServiceUnavailableError):
+    """The model failed to load or is still loading."""
+
+    code = "model_not_ready"
+
+
+class InsufficientMemoryError(ServiceUnavailableError):
+    """The planner found no way to fit the request in the memory available now."""
+
+    code = "insufficient_memory"
+
+
+class RequestTimeoutError(ServerError):
+    status = 504
+    code = "timeout"
+
+
+def status_error(status: int, message: str) -> APIError:
+    """An :class:`APIError` for a bare HTTP status raised by the framework (404, 405, ...)."""
+    by_status: dict[int, type[APIError]] = {
+        400: InvalidRequestError,
+        401: AuthenticationError,
+        404: NotFoundError,
+        405: MethodNotAllowedError,
+        413: PayloadTooLargeError,
+    }
+    cls = by_status.get(status)
+    if cls is not None:
+        return cls(message)
+    err: APIError = ClientError(message) if status < 500 else ServerError(message)
+    err.status = status
+    return err

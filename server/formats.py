@@ -1,0 +1,213 @@
+"""Render a :class:`~server.transcript.Transcript` in the response formats OpenAI's
+``/v1/audio/transcriptions`` and ``/v1/audio/translations`` offer, and build the SSE events
+of a streamed transcription. Pure functions: no I/O, no model, no request state."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+from server.languages import language_name
+from server.transcript import Segment, Transcript
+
+JSON_MEDIA_TYPE = "application/json"
+# What OpenAI sends for text, srt and vtt.
+TEXT_MEDIA_TYPE = "text/plain; charset=utf-8"
+
+# Times are rounded to the millisecond (what srt/vtt can show); decoder statistics keep more.
+_TIME_DIGITS = 3
+_STAT_DIGITS = 6
+
+
+class ResponseFormat(StrEnum):
+    """OpenAI's ``response_format`` values."""
+
+    JSON = "json"
+    TEXT = "text"
+    SRT = "srt"
+    VTT = "vtt"
+    VERBOSE_JSON = "verbose_json"
+
+
+class Rendered(NamedTuple):
+    """A response body and its media type: a dict for the JSON formats, a str otherwise."""
+
+    body: str | dict[str, Any]
+    media_type: str
+
+
+def render(
+    transcript: Transcript,
+    fmt: ResponseFormat | str,
+    *,
+    granularities: frozenset[str] = frozenset(),
+) -> Rendered:
+    """Render a transcript in one response format.
+
+    Args:
+        transcript: The finished transcription.
+        fmt: The requested ``response_format``.
+        granularities: ``timestamp_granularities[]`` (``"segment"``, ``"word"``); only
+            ``verbose_json`` reads it.
+
+    Returns:
+        The body and its media type.
+
+    Raises:
+        ValueError: ``fmt`` is not a :class:`ResponseFormat`; the router validates the field
+            first, so this is a programming error.
+    """
+    match ResponseFormat(fmt):
+        case ResponseFormat.JSON:
+            return Rendered(to_json(transcript), JSON_MEDIA_TYPE)
+        case ResponseFormat.VERBOSE_JSON:
+            return Rendered(to_verbose_json(transcript, granularities), JSON_MEDIA_TYPE)
+        case ResponseFormat.TEXT:
+            return Rendered(to_text(transcript), TEXT_MEDIA_TYPE)
+        case ResponseFormat.SRT:
+            return Rendered(to_srt(transcript), TEXT_MEDIA_TYPE)
+        case ResponseFormat.VTT:
+            return Rendered(to_vtt(transcript), TEXT_MEDIA_TYPE)
+
+
+def usage_seconds(duration: float) -> int:
+    """OpenAI's billed duration: whole seconds, rounded up (``usage.seconds``)."""
+    # Round to the millisecond first so that 3.0000000001 s of float noise bills as 3, not 4.
+    return max(0, math.ceil(round(duration, _TIME_DIGITS)))
+
+
+def to_json(transcript: Transcript) -> dict[str, Any]:
+    """``response_format=json``: ``{"text", "usage"}``."""
+    return {"text": transcript.text, "usage": _usage(transcript.duration)}
+
+
+def to_text(transcript: Transcript) -> str:
+    """``response_format=text``: the text and a newline."""
+    return transcript.text + "\n"
+
+
+def to_srt(transcript: Transcript) -> str:
+    """``response_format=srt``: numbered cues with ``HH:MM:SS,mmm`` times.
+
+    Segments with no text are left out (an empty cue would end the cue early for parsers),
+    and the remaining cues are numbered from 1 without gaps. No segments gives ``""``.
+    """
+    cues = _cues(transcript.segments, lambda t: _timestamp(t, ","))
+    return "".join(f"{i}\n{cue}\n\n" for i, cue in enumerate(cues, start=1))
+
+
+def to_vtt(transcript: Transcript) -> str:
+    """``response_format=vtt``: a ``WEBVTT`` header and cues with ``HH:MM:SS.mmm`` times.
+
+    Segments with no text are left out; no segments gives just the header.
+    """
+    cues = _cues(transcript.segments, lambda t: _timestamp(t, "."))
+    return "WEBVTT\n\n" + "".join(f"{cue}\n\n" for cue in cues)
+
+
+def to_verbose_json(
+    transcript: Transcript, granularities: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """``response_format=verbose_json``, shaped like OpenAI's.
+
+    Args:
+        transcript: The finished transcription.
+        granularities: ``"segment"`` and/or ``"word"``. ``segments`` is included when
+            ``"segment"`` is asked for or nothing is (OpenAI's default); ``words`` only when
+            ``"word"`` is asked for.
+
+    Returns:
+        ``task``, ``language`` (the English name; ``"english"`` for translations),
+        ``duration``, ``text``, ``segments`` and/or ``words``, ``usage``, and
+        ``x_whisper_degraded`` (``[{"kind", "reason"}]``) only when the planner degraded the
+        request. OpenAI's clients ignore the unknown field.
+    """
+    language = "english" if transcript.task == "translate" else language_name(transcript.language)
+    body: dict[str, Any] = {
+        "task": transcript.task,
+        "language": language,
+        "duration": round(transcript.duration, _TIME_DIGITS),
+        "text": transcript.text,
+    }
+    if not granularities or "segment" in granularities:
+        body["segments"] = [_segment(s) for s in transcript.segments]
+    if "word" in granularities:
+        body["words"] = [
+            {
+                "word": w.word.strip(),
+                "start": round(w.start, _TIME_DIGITS),
+                "end": round(w.end, _TIME_DIGITS),
+            }
+            for s in transcript.segments
+            for w in s.words or ()
+        ]
+    body["usage"] = _usage(transcript.duration)
+    if transcript.degradations:
+        body["x_whisper_degraded"] = [
+            {"kind": kind, "reason": reason} for kind, reason in transcript.degradations
+        ]
+    return body
+
+
+# ---- streaming -------------------------------------------------------------------------------
+
+
+def text_delta_event(delta: str) -> dict[str, Any]:
+    """OpenAI's ``transcript.text.delta`` event: a piece of text as it is decoded."""
+    return {"type": "transcript.text.delta", "delta": delta}
+
+
+def text_done_event(text: str, duration: float) -> dict[str, Any]:
+    """OpenAI's ``transcript.text.done`` event: the whole text and the billed duration.
+
+    Args:
+        text: The full transcript text.
+        duration: Length of the audio in seconds; rounded up to whole seconds in ``usage``.
+    """
+    return {"type": "transcript.text.done", "text": text, "usage": _usage(duration)}
+
+
+def sse(event: dict[str, Any]) -> bytes:
+    """One server-sent event: ``data: <json>`` and a blank line, UTF-8."""
+    return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _usage(duration: float) -> dict[str, Any]:
+    return {"type": "duration", "seconds": usage_seconds(duration)}
+
+
+def _segment(s: Segment) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "seek": s.seek,
+        "start": round(s.start, _TIME_DIGITS),
+        "end": round(s.end, _TIME_DIGITS),
+        "text": s.text,
+        "tokens": list(s.tokens),
+        "temperature": s.temperature,
+        "avg_logprob": round(s.avg_logprob, _STAT_DIGITS),
+        "compression_ratio": round(s.compression_ratio, _STAT_DIGITS),
+        "no_speech_prob": round(s.no_speech_prob, _STAT_DIGITS),
+    }
+
+
+def _cues(segments: tuple[Segment, ...], stamp: Callable[[float], str]) -> list[str]:
+    """``"<start> --> <end>\\n<text>"`` for each segment that has text."""
+    return [
+        f"{stamp(s.start)} --> {stamp(s.end)}\n{s.text.strip()}" for s in segments if s.text.strip()
+    ]
+
+
+def _timestamp(seconds: float, decimal_marker: str) -> str:
+    """``HH:MM:SS<marker>mmm``; hours keep counting past 99."""
+    ms = max(0, round(seconds * 1000))
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal_marker}{ms:03d}"

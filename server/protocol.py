@@ -1,0 +1,359 @@
+"""The OpenAI wire protocol: request fields as OpenAI's audio API defines them, response
+models, and the error envelope.
+
+Requests arrive as ``multipart/form-data``. OpenAI's clients spell list fields in several ways
+(``timestamp_granularities[]`` repeated, ``timestamp_granularities`` repeated, a JSON string
+for ``chunking_strategy`` or bracketed sub-fields ``chunking_strategy[type]``), so the form is
+parsed here by hand into a typed :class:`TranscriptionRequest` rather than by FastAPI's
+``Form`` parameters, and the OpenAPI schema is declared explicitly (see ``form_schema``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from server.errors import InvalidRequestError
+from server.formats import ResponseFormat
+from server.languages import normalize_language
+
+Task = Literal["transcribe", "translate"]
+GRANULARITIES = ("word", "segment")
+
+
+@dataclass(frozen=True)
+class ChunkingStrategy:
+    """OpenAI's ``chunking_strategy``: ``auto`` or a ``server_vad`` object. The server cuts long
+    audio at pauses in either case; the VAD parameters tune faster-whisper's Silero VAD."""
+
+    type: Literal["auto", "server_vad"] = "auto"
+    threshold: float | None = None
+    prefix_padding_ms: int | None = None
+    silence_duration_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class TranscriptionRequest:
+    """A parsed ``/v1/audio/transcriptions`` or ``/v1/audio/translations`` request.
+
+    Mirrors OpenAI's fields (``file``, ``model``, ``language``, ``prompt``,
+    ``response_format``, ``temperature``, ``timestamp_granularities[]``, ``stream``,
+    ``chunking_strategy``) plus faster-whisper extras (``hotwords``, ``vad_filter``,
+    ``beam_size``).
+    """
+
+    task: Task
+    file: bytes
+    filename: str
+    model: str
+    language: str | None = None
+    prompt: str | None = None
+    response_format: ResponseFormat = ResponseFormat.JSON
+    temperature: float = 0.0
+    granularities: frozenset[str] = frozenset()
+    stream: bool = False
+    chunking_strategy: ChunkingStrategy | None = None
+    hotwords: str | None = None
+    vad_filter: bool = False
+    beam_size: int | None = None
+    extras: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def word_timestamps(self) -> bool:
+        return "word" in self.granularities
+
+
+# ---- parsing -----------------------------------------------------------------------------------
+
+
+def _one(form: Mapping[str, Sequence[Any]], name: str) -> Any | None:
+    values = form.get(name) or []
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidRequestError(
+            f"'{name}' was sent {len(values)} times; send it once.", param=name
+        )
+    return values[0]
+
+
+def _text(form: Mapping[str, Sequence[Any]], name: str, *, max_len: int = 256) -> str | None:
+    value = _one(form, name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"'{name}' must be a text field, not a file.", param=name)
+    if len(value) > max_len:
+        raise InvalidRequestError(
+            f"'{name}' is {len(value)} characters long; the limit is {max_len}.", param=name
+        )
+    return value
+
+
+def _bool(form: Mapping[str, Sequence[Any]], name: str) -> bool | None:
+    value = _text(form, name)
+    if value is None or value == "":
+        return None
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise InvalidRequestError(f"'{name}' must be true or false, got {value!r}.", param=name)
+
+
+def _number(
+    form: Mapping[str, Sequence[Any]], name: str, *, lo: float, hi: float, integer: bool = False
+) -> float | None:
+    value = _text(form, name)
+    if value is None or value.strip() == "":
+        return None
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise InvalidRequestError(f"'{name}' must be {kind}, got {value!r}.", param=name) from None
+    if not math.isfinite(number) or not lo <= number <= hi:
+        raise InvalidRequestError(
+            f"'{name}' must be between {lo:g} and {hi:g}, got {value!r}.", param=name
+        )
+    return number
+
+
+def _granularities(form: Mapping[str, Sequence[Any]]) -> frozenset[str]:
+    values: list[str] = []
+    for name in ("timestamp_granularities[]", "timestamp_granularities"):
+        for raw in form.get(name) or []:
+            if not isinstance(raw, str):
+                raise InvalidRequestError(
+                    "'timestamp_granularities[]' must be text.", param="timestamp_granularities"
+                )
+            # Some clients send a JSON list or a comma-separated string in one field.
+            text = raw.strip()
+            items = json.loads(text) if text.startswith("[") else text.split(",")
+            values.extend(str(item).strip() for item in items if str(item).strip())
+    unknown = sorted(set(values) - set(GRANULARITIES))
+    if unknown:
+        raise InvalidRequestError(
+            f"Unknown timestamp granularity {unknown}; use 'word' and/or 'segment'.",
+            param="timestamp_granularities",
+        )
+    return frozenset(values)
+
+
+def _chunking(form: Mapping[str, Sequence[Any]]) -> ChunkingStrategy | None:
+    raw = _text(form, "chunking_strategy", max_len=2000)
+    fields: dict[str, Any] = {}
+    if raw is not None and raw.strip():
+        text = raw.strip()
+        if text == "auto":
+            return ChunkingStrategy("auto")
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            raise InvalidRequestError(
+                "'chunking_strategy' must be \"auto\" or a JSON object such as "
+                '{"type": "server_vad", "threshold": 0.5}.',
+                param="chunking_strategy",
+            ) from None
+        if parsed == "auto":
+            return ChunkingStrategy("auto")
+        if not isinstance(parsed, dict):
+            raise InvalidRequestError(
+                "'chunking_strategy' must be \"auto\" or an object.", param="chunking_strategy"
+            )
+        fields = parsed
+    else:
+        prefix = "chunking_strategy["
+        for key, values in form.items():
+            if key.startswith(prefix) and key.endswith("]") and values:
+                fields[key[len(prefix) : -1]] = values[-1]
+        if not fields:
+            return None
+    kind = fields.get("type", "server_vad")
+    if kind not in ("auto", "server_vad"):
+        raise InvalidRequestError(
+            f"chunking_strategy type must be 'auto' or 'server_vad', got {kind!r}.",
+            param="chunking_strategy",
+        )
+    try:
+        return ChunkingStrategy(
+            type=kind,
+            threshold=_opt_float(fields.get("threshold"), 0.0, 1.0),
+            prefix_padding_ms=_opt_int(fields.get("prefix_padding_ms"), 0, 10_000),
+            silence_duration_ms=_opt_int(fields.get("silence_duration_ms"), 0, 10_000),
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(
+            f"Invalid chunking_strategy: {exc}.", param="chunking_strategy"
+        ) from exc
+
+
+def _opt_float(value: Any, lo: float, hi: float) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    if not lo <= number <= hi:
+        raise ValueError(f"{number} is outside {lo}..{hi}")
+    return number
+
+
+def _opt_int(value: Any, lo: int, hi: int) -> int | None:
+    if value is None:
+        return None
+    number = int(value)
+    if not lo <= number <= hi:
+        raise ValueError(f"{number} is outside {lo}..{hi}")
+    return number
+
+
+def parse_form(
+    form: Mapping[str, Sequence[Any]],
+    *,
+    task: Task,
+    max_beam_size: int,
+    max_prompt_chars: int,
+) -> TranscriptionRequest:
+    """Turn a multipart form (field name -> list of values) into a :class:`TranscriptionRequest`.
+
+    Args:
+        form: Every field with all its values; files are objects with ``filename`` and bytes
+            already read into ``data``.
+        task: ``transcribe`` or ``translate`` (from the route).
+        max_beam_size: Largest accepted ``beam_size``.
+        max_prompt_chars: Longest accepted ``prompt``.
+
+    Raises:
+        InvalidRequestError: a field is missing, repeated, malformed or out of range.
+    """
+    upload = _one(form, "file")
+    if upload is None:
+        raise InvalidRequestError(
+            "No 'file' field: send the audio as a multipart file field named 'file'.", param="file"
+        )
+    if isinstance(upload, str):
+        raise InvalidRequestError(
+            "'file' must be an uploaded file (multipart file part), not a text field.",
+            param="file",
+        )
+    model = _text(form, "model")
+    if not model:
+        raise InvalidRequestError(
+            "No 'model' field: name a model, e.g. 'whisper-1' (see GET /v1/models).",
+            param="model",
+        )
+
+    fmt_text = _text(form, "response_format") or "json"
+    try:
+        fmt = ResponseFormat(fmt_text)
+    except ValueError:
+        choices = ", ".join(f.value for f in ResponseFormat)
+        raise InvalidRequestError(
+            f"Unknown response_format {fmt_text!r}; use one of {choices}.",
+            param="response_format",
+        ) from None
+
+    granularities = _granularities(form)
+    if granularities and fmt is not ResponseFormat.VERBOSE_JSON:
+        raise InvalidRequestError(
+            f"timestamp_granularities[] needs response_format=verbose_json (got {fmt.value!r}).",
+            param="timestamp_granularities",
+        )
+
+    language = None
+    if task == "transcribe":
+        language = normalize_language(_text(form, "language"))
+    stream = bool(_bool(form, "stream"))
+    if stream and fmt not in (ResponseFormat.JSON, ResponseFormat.TEXT):
+        raise InvalidRequestError(
+            "stream=true returns transcript.text.* events; use response_format json or text.",
+            param="stream",
+        )
+
+    temperature = _number(form, "temperature", lo=0.0, hi=1.0)
+    beam = _number(form, "beam_size", lo=1, hi=max_beam_size, integer=True)
+    return TranscriptionRequest(
+        task=task,
+        file=bytes(upload.data),
+        filename=str(getattr(upload, "filename", "") or "upload"),
+        model=model,
+        language=language,
+        prompt=_text(form, "prompt", max_len=max_prompt_chars) or None,
+        response_format=fmt,
+        temperature=0.0 if temperature is None else temperature,
+        granularities=granularities,
+        stream=stream,
+        chunking_strategy=_chunking(form) if task == "transcribe" else None,
+        hotwords=_text(form, "hotwords", max_len=max_prompt_chars) or None,
+        vad_filter=bool(_bool(form, "vad_filter")),
+        beam_size=None if beam is None else int(beam),
+    )
+
+
+def form_schema(task: Task) -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` for a transcription or translation route."""
+    props: dict[str, Any] = {
+        "file": {"type": "string", "format": "binary", "description": "The audio file."},
+        "model": {"type": "string", "description": "Model id or alias, e.g. whisper-1."},
+        "prompt": {"type": "string"},
+        "response_format": {"type": "string", "enum": [f.value for f in ResponseFormat]},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+    }
+    if task == "transcribe":
+        props |= {
+            "language": {"type": "string", "description": "ISO-639-1 code, e.g. en, zh."},
+            "timestamp_granularities[]": {
+                "type": "array",
+                "items": {"type": "string", "enum": list(GRANULARITIES)},
+            },
+            "stream": {"type": "boolean"},
+            "chunking_strategy": {"type": "string", "description": '"auto" or a JSON object.'},
+            "hotwords": {"type": "string", "description": "faster-whisper: words to favour."},
+            "vad_filter": {"type": "boolean", "description": "faster-whisper: drop silence."},
+            "beam_size": {"type": "integer", "minimum": 1},
+        }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["file", "model"], "properties": props}
+                }
+            },
+        }
+    }
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    """OpenAI's ``Model`` object."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope, the body of every 4xx and 5xx."""
+
+    error: ErrorDetail

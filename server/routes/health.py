@@ -1,0 +1,37 @@
+"""Liveness, readiness and the memory report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from server.deps import Authorized, EngineDep
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """The process is alive and its event loop answers."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(engine: EngineDep) -> JSONResponse:
+    """The model is loaded and the device known (503 until then, or if loading failed)."""
+    body: dict[str, Any] = {
+        "ready": engine.ready,
+        "device": engine.device,
+        "device_reason": engine.device_reason,
+        "model": engine.served.id if engine.served else None,
+        "error": engine.load_error,
+    }
+    return JSONResponse(body, status_code=200 if engine.ready else 503)
+
+
+@router.get("/v1/memory", dependencies=[Authorized])
+async def memory(engine: EngineDep) -> dict[str, Any]:
+    """Devices, free/total memory, resident models, reservations and recent plan decisions."""
+    return engine.memory_report()

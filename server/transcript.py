@@ -1,0 +1,52 @@
+"""What a transcription produces: typed, frozen results that the engine yields and the
+formats render. Times are seconds from the start of the uploaded file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Word:
+    word: str
+    start: float
+    end: float
+    probability: float = 0.0
+
+
+@dataclass(frozen=True)
+class Segment:
+    id: int
+    seek: int
+    start: float
+    end: float
+    text: str
+    tokens: tuple[int, ...] = ()
+    temperature: float = 0.0
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float = 0.0
+    words: tuple[Word, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A finished transcription.
+
+    Attributes:
+        task: ``"transcribe"`` or ``"translate"``.
+        language: ISO code of the spoken (or forced) language, e.g. ``"en"``.
+        duration: Length of the decoded audio in seconds.
+        segments: The segments in time order.
+        degradations: What the memory planner changed, as ``(kind, reason)`` pairs.
+    """
+
+    task: str
+    language: str
+    duration: float
+    segments: tuple[Segment, ...]
+    degradations: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments).strip()
