@@ -459,7 +459,7 @@ class Engine:
             )
         segments: list[Segment] = []
         language = job.language
-        prompt = job.prompt
+        prompt: str | list[int] | None = job.prompt
         for span in spans:
             piece = job.audio[span.start : span.end]
             resume = 0  # samples of this piece already transcribed
@@ -556,7 +556,7 @@ class Engine:
         plan: Plan,
         audio: np.ndarray,
         language: str | None,
-        prompt: str | None,
+        prompt: str | list[int] | None,
         *,
         offset: float,
         first_id: int,
@@ -677,9 +677,13 @@ class Engine:
         }
 
 
-def _context(segments: list[Segment]) -> str:
-    """The recent text that conditions the next window (Whisper keeps the last 224 tokens)."""
-    return "".join(s.text for s in segments[-8:])[-800:]
+def _context(segments: list[Segment]) -> list[int]:
+    """The tokens that condition the next window, as sequential decoding keeps them: the
+    recent segments' tokens with their timestamp tokens (Whisper keeps the last 223)."""
+    tokens: list[int] = []
+    for segment in segments[-16:]:
+        tokens.extend(segment.tokens)
+    return tokens[-223:]
 
 
 def describe(shape: Shape) -> str:

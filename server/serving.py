@@ -141,7 +141,11 @@ class TranscriptionService:
             await asyncio.sleep(0.5)
 
     def _render(self, transcript: Transcript, req: TranscriptionRequest) -> Response:
-        body, media_type = render(transcript, req.response_format, granularities=req.granularities)
+        granularities = req.granularities
+        if any(kind == "word_timestamps" for kind, _ in transcript.degradations):
+            # Words were dropped to fit memory: the segments carry the timing instead.
+            granularities = granularities | {"segment"}
+        body, media_type = render(transcript, req.response_format, granularities=granularities)
         headers = {}
         if transcript.degradations:
             headers["X-Whisper-Degraded"] = ",".join(kind for kind, _ in transcript.degradations)

@@ -117,9 +117,7 @@ def test_text(transcript: Transcript, text: str) -> None:
     ("duration", "seconds"),
     [(0.0, 0), (0.2, 1), (3.0, 3), (3.0000000001, 3), (3.001, 4), (59.9, 60)],
 )
-def test_usage_seconds_rounds_up_to_whole_seconds(
-    duration: float, seconds: int
-) -> None:
+def test_usage_seconds_rounds_up_to_whole_seconds(duration: float, seconds: int) -> None:
     assert usage_seconds(duration) == seconds
 
 
@@ -127,8 +125,7 @@ def test_usage_seconds_rounds_up_to_whole_seconds(
 
 
 SRT_ENGLISH = (
-    "1\n00:00:00,000 --> 00:00:02,500\nHello world.\n\n"
-    "2\n01:02:03,002 --> 01:02:05,400\nBye.\n\n"
+    "1\n00:00:00,000 --> 00:00:02,500\nHello world.\n\n2\n01:02:03,002 --> 01:02:05,400\nBye.\n\n"
 )
 VTT_ENGLISH = (
     "WEBVTT\n\n"
@@ -174,9 +171,7 @@ def test_subtitles_skip_blank_segments_and_number_without_gaps() -> None:
 
 def test_timestamps_past_99_hours() -> None:
     seg = Segment(id=0, seek=0, start=360000.0, end=360000.9996, text="late")
-    transcript = Transcript(
-        task="transcribe", language="en", duration=0.0, segments=(seg,)
-    )
+    transcript = Transcript(task="transcribe", language="en", duration=0.0, segments=(seg,))
     assert "100:00:00,000 --> 100:00:01,000" in to_srt(transcript)
 
 
@@ -263,10 +258,7 @@ def test_verbose_json_translation_reports_english() -> None:
 
 
 def test_verbose_json_cantonese_name() -> None:
-    assert (
-        to_verbose_json(dataclasses.replace(CHINESE, language="yue"))["language"]
-        == "cantonese"
-    )
+    assert to_verbose_json(dataclasses.replace(CHINESE, language="yue"))["language"] == "cantonese"
 
 
 def test_verbose_json_words_without_word_timestamps() -> None:

@@ -1,0 +1,214 @@
+"""The engine with real models and real audio on the CPU: memory planning end to end.
+
+Host memory budgets are set through WHISPER_HOST_MEMORY_LIMIT, derived from the engine's own
+cost model so each test forces exactly the behaviour it is about (chunking, dropping word
+timestamps, rejecting), then the results are checked against an unconstrained run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from server.audio import decode_audio
+from server.config import Settings
+from server.engine import Engine, Job, LoadedModel, step_down
+from server.errors import InsufficientMemoryError
+from server.memory import Shape
+from server.model_store import ModelStore
+from tests.conftest import wer
+
+LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
+
+
+def make_engine(tiny_model: Path, tmp_path: Path, **overrides: Any) -> Engine:
+    settings = Settings(model=str(tiny_model), models_dir=tmp_path, **overrides)
+    engine = Engine(settings, ModelStore(tmp_path, settings.model, [], allow_downloads=False))
+    engine.start()
+    assert engine.ready, engine.load_error
+    return engine
+
+
+def job_for(engine: Engine, data_dir: Path, name: str, **options: Any) -> Job:
+    audio = decode_audio((data_dir / name).read_bytes(), max_duration=3600)
+    assert engine.served is not None
+    return Job(request_id="test", audio=audio.samples, source=engine.served, **options)
+
+
+def only_model(engine: Engine) -> LoadedModel:
+    (model,) = engine.pool.loaded()
+    return model
+
+
+def host_limit_for(engine: Engine, shape: Shape, audio_seconds: float) -> int:
+    """A host limit that holds the weights, the shape's working memory and ``audio_seconds``
+    of audio, with 1 MiB to spare."""
+    model = only_model(engine)
+    estimate = model.cost.estimate(shape)
+    return (
+        model.weights_bytes + estimate.device_bytes + estimate.host_bytes(audio_seconds) + (1 << 20)
+    )
+
+
+@pytest.fixture(scope="module")
+def unconstrained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return make_engine(tiny_model, tmp_path_factory.mktemp("m"), batch_size=1)
+
+
+def test_long_audio_is_chunked_under_a_host_budget(
+    unconstrained: Engine, tiny_model: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    job = job_for(unconstrained, data_dir, LONG)
+    reference = unconstrained.run(job)
+    assert len(reference.segments) > 10
+
+    shape = unconstrained.requested_shape(only_model(unconstrained), job)
+    limit = host_limit_for(unconstrained, shape, 95.0)  # room for 90 s pieces, not 231 s
+    engine = make_engine(tiny_model, tmp_path, batch_size=1, host_memory_limit=str(limit))
+    chunked = engine.run(job_for(engine, data_dir, LONG))
+
+    pieces = [d for d in engine.stats.recent if d["request_id"] == "test"]
+    # one plan for the whole request, then one per piece: 231 s in pieces of at most 90 s
+    assert len(pieces) >= 4, pieces
+    assert all(not d["degradations"] for d in pieces), pieces
+    assert wer(reference.text, chunked.text) <= 0.02, (reference.text, chunked.text)
+
+    ends = [(s.start, s.end) for s in chunked.segments]
+    for (start, end), (next_start, _) in zip(ends, ends[1:], strict=False):
+        assert start <= end <= next_start + 0.05  # in order, no overlap
+        assert next_start - end < 5.0  # no hole where words went missing
+    assert ends[-1][1] == pytest.approx(chunked.duration, abs=3.0)
+    assert [s.id for s in chunked.segments] == list(range(len(chunked.segments)))
+
+
+def test_words_dropped_only_when_the_budget_forces_it(
+    unconstrained: Engine, tiny_model: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    job = job_for(unconstrained, data_dir, "jfk.flac", word_timestamps=True)
+    asked = unconstrained.requested_shape(only_model(unconstrained), job)
+    assert asked.word_timestamps and asked.beam_size == 5
+
+    # The smallest shape the ladder reaches before dropping words: 10 s windows, greedy.
+    smallest = replace(asked, chunk_length=10, beam_size=1)
+    with_words = host_limit_for(unconstrained, smallest, 11.0)
+    without_words = host_limit_for(unconstrained, replace(smallest, word_timestamps=False), 11.0)
+    assert without_words < with_words, "the cost model must charge for the alignment pass"
+
+    # Enough for words at the smallest shape: other steps are taken, words are kept.
+    engine = make_engine(tiny_model, tmp_path / "a", host_memory_limit=str(with_words))
+    kept = engine.run(job_for(engine, data_dir, "jfk.flac", word_timestamps=True))
+    kinds = {kind for kind, _ in kept.degradations}
+    assert "word_timestamps" not in kinds and kinds, kept.degradations
+    assert all(s.words for s in kept.segments)
+
+    # Not enough: words go, segments stay, and the reason is recorded.
+    engine = make_engine(tiny_model, tmp_path / "b", host_memory_limit=str(without_words))
+    dropped = engine.run(job_for(engine, data_dir, "jfk.flac", word_timestamps=True))
+    reasons = dict(dropped.degradations)
+    assert "word_timestamps" in reasons and "needs" in reasons["word_timestamps"]
+    assert dropped.segments and all(s.words is None for s in dropped.segments)
+    assert wer(kept.text, dropped.text) < 0.2
+
+
+def test_rejects_with_retry_after_when_nothing_fits(
+    tiny_model: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    engine = make_engine(tiny_model, tmp_path, host_memory_limit="1MiB", max_memory_wait=0)
+    with pytest.raises(InsufficientMemoryError) as info:
+        engine.run(job_for(engine, data_dir, "jfk.flac"))
+    assert info.value.status == 503
+    assert info.value.headers["Retry-After"] == "5"
+    assert engine.stats.rejected == 1
+    assert engine.reservations.total("cpu") == 0 and engine.reservations.total("host") == 0
+
+
+def test_reservations_released_after_each_request(unconstrained: Engine, data_dir: Path) -> None:
+    unconstrained.run(job_for(unconstrained, data_dir, "jfk.flac"))
+    assert unconstrained.reservations.snapshot() == []
+
+
+def test_step_down_order() -> None:
+    shape = Shape("cuda", "float16", batch_size=4, beam_size=5, word_timestamps=True)
+    ladder = ("batch", "chunk", "greedy", "word_timestamps", "wait", "cpu", "reject")
+    seen = [shape]
+    while (nxt := step_down(seen[-1], ladder)) != seen[-1]:
+        seen.append(nxt)
+    assert [(s.batch_size, s.chunk_length, s.beam_size, s.word_timestamps) for s in seen] == [
+        (4, 30, 5, True),
+        (2, 30, 5, True),
+        (1, 30, 5, True),
+        (1, 20, 5, True),
+        (1, 10, 5, True),
+        (1, 10, 1, True),
+        (1, 10, 1, False),
+    ]
+
+
+# ---- through HTTP: the header, the verbose_json field, recovery from a real OOM error ---------
+
+
+def test_degradation_is_reported_in_header_and_body(
+    server_factory,
+    unconstrained: Engine,
+    tiny_model: Path,
+    data_dir: Path,  # noqa: ANN001
+) -> None:
+    job = job_for(unconstrained, data_dir, "jfk.flac", word_timestamps=True)
+    smallest = replace(
+        unconstrained.requested_shape(only_model(unconstrained), job),
+        chunk_length=10,
+        beam_size=1,
+        word_timestamps=False,
+    )
+    limit = host_limit_for(unconstrained, smallest, 11.0)
+    server = server_factory(model=str(tiny_model), host_memory_limit=str(limit))
+    resp = requests.post(
+        server.url + "/v1/audio/transcriptions",
+        files={"file": ("seed.webm", (data_dir / "jfk.webm").read_bytes())},
+        data={
+            "model": "whisper-1",
+            "response_format": "verbose_json",
+            "timestamp_granularities[]": "word",
+        },
+        timeout=120,
+    )
+    assert resp.status_code == 200, resp.text
+    assert "word_timestamps" in resp.headers["x-whisper-degraded"].split(",")
+    body = resp.json()
+    assert body["words"] == [] and body["segments"]
+    kinds = {d["kind"] for d in body["x_whisper_degraded"]}
+    assert "word_timestamps" in kinds
+    memory = requests.get(server.url + "/v1/memory", timeout=5).json()
+    assert memory["counters"]["degradations"]["word_timestamps"] >= 1
+    assert memory["recent_decisions"][-1]["word_timestamps"] is False
+
+
+def test_out_of_memory_is_recovered(server_factory, tiny_model: Path, data_dir: Path) -> None:  # noqa: ANN001
+    """The fault hook makes the first inference call raise CTranslate2's own OOM message."""
+    server = server_factory(model=str(tiny_model), fault_oom_calls=1)
+    resp = requests.post(
+        server.url + "/v1/audio/transcriptions",
+        files={"file": ("a.flac", (data_dir / "jfk.flac").read_bytes())},
+        data={"model": "whisper-1", "response_format": "verbose_json"},
+        timeout=120,
+    )
+    assert resp.status_code == 200, resp.text
+    assert "oom_retry" in resp.headers["x-whisper-degraded"]
+    assert "country" in resp.json()["text"].lower()
+    memory = requests.get(server.url + "/v1/memory", timeout=5).json()
+    assert memory["counters"]["oom_recoveries"] == 1
+    assert memory["reservations"] == []
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+
+
+def test_memory_endpoint(tiny_server) -> None:  # noqa: ANN001
+    memory = requests.get(tiny_server.url + "/v1/memory", timeout=5).json()
+    assert memory["device"] == "cpu"
+    host = memory["devices"][0]
+    assert host["total_bytes"] > host["free_bytes"] > 0
+    assert memory["models"][0]["weights_bytes"] > 10 << 20
+    assert memory["policy"]["ladder"][0] == "batch"
