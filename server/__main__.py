@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -48,6 +49,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = load_settings(**overrides)
     configure_logging(settings.log_level)
+    # uvicorn drains in-flight requests on SIGTERM/SIGINT (up to the graceful timeout), then
+    # re-raises the signal; ending with status 0 tells supervisors the stop was clean.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sys.exit(0))
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -107,7 +112,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    calibrate(settings, batches=args.batch, beams=args.beam, chart=not args.no_chart)
+    words = (False,) if args.no_words else (False, True)
+    calibrate(settings, batches=args.batch, beams=args.beam, words=words, chart=not args.no_chart)
 
 
 def cmd_settings_table(args: argparse.Namespace) -> None:
@@ -146,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cal = sub.add_parser("calibrate", help="measure GPU memory per shape; write the profile")
     cal.add_argument("--batch", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     cal.add_argument("--beam", type=int, nargs="+", default=[1, 5])
+    cal.add_argument("--no-words", action="store_true", help="skip word-timestamp shapes")
     cal.add_argument("--no-chart", action="store_true")
     cal.set_defaults(func=cmd_calibrate)
 

@@ -1,0 +1,196 @@
+"""``python -m server calibrate``: measure the served model's peak working memory over a grid of
+shapes, write ``memory_profile.json`` into the model's folder (the planner prefers it to the
+first-principles estimate), and draw a chart of memory against shape.
+
+On a GPU the peak is read through NVML (device-wide: run it on an otherwise idle card). On the
+CPU it is the process's resident set, sampled; that is good for checking the code path and for
+sizing CPU serving, not for GPU planning.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from server.audio import decode_audio
+from server.config import Settings
+from server.engine import PROFILE_FILE, Engine, LoadedModel
+from server.memory import Profile, ProfilePoint, Shape, format_bytes, peak_sampler
+from server.model_store import ModelStore
+
+logger = logging.getLogger(__name__)
+_SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "jfk.flac"
+
+
+def calibration_audio(seconds: float) -> np.ndarray:
+    """Real speech tiled to ``seconds`` (so the decoder emits realistic token counts), or
+    synthetic noise when the test clip is not shipped with an installed server."""
+    if _SPEECH.is_file():
+        speech = decode_audio(_SPEECH.read_bytes(), max_duration=60).samples
+    else:  # a wheel install has no tests/: band-limited noise keeps the encoder busy
+        speech = (np.random.default_rng(0).standard_normal(16000 * 10) * 0.05).astype(np.float32)
+    reps = int(np.ceil(seconds * 16000 / len(speech)))
+    return np.tile(speech, reps)[: int(seconds * 16000)]
+
+
+@contextmanager
+def _rss_peak() -> Iterator[list[int]]:
+    """Peak resident set of this process while the block runs: [baseline, peak]."""
+    import psutil
+
+    proc = psutil.Process()
+    reading = [proc.memory_info().rss] * 2
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.005):
+            reading[1] = max(reading[1], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield reading
+    finally:
+        stop.set()
+        thread.join()
+
+
+def measure(model: LoadedModel, shape: Shape, engine: Engine) -> int:
+    """Peak working memory (bytes above idle) of one run at ``shape``."""
+    from faster_whisper import BatchedInferencePipeline
+
+    audio = calibration_audio(30.0 * shape.batch_size)
+    options = dict(
+        language="en" if not model.multilingual else None,
+        beam_size=shape.beam_size,
+        word_timestamps=shape.word_timestamps,
+        chunk_length=shape.chunk_length,
+        temperature=0.0,
+    )
+
+    def run() -> None:
+        if shape.batch_size > 1:
+            segments, _ = BatchedInferencePipeline(model.whisper).transcribe(
+                audio, batch_size=shape.batch_size, vad_filter=True, **options
+            )
+        else:
+            segments, _ = model.whisper.transcribe(audio, **options)
+        for _ in segments:
+            pass
+
+    run()  # warm-up: allocator pools and kernels are set up outside the measurement
+    if model.device == "cuda":
+        with peak_sampler(engine.probe("cuda"), interval_ms=2) as reading:
+            run()
+        return max(0, reading.peak - reading.baseline)
+    with _rss_peak() as rss:
+        run()
+    return max(0, rss[1] - rss[0])
+
+
+def calibrate(
+    settings: Settings,
+    *,
+    batches: Sequence[int] = (1, 2, 4, 8),
+    beams: Sequence[int] = (1, 5),
+    words: Sequence[bool] = (False, True),
+    chart: bool = True,
+) -> Path:
+    """Measure the grid, write the profile (and chart) next to the model, print a table.
+
+    Returns:
+        The profile's path.
+    """
+    store = ModelStore(
+        settings.models_dir, settings.model, [], allow_downloads=settings.allow_downloads
+    )
+    engine = Engine(replace_settings(settings), store)
+    engine.start()
+    if not engine.ready or engine.served is None or engine.served.path is None:
+        raise SystemExit(f"model not ready: {engine.load_error}")
+    (model,) = engine.pool.loaded()
+    folder = engine.served.path
+    device_name = engine.probe(model.device).snapshot().device.name
+    profile = Profile(engine.served.id, model.device, device_name, model.compute_type)
+    rows = []
+    for word_ts in words:
+        for beam in beams:
+            for batch in batches:
+                shape = Shape(model.device, model.compute_type, batch, beam, word_ts, 30)
+                started = time.perf_counter()
+                peak = measure(model, shape, engine)
+                estimate = model.cost.estimate(shape).device_bytes
+                profile = profile.with_point(ProfilePoint(batch, beam, word_ts, 30, peak))
+                rows.append((shape, peak, estimate, time.perf_counter() - started))
+                logger.info(
+                    "%s: peak %s, estimate %s", shape, format_bytes(peak), format_bytes(estimate)
+                )
+    path = profile.save(folder / PROFILE_FILE)
+    print("| shape | measured peak | first-principles estimate | seconds |\n|---|---|---|---|")
+    for shape, peak, estimate, seconds in rows:
+        print(f"| {shape} | {format_bytes(peak)} | {format_bytes(estimate)} | {seconds:.1f} |")
+    print(f"profile written to {path}")
+    if chart:
+        png = draw_chart(
+            rows, folder / "memory_profile.png", title=f"{profile.model} on {device_name}"
+        )
+        if png is not None:
+            print(f"chart written to {png}")
+    engine.close()
+    return path
+
+
+def replace_settings(settings: Settings) -> Settings:
+    """Calibration measures; it must not plan, wait or fall back."""
+    return settings.model_copy(update={"memory_policy": "off", "max_concurrency": 1})
+
+
+def draw_chart(
+    rows: Sequence[tuple[Shape, int, int, float]], path: Path, *, title: str
+) -> Path | None:
+    """Memory against batch size, one line per (beam, word timestamps); None without
+    matplotlib (install the ``gpu`` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed; no chart (pip install '.[gpu]')")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple[int, bool], list[tuple[int, int, int]]] = {}
+    for shape, peak, estimate, _ in rows:
+        series.setdefault((shape.beam_size, shape.word_timestamps), []).append(
+            (shape.batch_size, peak, estimate)
+        )
+    mib = float(1 << 20)
+    for (beam, word_ts), points in sorted(series.items()):
+        points.sort()
+        label = f"beam {beam}{' + words' if word_ts else ''}"
+        line = ax.plot([p[0] for p in points], [p[1] / mib for p in points], "o-", label=label)
+        ax.plot(
+            [p[0] for p in points],
+            [p[2] / mib for p in points],
+            "--",
+            color=line[0].get_color(),
+            alpha=0.5,
+        )
+    ax.set_xlabel("batch size (30 s windows)")
+    ax.set_ylabel("peak working memory (MiB)")
+    ax.set_title(f"{title}\nsolid: measured, dashed: planner's first-principles estimate")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["calibrate", "calibration_audio", "draw_chart", "measure"]
