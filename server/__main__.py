@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
     )
 
 

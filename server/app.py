@@ -30,6 +30,7 @@ from server.errors import (
     status_error,
 )
 from server.memory import format_bytes
+from server.metrics import Metrics
 from server.model_store import ModelStore
 from server.routes import audio, health, models
 
@@ -83,6 +84,12 @@ class RequestContextMiddleware:
                 )
                 await response(scope, receive, send)
         finally:
+            elapsed = time.perf_counter() - started
+            route = getattr(scope.get("route"), "path", "unmatched")
+            metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+            if metrics is not None:
+                metrics.requests.labels(route, str(status["code"])).inc()
+                metrics.latency.labels(route).observe(elapsed)
             if scope.get("path") not in ("/health", "/metrics"):
                 access_log.info(
                     "%s %s %s %d %.3fs",
@@ -90,7 +97,7 @@ class RequestContextMiddleware:
                     scope.get("method"),
                     scope.get("path"),
                     status["code"],
-                    time.perf_counter() - started,
+                    elapsed,
                 )
 
 
@@ -180,6 +187,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_downloads=settings.allow_downloads,
     )
     engine = Engine(settings, store)
+    metrics = Metrics(engine)
+    engine.on_plan = lambda plan: metrics.batch_size.observe(plan.shape.batch_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -195,6 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)

@@ -114,6 +114,13 @@ class Settings(BaseSettings):
     max_queue: int = Field(64, ge=1)
     """Most requests admitted at once (running or waiting); more get 429 with Retry-After."""
 
+    max_requests_per_key: int = Field(0, ge=0)
+    """With API keys: most requests one key may have in flight (more get 429). 0: no per-key
+    limit."""
+
+    shutdown_grace: float = Field(30.0, ge=0)
+    """Seconds in-flight requests get to finish after SIGTERM before the server exits."""
+
     max_concurrency: int = Field(2, ge=1, le=64)
     """Requests transcribed at the same time; the rest wait in the queue."""
 

@@ -11,11 +11,17 @@ from fastapi import Depends, Request
 from server.config import Settings
 from server.engine import Engine
 from server.errors import AuthenticationError
+from server.metrics import Metrics
 
 
 def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
 
 
 def get_engine(request: Request) -> Engine:
@@ -25,6 +31,7 @@ def get_engine(request: Request) -> Engine:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:
@@ -47,13 +54,16 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
             headers={"WWW-Authenticate": "Bearer"},
         )
     given = token.strip().encode()
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(given, key.encode())
-    if not matched:
+    matched = -1
+    for index, key in enumerate(keys):
+        if hmac.compare_digest(given, key.encode()):
+            matched = index
+    if matched < 0:
         raise AuthenticationError(
             "Incorrect API key provided.", headers={"WWW-Authenticate": "Bearer"}
         )
+    # Per-key limits are keyed by the key's position in the list: the key itself is never kept.
+    request.state.api_key_id = f"key-{matched}"
 
 
 Authorized = Depends(require_api_key)

@@ -31,6 +31,7 @@ from server.errors import (
     InsufficientMemoryError,
     ModelNotReadyError,
     RateLimitError,
+    RequestCancelledError,
     ServiceUnavailableError,
 )
 from server.memory import (
@@ -217,10 +218,6 @@ class EngineStats:
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
 
 
-class _Cancelled(Exception):
-    """The client went away; stop at the next window."""
-
-
 class Engine:
     """Runs jobs: plans them against live memory readings and executes the plans.
 
@@ -244,7 +241,9 @@ class Engine:
             max_workers=settings.max_concurrency, thread_name_prefix="whisper"
         )
         self._admitted = 0
+        self._per_key: Counter[str] = Counter()
         self._admit_lock = threading.Lock()
+        self.on_plan: Callable[[Plan], None] | None = None  # metrics hook
         self._fault_calls = 0
         self._fault_lock = threading.Lock()
 
@@ -284,8 +283,10 @@ class Engine:
     # ---- admission ------------------------------------------------------------------------
 
     @contextmanager
-    def admit(self) -> Iterator[None]:
-        """Hold one of WHISPER_MAX_QUEUE slots for a request, or refuse it with 429."""
+    def admit(self, key: str | None = None) -> Iterator[None]:
+        """Hold one of WHISPER_MAX_QUEUE slots for a request (and, with API keys, one of the
+        key's WHISPER_MAX_REQUESTS_PER_KEY), or refuse it with 429."""
+        per_key = self.settings.max_requests_per_key
         with self._admit_lock:
             if self._admitted >= self.settings.max_queue:
                 raise RateLimitError(
@@ -293,12 +294,23 @@ class Engine:
                     "retry after the delay in Retry-After.",
                     retry_after=self.settings.retry_after,
                 )
+            if key is not None and per_key and self._per_key[key] >= per_key:
+                raise RateLimitError(
+                    f"This API key already has {per_key} requests in flight "
+                    "(WHISPER_MAX_REQUESTS_PER_KEY); retry after the delay in Retry-After.",
+                    retry_after=self.settings.retry_after,
+                    code="key_concurrency_limit",
+                )
             self._admitted += 1
+            if key is not None:
+                self._per_key[key] += 1
         try:
             yield
         finally:
             with self._admit_lock:
                 self._admitted -= 1
+                if key is not None:
+                    self._per_key[key] -= 1
 
     @property
     def queue_depth(self) -> int:
@@ -405,6 +417,8 @@ class Engine:
                 "degradations": [d.kind for d in plan.degradations],
             }
         )
+        if self.on_plan is not None:
+            self.on_plan(plan)
         if plan.action == "reject":
             self.stats.rejected += 1
             reasons = "; ".join(d.reason for d in plan.degradations) or "no memory"
@@ -466,7 +480,7 @@ class Engine:
             attempts = 0
             while True:
                 if cancelled is not None and cancelled.is_set():
-                    raise _Cancelled()
+                    raise RequestCancelledError("The client closed the request.")
                 # Every piece is planned against the memory free when it starts.
                 plan, held = self._plan(model, shape, (len(piece) - resume) / SAMPLE_RATE, job)
                 self._note(degraded, plan, job)
@@ -594,7 +608,7 @@ class Engine:
             )
         for n, s in enumerate(raw):
             if cancelled is not None and cancelled.is_set():
-                raise _Cancelled()
+                raise RequestCancelledError("The client closed the request.")
             words = None
             if s.words is not None:
                 words = tuple(

@@ -121,6 +121,13 @@ class RateLimitError(ClientError):
         self.retry_after = retry_after
 
 
+class RequestCancelledError(ClientError):
+    """The client went away before the response was ready (nginx's 499)."""
+
+    status = 499
+    code = "client_closed_request"
+
+
 # ---- server faults ---------------------------------------------------------------------------
 
 

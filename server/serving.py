@@ -4,9 +4,12 @@ response, with admission, timeouts, client disconnects and streaming."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
+from contextlib import ExitStack
 from functools import partial
 from typing import Any
 
@@ -18,8 +21,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from server.audio import DecodedAudio, decode_audio
 from server.config import Settings
 from server.engine import Engine, Job
-from server.errors import APIError, InvalidRequestError, ModelNotReadyError, RequestTimeoutError
+from server.errors import APIError, ModelNotReadyError, RequestTimeoutError
 from server.formats import render, sse, text_delta_event, text_done_event
+from server.metrics import Metrics
 from server.protocol import Task, TranscriptionRequest, parse_form
 from server.transcript import Segment, Transcript
 
@@ -66,9 +70,10 @@ def _vad_parameters(req: TranscriptionRequest) -> dict[str, Any] | None:
 class TranscriptionService:
     """Serves ``/v1/audio/transcriptions`` and ``/v1/audio/translations``."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
         self.engine = engine
         self.settings = settings
+        self.metrics = metrics
 
     async def handle(self, request: Request, task: Task) -> Response:
         settings = self.settings
@@ -86,7 +91,11 @@ class TranscriptionService:
                 retry_after=settings.retry_after,
             )
         source = engine.store.resolve(req.model, engine.served)
-        with engine.admit():
+        # The admission slot is held until the response is complete; for a stream that is
+        # after the last event, so the stream's generator takes it over.
+        slot = ExitStack()
+        slot.enter_context(engine.admit(getattr(request.state, "api_key_id", None)))
+        try:
             audio: DecodedAudio = await anyio.to_thread.run_sync(
                 partial(decode_audio, req.file, max_duration=settings.max_audio_duration)
             )
@@ -106,12 +115,57 @@ class TranscriptionService:
             )
             if req.stream:
                 return StreamingResponse(
-                    self._stream(job, req, request),
+                    self._stream(job, req, slot.pop_all()),
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
-            transcript = await self._run(job, request)
+            started = time.perf_counter()
+            try:
+                transcript = await self._run(job, request)
+            except APIError as exc:
+                self._finished(job, req, started, None, exc)
+                raise
+            self._finished(job, req, started, transcript, None)
+        finally:
+            slot.close()
         return self._render(transcript, req)
+
+    def _finished(
+        self,
+        job: Job,
+        req: TranscriptionRequest,
+        started: float,
+        transcript: Transcript | None,
+        error: APIError | None,
+    ) -> None:
+        """One log line and the metrics for a finished request."""
+        elapsed = time.perf_counter() - started
+        outcome = "ok" if error is None else (error.code or str(error.status))
+        self.metrics.transcriptions.labels(job.task, req.response_format.value, outcome).inc()
+        if transcript is not None:
+            self.metrics.audio_seconds.inc(job.duration)
+            if job.duration > 0:
+                self.metrics.rtf.observe(elapsed / job.duration)
+        plan = next(
+            (d for d in reversed(self.engine.stats.recent) if d["request_id"] == job.request_id),
+            None,
+        )
+        logger.info(
+            "request %s model=%s task=%s format=%s audio_s=%.1f plan=%s degraded=%s "
+            "outcome=%s elapsed_s=%.2f",
+            job.request_id,
+            job.source.id,
+            job.task,
+            req.response_format.value,
+            job.duration,
+            "-"
+            if plan is None
+            else f"{plan['device']}/b{plan['batch_size']}/beam{plan['beam_size']}"
+            f"/{plan['chunk_length']}s{'/words' if plan['word_timestamps'] else ''}",
+            ",".join(k for k, _ in transcript.degradations) if transcript else "-",
+            outcome,
+            elapsed,
+        )
 
     async def _run(self, job: Job, request: Request) -> Transcript:
         cancelled = threading.Event()
@@ -123,19 +177,25 @@ class TranscriptionService:
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.settings.request_timeout)
         except TimeoutError:
-            cancelled.set()
             raise RequestTimeoutError(
                 f"Transcription took longer than WHISPER_REQUEST_TIMEOUT="
                 f"{self.settings.request_timeout:g}s; send a shorter file."
             ) from None
         finally:
-            cancelled.set() if not future.done() else None
+            # Whatever ended the wait (result, timeout, disconnect, server shutdown), the
+            # engine stops at its next window and frees the memory it reserved.
+            cancelled.set()
             watcher.cancel()
+            if not future.done():
+                # Hold the admission slot until the worker has really stopped.
+                with contextlib.suppress(Exception):
+                    await future
 
     @staticmethod
     async def _watch_disconnect(request: Request, cancelled: threading.Event) -> None:
         while not cancelled.is_set():
             if await request.is_disconnected():
+                logger.info("request %s: client disconnected", request.state.request_id)
                 cancelled.set()
                 return
             await asyncio.sleep(0.5)
@@ -154,50 +214,50 @@ class TranscriptionService:
         return Response(body, media_type=media_type, headers=headers)
 
     async def _stream(
-        self, job: Job, req: TranscriptionRequest, request: Request
+        self, job: Job, req: TranscriptionRequest, slot: ExitStack
     ) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Segment] = asyncio.Queue()
         cancelled = threading.Event()
+        started = time.perf_counter()
 
         def on_segment(segment: Segment) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, segment)
 
-        with self.engine.admit():
-            future = loop.run_in_executor(
-                self.engine.executor,
-                partial(self.engine.run, job, on_segment=on_segment, cancelled=cancelled),
-            )
+        future = loop.run_in_executor(
+            self.engine.executor,
+            partial(self.engine.run, job, on_segment=on_segment, cancelled=cancelled),
+        )
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                waiting: set[asyncio.Future[Any]] = {getter, future}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                if getter in done:
+                    yield sse(text_delta_event(getter.result().text))
+                    continue
+                getter.cancel()
+                if future in done:
+                    break
+                yield b": keep-alive\n\n"
+            while not queue.empty():
+                yield sse(text_delta_event(queue.get_nowait().text))
             try:
-                while True:
-                    getter = asyncio.ensure_future(queue.get())
-                    waiting: set[asyncio.Future[Any]] = {getter, future}
-                    done, _ = await asyncio.wait(
-                        waiting, timeout=_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if getter in done:
-                        yield sse(text_delta_event(getter.result().text))
-                        continue
-                    getter.cancel()
-                    if future in done:
-                        break
-                    yield b": keep-alive\n\n"
-                while not queue.empty():
-                    yield sse(text_delta_event(queue.get_nowait().text))
-                try:
-                    transcript = future.result()
-                except APIError as exc:
-                    yield sse({"type": "error", **exc.body()})
-                    return
-                done_event: dict[str, Any] = text_done_event(transcript.text, transcript.duration)
-                if transcript.degradations:
-                    done_event["x_whisper_degraded"] = [
-                        {"kind": k, "reason": r} for k, r in transcript.degradations
-                    ]
-                yield sse(done_event)
-            finally:
-                cancelled.set()
-
-
-def bad_request(message: str, param: str | None = None) -> InvalidRequestError:
-    return InvalidRequestError(message, param=param)
+                transcript = future.result()
+            except APIError as exc:
+                self._finished(job, req, started, None, exc)
+                yield sse({"type": "error", **exc.body()})
+                return
+            self._finished(job, req, started, transcript, None)
+            done_event: dict[str, Any] = text_done_event(transcript.text, transcript.duration)
+            if transcript.degradations:
+                done_event["x_whisper_degraded"] = [
+                    {"kind": k, "reason": r} for k, r in transcript.degradations
+                ]
+            yield sse(done_event)
+        finally:
+            # Reached on completion and when the client disconnects (the generator is closed).
+            cancelled.set()
+            slot.close()

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from server.deps import Authorized, EngineDep, SettingsDep
+from server.deps import Authorized, EngineDep, MetricsDep, SettingsDep
 from server.protocol import ErrorResponse, form_schema
 from server.serving import TranscriptionService
 
@@ -18,8 +18,10 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
-def get_service(engine: EngineDep, settings: SettingsDep) -> TranscriptionService:
-    return TranscriptionService(engine, settings)
+def get_service(
+    engine: EngineDep, settings: SettingsDep, metrics: MetricsDep
+) -> TranscriptionService:
+    return TranscriptionService(engine, settings, metrics)
 
 
 ServiceDep = Annotated[TranscriptionService, Depends(get_service)]

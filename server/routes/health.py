@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
-from server.deps import Authorized, EngineDep
+from server.deps import Authorized, EngineDep, MetricsDep
+from server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 
@@ -35,3 +36,10 @@ async def ready(engine: EngineDep) -> JSONResponse:
 async def memory(engine: EngineDep) -> dict[str, Any]:
     """Devices, free/total memory, resident models, reservations and recent plan decisions."""
     return engine.memory_report()
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus metrics: requests, audio seconds, real-time factor, queue depth, batch sizes,
+    degradations, OOM recoveries and memory per device."""
+    return Response(metrics.render(), media_type=CONTENT_TYPE)

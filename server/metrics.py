@@ -1,0 +1,130 @@
+"""Prometheus metrics (``GET /metrics``).
+
+Request counters are recorded as requests finish; engine state (queue depth, degradations, OOM
+recoveries, batch sizes) and device memory (NVML or host RAM) are read at scrape time by a
+collector, so nothing is sampled in the background. Each app has its own registry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class EngineCollector(Collector):
+    """Reads the engine's counters and the memory probes when Prometheus scrapes."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine
+        stats = engine.stats
+        queue = GaugeMetricFamily(
+            "whisper_queue_depth", "Requests admitted: running or waiting for a worker."
+        )
+        queue.add_metric([], engine.queue_depth)
+        yield queue
+        degradations = CounterMetricFamily(
+            "whisper_degradations", "Plan changes made to fit memory, by kind.", labels=["kind"]
+        )
+        for kind, count in sorted(stats.degradations.items()):
+            degradations.add_metric([kind], count)
+        yield degradations
+        oom = CounterMetricFamily(
+            "whisper_oom_recoveries", "Out-of-memory errors caught and retried."
+        )
+        oom.add_metric([], stats.oom_recoveries)
+        yield oom
+        rejected = CounterMetricFamily(
+            "whisper_memory_rejections", "Requests refused with 503 for lack of memory."
+        )
+        rejected.add_metric([], stats.rejected)
+        yield rejected
+        ready = GaugeMetricFamily("whisper_ready", "1 when the model is loaded.")
+        ready.add_metric([], 1.0 if engine.ready else 0.0)
+        yield ready
+
+        free = GaugeMetricFamily(
+            "whisper_memory_free_bytes", "Free memory per device.", labels=["device", "name"]
+        )
+        used = GaugeMetricFamily(
+            "whisper_memory_used_bytes", "Used memory per device.", labels=["device", "name"]
+        )
+        total = GaugeMetricFamily(
+            "whisper_memory_total_bytes", "Total memory per device.", labels=["device", "name"]
+        )
+        reserved = GaugeMetricFamily(
+            "whisper_memory_reserved_bytes",
+            "Memory reserved by running requests.",
+            labels=["device"],
+        )
+        for device in dict.fromkeys([engine.device, "cpu"]):
+            try:
+                memory = engine.probe(device).snapshot().device
+            except Exception:  # a failing probe must not break the scrape
+                logger.debug("memory probe for %s failed", device, exc_info=True)
+                continue
+            label = f"{device}:{memory.index}"
+            free.add_metric([label, memory.name], memory.free)
+            used.add_metric([label, memory.name], memory.used)
+            total.add_metric([label, memory.name], memory.total)
+            reserved.add_metric([device], engine.reservations.total(device))
+        yield from (free, used, total, reserved)
+
+
+class Metrics:
+    """The app's metrics; ``render()`` is the body of ``GET /metrics``."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "whisper_requests",
+            "HTTP requests by route and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.transcriptions = Counter(
+            "whisper_transcriptions",
+            "Finished transcriptions and translations by task, response format and outcome.",
+            ["task", "format", "outcome"],
+            registry=self.registry,
+        )
+        self.audio_seconds = Counter(
+            "whisper_audio_seconds", "Seconds of audio transcribed.", registry=self.registry
+        )
+        self.latency = Histogram(
+            "whisper_request_seconds",
+            "Request latency by route.",
+            ["route"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+            registry=self.registry,
+        )
+        self.rtf = Histogram(
+            "whisper_real_time_factor",
+            "Processing seconds per second of audio (lower is faster).",
+            buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "whisper_batch_size",
+            "Windows decoded together, per planned piece.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.registry.register(EngineCollector(engine))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
