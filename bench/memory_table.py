@@ -3,8 +3,8 @@ engine, one fresh process per cell so peaks do not leak between cells.
 
     python bench/memory_table.py [--models tiny.en base] [--audio tests/data/jfk.flac ...]
 
-On the CPU it reports host memory (peak RSS of the process: after loading the model, and the
-extra the request added); on a GPU it also reports the NVML peak of the device. Prints a
+On the CPU it reports host memory (the process's RSS once the model is loaded, and the extra
+the request added at its peak, sampled every 2 ms); on a GPU it also reports the NVML peak of the device. Prints a
 Markdown table.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import json, resource, sys, threading, time
+import json, sys, threading, time
 sys.path.insert(0, {root!r})
 from server.config import Settings
 from server.engine import Engine, Job
@@ -33,18 +33,19 @@ engine = Engine(settings, ModelStore(settings.models_dir, settings.model, [], al
 engine.start()
 assert engine.ready, engine.load_error
 audio = decode_audio(open(audio_path, "rb").read(), max_duration=1e6)
-def rss_peak():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+import psutil
+proc = psutil.Process()
+rss = [0]
 gpu_peak = [0]
 stop = threading.Event()
 def sample():
-    if engine.device != "cuda":
-        return
-    probe = engine.probe("cuda")
+    probe = engine.probe("cuda") if engine.device == "cuda" else None
     while not stop.is_set():
-        gpu_peak[0] = max(gpu_peak[0], probe.snapshot().device.used)
-        time.sleep(0.005)
-loaded = rss_peak()
+        rss[0] = max(rss[0], proc.memory_info().rss)
+        if probe is not None:
+            gpu_peak[0] = max(gpu_peak[0], probe.snapshot().device.used)
+        time.sleep(0.002)
+loaded = proc.memory_info().rss  # now, not the peak of loading
 gpu_before = engine.probe("cuda").snapshot().device.used if engine.device == "cuda" else 0
 t = threading.Thread(target=sample); t.start()
 started = time.perf_counter()
@@ -52,7 +53,7 @@ job = Job(request_id="bench", audio=audio.samples, source=engine.served, word_ti
 transcript = engine.run(job)
 elapsed = time.perf_counter() - started
 stop.set(); t.join()
-print(json.dumps(dict(loaded=loaded, peak=rss_peak(), seconds=elapsed,
+print(json.dumps(dict(loaded=loaded, peak=max(rss[0], loaded), seconds=elapsed,
                       duration=audio.duration, gpu_before=gpu_before, gpu_peak=gpu_peak[0],
                       segments=len(transcript.segments))))
 """

@@ -258,3 +258,50 @@ def _ready(url: str) -> bool:
         return requests.get(url + "/ready", timeout=1).status_code == 200
     except requests.ConnectionError:
         return False
+
+
+def test_request_timeout_gives_504_and_stops_the_work(
+    server_factory,
+    tiny_model: Path,
+    data_dir: Path,  # noqa: ANN001
+) -> None:
+    server = server_factory(model=str(tiny_model), request_timeout=1.0, batch_size=1)
+    started = time.monotonic()
+    resp = requests.post(
+        server.url + "/v1/audio/transcriptions",
+        files={"file": ("a", (data_dir / LONG).read_bytes())},
+        data={"model": "whisper-1"},
+        timeout=120,
+    )
+    assert resp.status_code == 504 and resp.json()["error"]["code"] == "timeout"
+    assert time.monotonic() - started < 15, "the engine stopped at its next window"
+    assert server.engine.queue_depth == 0 and not server.engine.reservations.snapshot()
+
+
+def test_api_keys_never_logged(
+    server_factory,
+    tiny_model: Path,
+    caplog,  # noqa: ANN001
+) -> None:
+    secret = "sk-very-secret-value"
+    server = server_factory(model=str(tiny_model), api_keys=secret, log_level="debug")
+    with caplog.at_level("DEBUG"):
+        requests.get(
+            server.url + "/v1/models", headers={"Authorization": f"Bearer {secret}"}, timeout=5
+        )
+        requests.get(
+            server.url + "/v1/models", headers={"Authorization": "Bearer wrong-key"}, timeout=5
+        )
+    assert caplog.records, "requests were logged"
+    assert secret not in caplog.text and "wrong-key" not in caplog.text
+    assert secret not in repr(server.settings)
+
+
+def test_secure_defaults() -> None:
+    from server.config import Settings
+
+    settings = Settings()
+    assert settings.host == "127.0.0.1"
+    assert settings.allow_downloads is False
+    assert settings.cors_origins == [] and settings.api_keys == []
+    assert settings.fault_oom_calls == 0

@@ -9,6 +9,7 @@ PyAV, which bundles the FFmpeg libraries), and each is named for what is wrong w
 
 from __future__ import annotations
 
+import io
 import struct
 import wave
 from fractions import Fraction
@@ -53,14 +54,12 @@ def leopard_pcm() -> bytes:
         return w.readframes(w.getnframes())
 
 
-def tiny_flac(seconds: float = 0.2, rate: int = 16000) -> bytes:
-    """A short flac of silence, encoded with PyAV into memory."""
-    import io
-
+def flac_bytes(pcm: bytes, rate: int = 16000) -> bytes:
+    """Mono int16 ``pcm`` encoded as flac with PyAV, in memory."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="flac") as out:
         stream = out.add_stream("flac", rate=rate, layout="mono")
-        samples = np.zeros((1, int(seconds * rate)), dtype=np.int16)
+        samples = np.frombuffer(pcm, dtype="<i2").reshape(1, -1)
         frame = av.AudioFrame.from_ndarray(samples, format="s16p", layout="mono")
         frame.sample_rate = rate
         frame.pts = 0
@@ -92,10 +91,11 @@ def make() -> dict[str, bytes]:
     rng = np.random.default_rng(SEED)
     jfk_mp3 = (DATA / "jfk.mp3").read_bytes()
     jfk_webm = (DATA / "jfk.webm").read_bytes()
-    jfk_flac = (DATA / "jfk.flac").read_bytes()
     jfk_m4a = (DATA / "jfk.m4a").read_bytes()
     jfk_ogg = (DATA / "jfk.ogg").read_bytes()
     pcm = leopard_pcm()
+    one_second = pcm[: 16000 * 2]  # enough for a decoder to choke on, small to commit
+    three_seconds = pcm[: 3 * 16000 * 2]
     out: dict[str, bytes] = {}
 
     # Truncated: the container's header promises 11 s, the bytes hold a fraction of it.
@@ -113,19 +113,18 @@ def make() -> dict[str, bytes]:
     lo, hi = len(middle) * 3 // 10, len(middle) * 6 // 10
     middle[lo:hi] = rng.integers(0, 256, hi - lo, dtype=np.uint8).tobytes()
     out["jfk_random_middle.mp3"] = bytes(middle)
-    zeroed = bytearray(jfk_flac)
+    zeroed = bytearray(flac_bytes(one_second))
     zeroed[8:42] = bytes(34)  # STREAMINFO: rate, channels, bits per sample all zero
     out["jfk_zeroed_streaminfo.flac"] = bytes(zeroed)
     out["flac_magic_then_garbage.flac"] = b"fLaC" + rng.integers(0, 256, 4096, np.uint8).tobytes()
     out["id3_tag_only.mp3"] = b"ID3\x04\x00\x00\x00\x00\x00\x00"
-    out["riff_unknown_codec.wav"] = (
-        wav_header(rate=16000, channels=1, data_bytes=len(pcm), codec=0x1234) + pcm
-    )
-    out["wav_zero_sample_rate.wav"] = wav_header(rate=0, channels=1, data_bytes=len(pcm)) + pcm
-    out["wav_zero_channels.wav"] = wav_header(rate=16000, channels=0, data_bytes=len(pcm)) + pcm
-    out["wav_4096_channels.wav"] = (
-        wav_header(rate=16000, channels=4096, data_bytes=len(pcm)) + pcm
-    )
+    for name, header in (
+        ("riff_unknown_codec", wav_header(rate=16000, channels=1, data_bytes=32000, codec=0x1234)),
+        ("wav_zero_sample_rate", wav_header(rate=0, channels=1, data_bytes=32000)),
+        ("wav_zero_channels", wav_header(rate=16000, channels=0, data_bytes=32000)),
+        ("wav_4096_channels", wav_header(rate=16000, channels=4096, data_bytes=32000)),
+    ):
+        out[f"{name}.wav"] = header + one_second
 
     # Odd but valid: these must decode and transcribe.
     out["wav_streaming_size_ffffffff.wav"] = (
@@ -134,23 +133,23 @@ def make() -> dict[str, bytes]:
     out["wav_odd_trailing_byte.wav"] = (
         wav_header(rate=16000, channels=1, data_bytes=len(pcm) + 1) + pcm + b"\x01"
     )
-    samples = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+    samples = np.frombuffer(three_seconds, dtype="<i2").astype(np.float32) / 32768.0
     samples[::50] = np.nan
     samples[25::50] = np.inf
     out["float_wav_nan_inf.wav"] = (
         wav_header(rate=16000, channels=1, data_bytes=samples.nbytes, bits=32, codec=3)
         + samples.astype("<f4").tobytes()
     )
-    loud = np.frombuffer(pcm, dtype="<i2").astype(np.float32) * np.float32(1e30)
+    loud = np.frombuffer(three_seconds, dtype="<i2").astype(np.float32) * np.float32(1e30)
     out["float_wav_1e30_amplitude.wav"] = (
         wav_header(rate=16000, channels=1, data_bytes=loud.nbytes, bits=32, codec=3)
         + loud.astype("<f4").tobytes()
     )
 
     # Headers that promise hours: a few hundred bytes must not be taken at their word.
-    out["flac_header_claims_10h.flac"] = flac_claiming(10 * 3600 * 16000, tiny_flac())
-    out["wav_header_claims_2h_8khz_48ch.wav"] = wav_header(
-        rate=8000, channels=48, data_bytes=2 * 3600 * 8000 * 48 * 2
+    out["flac_header_claims_10h.flac"] = flac_claiming(10 * 3600 * 16000, flac_bytes(bytes(6400)))
+    out["wav_header_claims_2h30_8khz.wav"] = wav_header(
+        rate=8000, channels=1, data_bytes=int(2.5 * 3600) * 8000 * 2
     )
     return out
 
