@@ -23,13 +23,12 @@ import json, sys, threading, time
 sys.path.insert(0, {root!r})
 from server.config import Settings
 from server.engine import Engine, Job
-from server.model_store import ModelStore
 from server.audio import decode_audio
 
 model, audio_path, words, batch, device = {args!r}
 settings = Settings(model=model, batch_size=batch, device=device, memory_policy="off",
                     models_dir={models_dir!r}, max_concurrency=1)
-engine = Engine(settings, ModelStore(settings.models_dir, settings.model, [], allow_downloads=False))
+engine = Engine(settings)
 engine.start()
 assert engine.ready, engine.load_error
 audio = decode_audio(open(audio_path, "rb").read(), max_duration=1e6)

@@ -69,17 +69,10 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     from server.audio import decode_audio
     from server.engine import Engine, Job
     from server.formats import render
-    from server.model_store import ModelStore
 
     settings = load_settings()
     configure_logging("warning")
-    store = ModelStore(
-        settings.models_dir,
-        settings.model,
-        settings.model_aliases,
-        allow_downloads=settings.allow_downloads,
-    )
-    engine = Engine(settings, store)
+    engine = Engine(settings)
     engine.start()
     if not engine.ready or engine.served is None:
         sys.exit(f"model not ready: {engine.load_error}")

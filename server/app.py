@@ -31,7 +31,6 @@ from server.errors import (
 )
 from server.memory import format_bytes
 from server.metrics import Metrics
-from server.model_store import ModelStore
 from server.routes import audio, health, models
 
 logger = logging.getLogger(__name__)
@@ -180,13 +179,7 @@ def install_error_handlers(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application. State lives on ``app.state``: ``settings`` and ``engine``."""
     settings = settings or Settings()
-    store = ModelStore(
-        settings.models_dir,
-        settings.model,
-        settings.model_aliases,
-        allow_downloads=settings.allow_downloads,
-    )
-    engine = Engine(settings, store)
+    engine = Engine(settings)
     metrics = Metrics(engine)
     engine.on_plan = lambda plan: metrics.batch_size.observe(plan.shape.batch_size)
 

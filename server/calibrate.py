@@ -22,7 +22,6 @@ from server.audio import decode_audio
 from server.config import Settings
 from server.engine import PROFILE_FILE, Engine, LoadedModel
 from server.memory import Profile, ProfilePoint, Shape, format_bytes, peak_sampler
-from server.model_store import ModelStore
 
 logger = logging.getLogger(__name__)
 _SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "jfk.flac"
@@ -107,10 +106,7 @@ def calibrate(
     Returns:
         The profile's path.
     """
-    store = ModelStore(
-        settings.models_dir, settings.model, [], allow_downloads=settings.allow_downloads
-    )
-    engine = Engine(replace_settings(settings), store)
+    engine = Engine(replace_settings(settings))
     engine.start()
     if not engine.ready or engine.served is None or engine.served.path is None:
         raise SystemExit(f"model not ready: {engine.load_error}")

@@ -223,12 +223,12 @@ class Engine:
 
     Args:
         settings: The server's settings.
-        store: Resolves model names.
+        store: Resolves model names (by default, from the settings).
     """
 
-    def __init__(self, settings: Settings, store: ModelStore) -> None:
+    def __init__(self, settings: Settings, store: ModelStore | None = None) -> None:
         self.settings = settings
-        self.store = store
+        self.store = store or ModelStore.from_settings(settings)
         self.pool = ModelPool(settings)
         self.reservations = Reservations()
         self.stats = EngineStats()

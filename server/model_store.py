@@ -18,8 +18,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.errors import ModelNotFoundError, ModelNotReadyError
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +138,15 @@ class ModelStore:
         self.configured = configured
         self.aliases = tuple(aliases)
         self.allow_downloads = allow_downloads
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelStore:
+        return cls(
+            settings.models_dir,
+            settings.model,
+            settings.model_aliases,
+            allow_downloads=settings.allow_downloads,
+        )
 
     def default_source(self) -> ModelSource:
         """The served model (installing the embedded default if none is configured)."""

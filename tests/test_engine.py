@@ -7,6 +7,7 @@ timestamps, rejecting), then the results are checked against an unconstrained ru
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ from server.config import Settings
 from server.engine import Engine, Job, LoadedModel, step_down
 from server.errors import InsufficientMemoryError
 from server.memory import Shape
-from server.model_store import ModelStore
 from tests.conftest import wer
 
 LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
@@ -27,7 +27,7 @@ LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
 
 def make_engine(tiny_model: Path, tmp_path: Path, **overrides: Any) -> Engine:
     settings = Settings(model=str(tiny_model), models_dir=tmp_path, **overrides)
-    engine = Engine(settings, ModelStore(tmp_path, settings.model, [], allow_downloads=False))
+    engine = Engine(settings)
     engine.start()
     assert engine.ready, engine.load_error
     return engine
@@ -78,7 +78,7 @@ def test_long_audio_is_chunked_under_a_host_budget(
     assert wer(reference.text, chunked.text) <= 0.02, (reference.text, chunked.text)
 
     ends = [(s.start, s.end) for s in chunked.segments]
-    for (start, end), (next_start, _) in zip(ends, ends[1:], strict=False):
+    for (start, end), (next_start, _) in itertools.pairwise(ends):
         assert start <= end <= next_start + 0.05  # in order, no overlap
         assert next_start - end < 5.0  # no hole where words went missing
     assert ends[-1][1] == pytest.approx(chunked.duration, abs=3.0)
@@ -155,7 +155,7 @@ def test_degradation_is_reported_in_header_and_body(
     server_factory,
     unconstrained: Engine,
     tiny_model: Path,
-    data_dir: Path,  # noqa: ANN001
+    data_dir: Path,
 ) -> None:
     job = job_for(unconstrained, data_dir, "jfk.flac", word_timestamps=True)
     smallest = replace(
@@ -187,7 +187,7 @@ def test_degradation_is_reported_in_header_and_body(
     assert memory["recent_decisions"][-1]["word_timestamps"] is False
 
 
-def test_out_of_memory_is_recovered(server_factory, tiny_model: Path, data_dir: Path) -> None:  # noqa: ANN001
+def test_out_of_memory_is_recovered(server_factory, tiny_model: Path, data_dir: Path) -> None:
     """The fault hook makes the first inference call raise CTranslate2's own OOM message."""
     server = server_factory(model=str(tiny_model), fault_oom_calls=1)
     resp = requests.post(
@@ -205,7 +205,7 @@ def test_out_of_memory_is_recovered(server_factory, tiny_model: Path, data_dir: 
     assert requests.get(server.url + "/health", timeout=5).status_code == 200
 
 
-def test_memory_endpoint(tiny_server) -> None:  # noqa: ANN001
+def test_memory_endpoint(tiny_server) -> None:
     memory = requests.get(tiny_server.url + "/v1/memory", timeout=5).json()
     assert memory["device"] == "cpu"
     host = memory["devices"][0]

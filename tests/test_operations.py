@@ -29,7 +29,7 @@ def _metric(text: str, name: str, **labels: str) -> float | None:
     return None
 
 
-def _wait_for(predicate, timeout: float = 30.0) -> bool:  # noqa: ANN001
+def _wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -63,7 +63,7 @@ def test_metrics(tiny_server: LiveServer, data_dir: Path) -> None:
 def test_cors_off_by_default_and_on_when_configured(
     tiny_server: LiveServer,
     server_factory,
-    tiny_model: Path,  # noqa: ANN001
+    tiny_model: Path,
 ) -> None:
     headers = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     off = requests.options(tiny_server.url + "/v1/audio/transcriptions", headers=headers, timeout=5)
@@ -73,7 +73,7 @@ def test_cors_off_by_default_and_on_when_configured(
     assert on.headers["access-control-allow-origin"] == "https://app.example"
 
 
-def test_per_key_concurrency(server_factory, tiny_model: Path, data_dir: Path) -> None:  # noqa: ANN001
+def test_per_key_concurrency(server_factory, tiny_model: Path, data_dir: Path) -> None:
     server = server_factory(
         model=str(tiny_model), api_keys="k1,k2", max_requests_per_key=1, max_concurrency=1
     )
@@ -115,7 +115,7 @@ def test_per_key_concurrency(server_factory, tiny_model: Path, data_dir: Path) -
     assert first["status"] == 200
 
 
-def test_queue_full_gives_429(server_factory, tiny_model: Path, data_dir: Path) -> None:  # noqa: ANN001
+def test_queue_full_gives_429(server_factory, tiny_model: Path, data_dir: Path) -> None:
     server = server_factory(model=str(tiny_model), max_queue=1, max_concurrency=1)
     long_audio = (data_dir / LONG).read_bytes()
     worker = threading.Thread(
@@ -143,7 +143,7 @@ def test_queue_full_gives_429(server_factory, tiny_model: Path, data_dir: Path) 
 def test_disconnect_frees_slot_and_memory(
     server_factory,
     tiny_model: Path,
-    data_dir: Path,  # noqa: ANN001
+    data_dir: Path,
 ) -> None:
     server = server_factory(model=str(tiny_model), batch_size=1, max_concurrency=1)
     long_audio = (data_dir / LONG).read_bytes()
@@ -184,7 +184,7 @@ def _multipart(fields: dict[str, str], data: bytes) -> tuple[bytes, str]:
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
-def test_model_that_fails_to_load(server_factory, tmp_path: Path, data_dir: Path) -> None:  # noqa: ANN001
+def test_model_that_fails_to_load(server_factory, tmp_path: Path, data_dir: Path) -> None:
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.bin").write_bytes(b"not a model")
@@ -263,7 +263,7 @@ def _ready(url: str) -> bool:
 def test_request_timeout_gives_504_and_stops_the_work(
     server_factory,
     tiny_model: Path,
-    data_dir: Path,  # noqa: ANN001
+    data_dir: Path,
 ) -> None:
     server = server_factory(model=str(tiny_model), request_timeout=1.0, batch_size=1)
     started = time.monotonic()
@@ -281,7 +281,7 @@ def test_request_timeout_gives_504_and_stops_the_work(
 def test_api_keys_never_logged(
     server_factory,
     tiny_model: Path,
-    caplog,  # noqa: ANN001
+    caplog,
 ) -> None:
     secret = "sk-very-secret-value"
     server = server_factory(model=str(tiny_model), api_keys=secret, log_level="debug")
