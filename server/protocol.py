@@ -135,7 +135,18 @@ def _granularities(form: Mapping[str, Sequence[Any]]) -> frozenset[str]:
                 )
             # Some clients send a JSON list or a comma-separated string in one field.
             text = raw.strip()
-            items = json.loads(text) if text.startswith("[") else text.split(",")
+            items: Any = text.split(",")
+            if text.startswith("["):
+                try:
+                    items = json.loads(text)
+                except (ValueError, RecursionError):
+                    items = None
+                if not isinstance(items, list):
+                    raise InvalidRequestError(
+                        "'timestamp_granularities[]' must be 'word' or 'segment' (or a JSON "
+                        'list of them, such as ["word", "segment"]).',
+                        param="timestamp_granularities",
+                    ) from None
             values.extend(str(item).strip() for item in items if str(item).strip())
     unknown = sorted(set(values) - set(GRANULARITIES))
     if unknown:
@@ -155,7 +166,7 @@ def _chunking(form: Mapping[str, Sequence[Any]]) -> ChunkingStrategy | None:
             return ChunkingStrategy("auto")
         try:
             parsed = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise InvalidRequestError(
                 "'chunking_strategy' must be \"auto\" or a JSON object such as "
                 '{"type": "server_vad", "threshold": 0.5}.',
@@ -188,7 +199,7 @@ def _chunking(form: Mapping[str, Sequence[Any]]) -> ChunkingStrategy | None:
             prefix_padding_ms=_opt_int(fields.get("prefix_padding_ms"), 0, 10_000),
             silence_duration_ms=_opt_int(fields.get("silence_duration_ms"), 0, 10_000),
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise InvalidRequestError(
             f"Invalid chunking_strategy: {exc}.", param="chunking_strategy"
         ) from exc
@@ -198,7 +209,7 @@ def _opt_float(value: Any, lo: float, hi: float) -> float | None:
     if value is None:
         return None
     number = float(value)
-    if not lo <= number <= hi:
+    if not math.isfinite(number) or not lo <= number <= hi:
         raise ValueError(f"{number} is outside {lo}..{hi}")
     return number
 
@@ -206,6 +217,8 @@ def _opt_float(value: Any, lo: float, hi: float) -> float | None:
 def _opt_int(value: Any, lo: int, hi: int) -> int | None:
     if value is None:
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
     number = int(value)
     if not lo <= number <= hi:
         raise ValueError(f"{number} is outside {lo}..{hi}")

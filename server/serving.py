@@ -15,13 +15,18 @@ from typing import Any
 
 import anyio
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.audio import DecodedAudio, decode_audio
 from server.config import Settings
 from server.engine import Engine, Job
-from server.errors import APIError, ModelNotReadyError, RequestTimeoutError
+from server.errors import (
+    APIError,
+    ModelNotReadyError,
+    RequestCancelledError,
+    RequestTimeoutError,
+)
 from server.formats import render, sse, text_delta_event, text_done_event
 from server.metrics import Metrics
 from server.protocol import Task, TranscriptionRequest, parse_form
@@ -43,14 +48,22 @@ class _Upload:
 async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]]:
     """Read the multipart form into ``name -> [values]``, files as :class:`_Upload`."""
     part_limit = max(1 << 20, settings.max_prompt_chars * 4 + 1024)
-    async with request.form(max_files=4, max_fields=_MAX_FIELDS, max_part_size=part_limit) as form:
-        fields: dict[str, list[Any]] = {}
-        for name, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                fields.setdefault(name, []).append(_Upload(value.filename, await value.read()))
-            else:
-                fields.setdefault(name, []).append(value)
-        return fields
+    try:
+        async with request.form(
+            max_files=4, max_fields=_MAX_FIELDS, max_part_size=part_limit
+        ) as form:
+            fields: dict[str, list[Any]] = {}
+            for name, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    upload = _Upload(value.filename, await value.read())
+                    fields.setdefault(name, []).append(upload)
+                else:
+                    fields.setdefault(name, []).append(value)
+            return fields
+    except ClientDisconnect as exc:
+        raise RequestCancelledError(
+            "The client closed the connection before the upload finished."
+        ) from exc
 
 
 def _vad_parameters(req: TranscriptionRequest) -> dict[str, Any] | None:
