@@ -157,8 +157,9 @@ def decode_audio(data: bytes, *, max_duration: float, sample_rate: int = 16000) 
     if declared is not None and _falls_short(decoded=duration, declared=declared):
         raise _error(
             "truncated_audio",
-            f"The uploaded file looks truncated: its header declares {_fmt_s(declared)} of "
-            f"audio but only {_fmt_s(duration)} could be decoded. Upload the complete file.",
+            f"The uploaded file looks truncated or corrupt: its header declares "
+            f"{_fmt_s(declared)} of audio but only {_fmt_s(duration)} could be decoded. "
+            "Upload the complete file, or re-encode it.",
         ) from decoded.failure
     if decoded.failure is not None:
         raise _error(
