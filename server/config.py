@@ -155,6 +155,15 @@ class Settings(BaseSettings):
     retry_after: float = Field(5.0, ge=1)
     """Seconds suggested in Retry-After when a request is refused for lack of memory or queue room."""
 
+    batching: Literal["auto", "on", "off"] = "auto"
+    """Cross-request batching. `auto`: long files and requests that arrive while the sequential
+    slots (WHISPER_MAX_CONCURRENCY) are busy are decoded in shared batches; a lone short request
+    runs sequentially, exactly as faster-whisper does. `on`: everything is batched. `off`: no
+    batching."""
+
+    batch_max_wait_ms: float = Field(20.0, ge=0, le=1000)
+    """Longest time the first window of a batch waits for others to join it, in milliseconds."""
+
     batch_size: int = Field(8, ge=1, le=128)
     """Largest batch of 30 s windows decoded together (long files, and requests combined)."""
 

@@ -28,6 +28,7 @@ import numpy as np
 from server.audio import split_on_silence
 from server.config import Settings
 from server.errors import (
+    APIError,
     InsufficientMemoryError,
     ModelNotReadyError,
     RateLimitError,
@@ -51,12 +52,29 @@ from server.memory import (
     read_model_dims,
 )
 from server.model_store import ModelSource, ModelStore
+from server.scheduler import (
+    TEMPERATURES,
+    BatchFailedError,
+    BatchKey,
+    QueueFullError,
+    Scheduler,
+    SchedulerStats,
+    WindowOptions,
+)
+from server.scheduler import RequestCancelledError as SchedulerCancelledError
 from server.transcript import Segment, Transcript, Word
 
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 HOST = "host"  # reservation key for request buffers in host RAM
+
+
+def batched_key(device: str) -> str:
+    """Reservation key of requests waiting in the scheduler on ``device``."""
+    return f"{device}/batched"
+
+
 PROFILE_FILE = "memory_profile.json"
 # CTranslate2 reports device OOM as "CUDA failed with error out of memory" (or a cuBLAS
 # allocation failure); host OOM surfaces as std::bad_alloc or MemoryError.
@@ -66,6 +84,8 @@ _MAX_OOM_RETRIES = 4
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """Whether an exception raised by CTranslate2 means the device ran out of memory."""
+    if isinstance(exc, BatchFailedError) and exc.__cause__ is not None:
+        return is_out_of_memory(exc.__cause__)
     return isinstance(exc, MemoryError) or (
         isinstance(exc, RuntimeError) and _OOM.search(str(exc)) is not None
     )
@@ -237,9 +257,14 @@ class Engine:
         self.served: ModelSource | None = None
         self.load_error: str | None = None
         self._probes: dict[str, MemoryProbe] = {}
+        # Threads mostly wait (on the scheduler or the sequential slots), so there is one per
+        # admitted request; the model work itself is bounded by the slots and the scheduler.
         self._executor = ThreadPoolExecutor(
-            max_workers=settings.max_concurrency, thread_name_prefix="whisper"
+            max_workers=settings.max_queue, thread_name_prefix="whisper"
         )
+        self._sequential = threading.BoundedSemaphore(settings.max_concurrency)
+        self._schedulers: dict[int, Scheduler] = {}
+        self._scheduler_lock = threading.Lock()
         self._admitted = 0
         self._per_key: Counter[str] = Counter()
         self._admit_lock = threading.Lock()
@@ -275,6 +300,14 @@ class Engine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
+        with self._scheduler_lock:
+            for scheduler in self._schedulers.values():
+                scheduler.close(timeout=30)
+            self._schedulers.clear()
+
+    def scheduler_stats(self) -> list[SchedulerStats]:
+        with self._scheduler_lock:
+            return [s.stats() for s in self._schedulers.values()]
 
     @property
     def executor(self) -> ThreadPoolExecutor:
@@ -343,7 +376,10 @@ class Engine:
         windows = math.ceil(job.duration / self.settings.chunk_length)
         # Long files decode their own windows in batches; short ones run sequentially so that
         # each window is conditioned on the text before it, exactly as faster-whisper does.
-        batch = min(self.settings.batch_size, windows) if windows > 2 else 1
+        mode = self.settings.batching
+        batch = 1
+        if mode == "on" or (mode == "auto" and windows > 2):
+            batch = min(self.settings.batch_size, windows)
         hypotheses = job.beam_size if job.temperature == 0 else max(job.beam_size, 5)
         return Shape(
             device=model.device,
@@ -355,11 +391,21 @@ class Engine:
         )
 
     def _plan(
-        self, model: LoadedModel, shape: Shape, audio_seconds: float, job: Job
+        self,
+        model: LoadedModel,
+        shape: Shape,
+        audio_seconds: float,
+        job: Job,
+        *,
+        scheduled: bool = False,
     ) -> tuple[Plan, ExitStack]:
         """Plan one piece and reserve what the plan needs, as one step under the ledger's lock
         (so two requests never spend the same free memory); wait, bounded, while the planner
         says memory may free up.
+
+        A request headed for the scheduler reserves its working memory under the batched key
+        (the batches its windows join spend it), and skips the ``chunk`` step: batched windows
+        are padded to 30 s, so shorter ones would save nothing.
 
         Returns:
             The plan and the reservations to release when the piece is done.
@@ -368,6 +414,11 @@ class Engine:
             InsufficientMemoryError: the planner rejected the request.
         """
         waited = 0.0
+        policy_steps = tuple(
+            Step(step)
+            for step in self.settings.degrade_ladder
+            if not (scheduled and step == "chunk")
+        )
         cpu_copy = any(m.device == "cpu" and m.source == job.source for m in self.pool.loaded())
         while True:
             since = self.reservations.generation
@@ -379,8 +430,9 @@ class Engine:
                 plan = plan_request(
                     PlanRequest(shape=shape, audio_seconds=audio_seconds),
                     snapshot,
-                    self.policy(resident),
-                    reserved=self.reservations.total(model.device),
+                    replace(self.policy(resident), ladder=policy_steps),
+                    reserved=self.reservations.total(model.device)
+                    + self.reservations.total(batched_key(model.device)),
                     host_reserved=self.reservations.total(HOST),
                     cost=model.cost,
                     waited=waited,
@@ -388,8 +440,9 @@ class Engine:
                 )
                 held = ExitStack()
                 if plan.action == "run":
+                    key = batched_key(plan.device) if scheduled else plan.device
                     held.enter_context(
-                        self.reservations.reserve(plan.device, plan.reserve_bytes, job.request_id)
+                        self.reservations.reserve(key, plan.reserve_bytes, job.request_id)
                     )
                     held.enter_context(
                         self.reservations.reserve(HOST, plan.host_bytes, job.request_id)
@@ -482,14 +535,29 @@ class Engine:
                 if cancelled is not None and cancelled.is_set():
                     raise RequestCancelledError("The client closed the request.")
                 # Every piece is planned against the memory free when it starts.
-                plan, held = self._plan(model, shape, (len(piece) - resume) / SAMPLE_RATE, job)
+                slot = self._sequential_slot(shape)
+                try:
+                    plan, held = self._plan(
+                        model,
+                        shape,
+                        (len(piece) - resume) / SAMPLE_RATE,
+                        job,
+                        scheduled=slot is None,
+                    )
+                except BaseException:
+                    if slot is not None:
+                        slot.close()
+                    raise
+                if slot is not None:
+                    held.push(slot)
+                run_piece = self._run_scheduled if slot is None else self._run_piece
                 self._note(degraded, plan, job)
                 runner = (
                     model if plan.device == model.device else self.pool.get(job.source, plan.device)
                 )
                 try:
                     with held:
-                        produced = self._run_piece(
+                        produced = run_piece(
                             runner,
                             job,
                             plan,
@@ -546,6 +614,151 @@ class Engine:
             degradations=tuple(degraded.items()),
         )
 
+    def _sequential_slot(self, shape: Shape) -> ExitStack | None:
+        """A sequential slot (faster-whisper's own path: exactly its results, each window
+        conditioned on the text before it), or None for the cross-request scheduler.
+
+        WHISPER_BATCHING=auto: long files (planned with a batch) go to the scheduler; a short
+        request takes a sequential slot if one is free, and joins the scheduler's shared batches
+        rather than queueing when all are busy.
+        """
+        mode = self.settings.batching
+        if mode == "on" or (mode == "auto" and shape.batch_size > 1):
+            return None
+        if not self._sequential.acquire(blocking=mode == "off"):
+            return None
+        slot = ExitStack()
+        slot.callback(self._sequential.release)
+        return slot
+
+    def _scheduler(self, model: LoadedModel) -> Scheduler:
+        with self._scheduler_lock:
+            scheduler = self._schedulers.get(id(model))
+            if scheduler is None:
+                scheduler = Scheduler(
+                    model.whisper,
+                    max_batch=lambda key: self._max_batch(model, key),
+                    max_wait_s=self.settings.batch_max_wait_ms / 1000,
+                    max_queued_windows=self.settings.max_queue * 64,
+                    around_batch=lambda key, size: self._around_batch(model, key, size),
+                )
+                self._schedulers[id(model)] = scheduler
+            return scheduler
+
+    def _batch_shape(self, model: LoadedModel, key: BatchKey, size: int) -> Shape:
+        return Shape(
+            device=model.device,
+            compute_type=model.compute_type,
+            batch_size=max(1, size),
+            beam_size=key.hypotheses,
+            word_timestamps=key.word_timestamps,
+            chunk_length=30,  # batched windows are padded to 30 s
+        )
+
+    def _max_batch(self, model: LoadedModel, key: BatchKey) -> int:
+        """The planner's batch size for the scheduler's next batch.
+
+        The requests waiting in the scheduler have reserved their working memory under the
+        batched key; a batch spends those reservations (one batch runs at a time per model),
+        so it is planned against the memory left once everything else is counted. Only the
+        batch step applies here, then a bounded wait or a 503: the other degradations were
+        decided when each request was planned.
+        """
+        shape = self._batch_shape(model, key, self.settings.batch_size)
+        steps = tuple(
+            Step(step)
+            for step in self.settings.degrade_ladder
+            if step in ("batch", "wait", "reject")
+        )
+        waited = 0.0
+        while True:
+            since = self.reservations.generation
+            with self.reservations.admission():
+                snapshot = self.probe(model.device).snapshot()
+                resident = sum(
+                    m.weights_bytes for m in self.pool.loaded() if m.device == model.device
+                )
+                policy = replace(self.policy(resident), ladder=steps or (Step.REJECT,))
+                plan = plan_request(
+                    PlanRequest(shape=shape, audio_seconds=30.0),
+                    snapshot,
+                    policy,
+                    reserved=self.reservations.total(model.device),
+                    host_reserved=self.reservations.total(HOST),
+                    cost=model.cost,
+                    waited=waited,
+                    cpu_load_bytes=0,
+                )
+            if plan.action == "run":
+                return plan.shape.batch_size
+            if plan.action == "reject":
+                self.stats.rejected += 1
+                raise InsufficientMemoryError(
+                    f"Not enough memory for a batch ({plan.reason}); retry later.",
+                    retry_after=plan.retry_after or self.settings.retry_after,
+                )
+            self.stats.waits += 1
+            started = time.monotonic()
+            self.reservations.wait_for_release(timeout=min(plan.wait_s, 0.5), since=since)
+            waited += time.monotonic() - started
+
+    @contextmanager
+    def _around_batch(self, model: LoadedModel, key: BatchKey, size: int) -> Iterator[None]:
+        """Runs around every batch: the test fault hook, and a raised estimate after an OOM."""
+        try:
+            self._inject_fault()
+            yield
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                shape = self._batch_shape(model, key, size)
+                model.cost = model.cost.with_correction(shape, 1.5)
+            raise
+
+    def _run_scheduled(
+        self,
+        model: LoadedModel,
+        job: Job,
+        plan: Plan,
+        audio: np.ndarray,
+        language: str | None,
+        prompt: str | list[int] | None,
+        *,
+        offset: float,
+        first_id: int,
+        cancelled: threading.Event | None,
+    ) -> Iterator[tuple[Segment, str]]:
+        if len(audio) < SAMPLE_RATE // 100:
+            return
+        shape = plan.shape
+        options = WindowOptions(
+            language=language,
+            task=job.task,
+            initial_prompt=job.prompt,  # windows decode in parallel: no previous-text context
+            hotwords=job.hotwords,
+            beam_size=shape.beam_size if job.temperature == 0 else 1,
+            best_of=min(5, shape.beam_size),
+            temperatures=TEMPERATURES if job.temperature == 0 else (job.temperature,),
+            word_timestamps=shape.word_timestamps,
+            vad_filter=True,
+            vad_parameters=job.vad_parameters,
+            chunk_length=shape.chunk_length,
+        )
+        try:
+            ticket = self._scheduler(model).submit(audio, options, cancelled=cancelled)
+            for n, s in enumerate(ticket):
+                yield self._segment(s, offset, first_id + n), ticket.language or "en"
+        except QueueFullError as exc:
+            raise RateLimitError(
+                f"The batch queue is full ({exc}); retry after the delay in Retry-After.",
+                retry_after=self.settings.retry_after,
+            ) from exc
+        except SchedulerCancelledError as exc:
+            raise RequestCancelledError("The client closed the request.") from exc
+        except BatchFailedError as exc:
+            if isinstance(exc.__cause__, APIError):
+                raise exc.__cause__ from exc
+            raise
+
     def _note(self, degraded: dict[str, str], plan: Plan, job: Job) -> None:
         for d in plan.degradations:
             if d.kind not in degraded:
@@ -591,48 +804,36 @@ class Engine:
             hotwords=job.hotwords,
             chunk_length=shape.chunk_length if shape.chunk_length != 30 else None,
         )
-        if shape.batch_size > 1:
-            from faster_whisper import BatchedInferencePipeline
-
-            pipeline = BatchedInferencePipeline(model.whisper)
-            raw, info = pipeline.transcribe(
-                audio,
-                batch_size=shape.batch_size,
-                vad_filter=True,
-                vad_parameters=job.vad_parameters,
-                **options,
-            )
-        else:
-            raw, info = model.whisper.transcribe(
-                audio, vad_filter=job.vad_filter, vad_parameters=job.vad_parameters, **options
-            )
+        raw, info = model.whisper.transcribe(
+            audio, vad_filter=job.vad_filter, vad_parameters=job.vad_parameters, **options
+        )
         for n, s in enumerate(raw):
             if cancelled is not None and cancelled.is_set():
                 raise RequestCancelledError("The client closed the request.")
-            words = None
-            if s.words is not None:
-                words = tuple(
-                    Word(
-                        w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability
-                    )
-                    for w in s.words
-                )
-            yield (
-                Segment(
-                    id=first_id + n,
-                    seek=int(s.seek + offset * 100),
-                    start=round(s.start + offset, 3),
-                    end=round(s.end + offset, 3),
-                    text=s.text,
-                    tokens=tuple(s.tokens),
-                    temperature=float(s.temperature or 0.0),
-                    avg_logprob=float(s.avg_logprob),
-                    compression_ratio=float(s.compression_ratio),
-                    no_speech_prob=float(s.no_speech_prob),
-                    words=words,
-                ),
-                info.language,
+            yield self._segment(s, offset, first_id + n), info.language
+
+    @staticmethod
+    def _segment(s: Any, offset: float, segment_id: int) -> Segment:
+        """A faster-whisper segment as ours, with times from the start of the upload."""
+        words = None
+        if s.words is not None:
+            words = tuple(
+                Word(w.word, round(w.start + offset, 3), round(w.end + offset, 3), w.probability)
+                for w in s.words
             )
+        return Segment(
+            id=segment_id,
+            seek=int(s.seek + offset * 100),
+            start=round(s.start + offset, 3),
+            end=round(s.end + offset, 3),
+            text=s.text,
+            tokens=tuple(s.tokens),
+            temperature=float(s.temperature or 0.0),
+            avg_logprob=float(s.avg_logprob),
+            compression_ratio=float(s.compression_ratio),
+            no_speech_prob=float(s.no_speech_prob),
+            words=words,
+        )
 
     def memory_report(self) -> dict[str, Any]:
         """Devices, resident models, reservations and recent decisions (GET /v1/memory)."""
@@ -652,7 +853,8 @@ class Engine:
                 "total_bytes": d.total,
                 "free_bytes": d.free,
                 "used_bytes": d.used,
-                "reserved_bytes": self.reservations.total(device),
+                "reserved_bytes": self.reservations.total(device)
+                + self.reservations.total(batched_key(device)),
             }
             devices.append(entry)
         s = self.settings

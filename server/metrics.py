@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.engine import batched_key
+
 if TYPE_CHECKING:
     from server.engine import Engine
 
@@ -53,6 +55,24 @@ class EngineCollector(Collector):
         )
         rejected.add_metric([], stats.rejected)
         yield rejected
+        batches = CounterMetricFamily(
+            "whisper_scheduler_batches", "Batches the cross-request scheduler ran."
+        )
+        mixed = CounterMetricFamily(
+            "whisper_scheduler_mixed_batches", "Batches that held windows of several requests."
+        )
+        windows = CounterMetricFamily(
+            "whisper_scheduler_windows", "30 s windows decoded by the scheduler."
+        )
+        queued = GaugeMetricFamily(
+            "whisper_scheduler_queued_windows", "Windows waiting for a batch."
+        )
+        scheduler_stats = engine.scheduler_stats()
+        batches.add_metric([], sum(st.batches for st in scheduler_stats))
+        mixed.add_metric([], sum(st.mixed_batches for st in scheduler_stats))
+        windows.add_metric([], sum(st.windows for st in scheduler_stats))
+        queued.add_metric([], sum(st.queued_windows for st in scheduler_stats))
+        yield from (batches, mixed, windows, queued)
         ready = GaugeMetricFamily("whisper_ready", "1 when the model is loaded.")
         ready.add_metric([], 1.0 if engine.ready else 0.0)
         yield ready
@@ -81,7 +101,10 @@ class EngineCollector(Collector):
             free.add_metric([label, memory.name], memory.free)
             used.add_metric([label, memory.name], memory.used)
             total.add_metric([label, memory.name], memory.total)
-            reserved.add_metric([device], engine.reservations.total(device))
+            reserved.add_metric(
+                [device],
+                engine.reservations.total(device) + engine.reservations.total(batched_key(device)),
+            )
         yield from (free, used, total, reserved)
 
 

@@ -1,0 +1,118 @@
+"""Cross-request batching through the real server: results go to the right request, options
+stay per request, the planner sizes batches, and a full queue answers 429."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from pathlib import Path
+
+import requests
+
+from tests.conftest import wer
+from tests.test_operations import _metric
+
+CLIPS = [
+    "jfk.flac",
+    "en_leopard_test.wav",
+    "en_librivox_sense_and_sensibility_01_0870.wav",
+    "en_librispeech_61-70968-0000.flac",
+]
+
+
+def _transcribe(url: str, path: Path, **fields: str) -> requests.Response:
+    return requests.post(
+        url + "/v1/audio/transcriptions",
+        files={"file": ("upload", path.read_bytes())},
+        data={"model": "whisper-1", **fields},
+        timeout=300,
+    )
+
+
+def test_concurrent_requests_are_batched_and_routed(
+    server_factory,
+    tiny_model: Path,
+    data_dir: Path,
+) -> None:
+    server = server_factory(model=str(tiny_model), batching="on", batch_max_wait_ms=200)
+    jobs = [c for c in CLIPS for _ in range(2)]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda c: _transcribe(server.url, data_dir / c), jobs))
+    for clip, resp in zip(jobs, results, strict=True):
+        assert resp.status_code == 200, resp.text
+        reference = (data_dir / clip).with_suffix(".txt").read_text()
+        assert wer(reference, resp.json()["text"]) < 0.3, (clip, resp.json()["text"])
+    # the same clip gives the same text whichever batch it landed in
+    texts = {clip: resp.json()["text"] for clip, resp in zip(jobs, results, strict=True)}
+    for clip, resp in zip(jobs, results, strict=True):
+        assert resp.json()["text"] == texts[clip]
+    metrics = requests.get(server.url + "/metrics", timeout=5).text
+    assert (_metric(metrics, "whisper_scheduler_mixed_batches_total") or 0) >= 1
+    assert (_metric(metrics, "whisper_scheduler_windows_total") or 0) >= len(jobs)
+    assert server.engine.reservations.snapshot() == []
+
+
+def test_per_request_options_in_shared_batches(
+    server_factory,
+    data_dir: Path,
+) -> None:
+    """On the multilingual default model: a translation and a transcription of Spanish, and an
+    English request with word timestamps, all at once."""
+    server = server_factory(batching="on", batch_max_wait_ms=300)
+    spanish = data_dir / "es_mls_13697_11991_000000.opus"
+    with cf.ThreadPoolExecutor(3) as pool:
+        es = pool.submit(_transcribe, server.url, spanish, language="es")
+        en = pool.submit(
+            _transcribe,
+            server.url,
+            data_dir / "jfk.flac",
+            response_format="verbose_json",
+            **{"timestamp_granularities[]": "word"},
+        )
+        translated = pool.submit(
+            requests.post,
+            server.url + "/v1/audio/translations",
+            files={"file": ("upload", spanish.read_bytes())},
+            data={"model": "whisper-1", "response_format": "verbose_json"},
+            timeout=300,
+        )
+    es_text = es.result().json()["text"]
+    reference = (data_dir / "es_mls_13697_11991_000000.txt").read_text()
+    assert wer(reference, es_text) < 0.5, es_text
+    english = translated.result().json()
+    assert english["task"] == "translate" and english["language"] == "english"
+    assert wer(reference, english["text"]) > 0.8, "translated into English, not transcribed"
+    words = en.result().json()
+    assert words["words"] and "country" in words["text"].lower()
+
+
+def test_batch_size_follows_the_planner(
+    server_factory,
+    tiny_model: Path,
+    data_dir: Path,
+) -> None:
+    """A host budget that fits one request's working memory at a time: requests wait for memory,
+    batches stay at 1, and every request is still answered."""
+    probe = server_factory(model=str(tiny_model), batching="on")
+    (model,) = probe.engine.pool.loaded()
+    from server.memory import Shape
+
+    one = model.cost.estimate(Shape("cpu", model.compute_type, 1, 5, False, 30))
+    two = model.cost.estimate(Shape("cpu", model.compute_type, 2, 5, False, 30))
+    limit = (
+        model.weights_bytes
+        + one.device_bytes
+        + one.host_bytes(30)
+        + (two.device_bytes - one.device_bytes) // 2
+    )
+    server = server_factory(
+        model=str(tiny_model),
+        batching="on",
+        batch_max_wait_ms=200,
+        host_memory_limit=str(limit),
+        max_memory_wait=120,  # requests queue for memory instead of being refused
+    )
+    with cf.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda c: _transcribe(server.url, data_dir / c), CLIPS))
+    assert [r.status_code for r in results] == [200] * 4, [r.text for r in results]
+    (stats,) = server.engine.scheduler_stats()
+    assert stats.batches >= 4 and set(stats.batch_sizes) == {1}, stats
