@@ -49,8 +49,9 @@ MODES = {
 }
 
 
-def workload(rounds: int) -> list[str]:
-    return [name for _ in range(rounds) for name in [LONG, *SHORT * 3]]
+def workload(rounds: int, short_only: bool = False) -> list[str]:
+    long = [] if short_only else [LONG]
+    return [name for _ in range(rounds) for name in [*long, *SHORT * 3]]
 
 
 # ---- one cell, in a child process ----------------------------------------------------------
@@ -139,7 +140,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     from server.audio import decode_audio
 
-    names = workload(spec["rounds"])
+    names = workload(spec["rounds"], spec.get("short_only", False))
     samples = {
         name: decode_audio((DATA / name).read_bytes(), max_duration=3600).samples
         for name in set(names)
@@ -190,7 +191,7 @@ def run_server(args: argparse.Namespace, clients: int) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from server.audio import decode_audio
 
-    names = workload(args.rounds)
+    names = workload(args.rounds, args.short_only)
     files = {name: (DATA / name).read_bytes() for name in set(names)}
     seconds = {n: decode_audio(b, max_duration=3600).duration for n, b in files.items()}
     url = args.url.rstrip("/") + "/v1/audio/transcriptions"
@@ -305,6 +306,9 @@ def main() -> None:
     parser.add_argument("--server-model", default="whisper-1")
     parser.add_argument("--server-pid", type=int, help="read the server's peak RSS from /proc")
     parser.add_argument("--api-key")
+    parser.add_argument(
+        "--short-only", action="store_true", help="only the 3-11 s clips, not the 231 s file"
+    )
     args = parser.parse_args()
 
     if args.child:
@@ -341,6 +345,7 @@ def main() -> None:
                 "device": args.device,
                 "compute_type": args.compute_type,
                 "rounds": args.rounds,
+                "short_only": args.short_only,
                 "batch": args.batch,
                 "beam": args.beam,
             }
