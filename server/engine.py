@@ -581,7 +581,7 @@ class Engine:
                     attempts += 1
                     self.stats.oom_recoveries += 1
                     failed = plan.shape
-                    model.cost = model.cost.with_correction(failed, 1.5)
+                    runner.cost = runner.cost.with_correction(failed, 1.5)
                     shape = step_down(failed, self.settings.degrade_ladder)
                     logger.warning(
                         "request %s: out of memory on %s with %s (%s); estimate raised, "
