@@ -413,47 +413,27 @@ class Engine:
         Raises:
             InsufficientMemoryError: the planner rejected the request.
         """
-        waited = 0.0
-        policy_steps = tuple(
+        steps = tuple(
             Step(step)
             for step in self.settings.degrade_ladder
             if not (scheduled and step == "chunk")
         )
         cpu_copy = any(m.device == "cpu" and m.source == job.source for m in self.pool.loaded())
-        while True:
-            since = self.reservations.generation
-            with self.reservations.admission():
-                snapshot = self.probe(model.device).snapshot()
-                resident = sum(
-                    m.weights_bytes for m in self.pool.loaded() if m.device == model.device
-                )
-                plan = plan_request(
-                    PlanRequest(shape=shape, audio_seconds=audio_seconds),
-                    snapshot,
-                    replace(self.policy(resident), ladder=policy_steps),
-                    reserved=self.reservations.total(model.device)
-                    + self.reservations.total(batched_key(model.device)),
-                    host_reserved=self.reservations.total(HOST),
-                    cost=model.cost,
-                    waited=waited,
-                    cpu_load_bytes=0 if cpu_copy or model.device == "cpu" else None,
-                )
-                held = ExitStack()
-                if plan.action == "run":
-                    key = batched_key(plan.device) if scheduled else plan.device
-                    held.enter_context(
-                        self.reservations.reserve(key, plan.reserve_bytes, job.request_id)
-                    )
-                    held.enter_context(
-                        self.reservations.reserve(HOST, plan.host_bytes, job.request_id)
-                    )
-                    break
-            if plan.action != "wait":
-                break
-            self.stats.waits += 1
-            started = time.monotonic()
-            self.reservations.wait_for_release(timeout=min(plan.wait_s, 0.5), since=since)
-            waited += time.monotonic() - started
+        held = ExitStack()
+
+        def reserve(plan: Plan) -> None:
+            key = batched_key(plan.device) if scheduled else plan.device
+            held.enter_context(self.reservations.reserve(key, plan.reserve_bytes, job.request_id))
+            held.enter_context(self.reservations.reserve(HOST, plan.host_bytes, job.request_id))
+
+        plan, waited = self._decide(
+            model,
+            PlanRequest(shape=shape, audio_seconds=audio_seconds),
+            steps,
+            reserved_keys=(model.device, batched_key(model.device)),
+            cpu_load_bytes=0 if cpu_copy or model.device == "cpu" else None,
+            on_run=reserve,
+        )
         self.stats.recent.append(
             {
                 "request_id": job.request_id,
@@ -664,12 +644,45 @@ class Engine:
         batch step applies here, then a bounded wait or a 503: the other degradations were
         decided when each request was planned.
         """
-        shape = self._batch_shape(model, key, self.settings.batch_size)
         steps = tuple(
             Step(step)
             for step in self.settings.degrade_ladder
             if step in ("batch", "wait", "reject")
         )
+        plan, _ = self._decide(
+            model,
+            PlanRequest(
+                shape=self._batch_shape(model, key, self.settings.batch_size), audio_seconds=30.0
+            ),
+            steps or (Step.REJECT,),
+            reserved_keys=(model.device,),
+            cpu_load_bytes=0,
+        )
+        if plan.action == "reject":
+            self.stats.rejected += 1
+            raise InsufficientMemoryError(
+                f"Not enough memory for a batch ({plan.reason}); retry later.",
+                retry_after=plan.retry_after or self.settings.retry_after,
+            )
+        return plan.shape.batch_size
+
+    def _decide(
+        self,
+        model: LoadedModel,
+        request: PlanRequest,
+        steps: tuple[Step, ...],
+        *,
+        reserved_keys: tuple[str, ...],
+        cpu_load_bytes: int | None,
+        on_run: Callable[[Plan], None] | None = None,
+    ) -> tuple[Plan, float]:
+        """Plan against a fresh memory reading until the planner runs or rejects, waiting
+        (bounded by the policy) while it says memory may free up. Reading, planning and
+        ``on_run`` (the caller's reservations) happen under the ledger's lock, as one step.
+
+        Returns:
+            The final plan (``run`` or ``reject``) and the seconds spent waiting.
+        """
         waited = 0.0
         while True:
             since = self.reservations.generation
@@ -678,25 +691,20 @@ class Engine:
                 resident = sum(
                     m.weights_bytes for m in self.pool.loaded() if m.device == model.device
                 )
-                policy = replace(self.policy(resident), ladder=steps or (Step.REJECT,))
                 plan = plan_request(
-                    PlanRequest(shape=shape, audio_seconds=30.0),
+                    request,
                     snapshot,
-                    policy,
-                    reserved=self.reservations.total(model.device),
+                    replace(self.policy(resident), ladder=steps),
+                    reserved=sum(self.reservations.total(k) for k in reserved_keys),
                     host_reserved=self.reservations.total(HOST),
                     cost=model.cost,
                     waited=waited,
-                    cpu_load_bytes=0,
+                    cpu_load_bytes=cpu_load_bytes,
                 )
-            if plan.action == "run":
-                return plan.shape.batch_size
-            if plan.action == "reject":
-                self.stats.rejected += 1
-                raise InsufficientMemoryError(
-                    f"Not enough memory for a batch ({plan.reason}); retry later.",
-                    retry_after=plan.retry_after or self.settings.retry_after,
-                )
+                if plan.action == "run" and on_run is not None:
+                    on_run(plan)
+            if plan.action != "wait":
+                return plan, waited
             self.stats.waits += 1
             started = time.monotonic()
             self.reservations.wait_for_release(timeout=min(plan.wait_s, 0.5), since=since)
