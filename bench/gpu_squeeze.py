@@ -16,7 +16,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.audio import decode_audio  # noqa: E402
-from server.memory import NvmlProbe  # noqa: E402
+from server.memory import NvmlProbe, peak_sampler  # noqa: E402
 
 MIB = 1 << 20
 
@@ -140,23 +139,13 @@ def main() -> None:
             blocks = occupy(free_mib * MIB, probe)
             try:
                 for n in args.concurrency:
-                    before = probe.snapshot().device
-                    peak = [before.used]
-                    stop = threading.Event()
-
-                    def sample(stop: threading.Event = stop, peak: list[int] = peak) -> None:
-                        while not stop.is_set():
-                            peak[0] = max(peak[0], probe.snapshot().device.used)
-                            time.sleep(0.005)
-
-                    sampler = threading.Thread(target=sample)
-                    sampler.start()
                     started = time.perf_counter()
-                    with cf.ThreadPoolExecutor(n) as pool:
+                    with (
+                        peak_sampler(probe, interval_ms=5) as reading,
+                        cf.ThreadPoolExecutor(n) as pool,
+                    ):
                         results = list(pool.map(lambda _: fire(url, webm), range(n)))
                     wall = time.perf_counter() - started
-                    stop.set()
-                    sampler.join()
                     memory = requests.get(url + "/v1/memory", timeout=10).json()
                     estimates = [d["estimate_bytes"] for d in memory["recent_decisions"][-n:]]
                     rows.append(
@@ -164,7 +153,7 @@ def main() -> None:
                             free_mib,
                             n,
                             results,
-                            (peak[0] - before.used) / MIB,
+                            reading.delta / MIB,
                             max(estimates, default=0) / MIB,
                             wall,
                         )

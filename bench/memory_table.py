@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import json, sys, threading, time
+import json, sys, time
 sys.path.insert(0, {root!r})
 from server.config import Settings
 from server.engine import Engine, Job
@@ -32,29 +32,21 @@ engine = Engine(settings)
 engine.start()
 assert engine.ready, engine.load_error
 audio = decode_audio(open(audio_path, "rb").read(), max_duration=1e6)
-import psutil
+import contextlib, psutil
+from server.memory import peak_sampler, sample_peak
 proc = psutil.Process()
-rss = [0]
-gpu_peak = [0]
-stop = threading.Event()
-def sample():
-    probe = engine.probe("cuda") if engine.device == "cuda" else None
-    while not stop.is_set():
-        rss[0] = max(rss[0], proc.memory_info().rss)
-        if probe is not None:
-            gpu_peak[0] = max(gpu_peak[0], probe.snapshot().device.used)
-        time.sleep(0.002)
-loaded = proc.memory_info().rss  # now, not the peak of loading
-gpu_before = engine.probe("cuda").snapshot().device.used if engine.device == "cuda" else 0
-t = threading.Thread(target=sample); t.start()
-started = time.perf_counter()
 job = Job(request_id="bench", audio=audio.samples, source=engine.served, word_timestamps=words)
-transcript = engine.run(job)
-elapsed = time.perf_counter() - started
-stop.set(); t.join()
-print(json.dumps(dict(loaded=loaded, peak=max(rss[0], loaded), seconds=elapsed,
-                      duration=audio.duration, gpu_before=gpu_before, gpu_peak=gpu_peak[0],
-                      segments=len(transcript.segments))))
+with contextlib.ExitStack() as stack:
+    # RSS from now on, not the peak of loading the model
+    rss = stack.enter_context(sample_peak(lambda: proc.memory_info().rss, interval_ms=2))
+    gpu = (stack.enter_context(peak_sampler(engine.probe("cuda"), interval_ms=2))
+           if engine.device == "cuda" else None)
+    started = time.perf_counter()
+    transcript = engine.run(job)
+    elapsed = time.perf_counter() - started
+print(json.dumps(dict(loaded=rss.baseline, peak=rss.peak, seconds=elapsed,
+                      duration=audio.duration, gpu_before=gpu.baseline if gpu else 0,
+                      gpu_peak=gpu.peak if gpu else 0, segments=len(transcript.segments))))
 """
 
 

@@ -10,10 +10,8 @@ sizing CPU serving, not for GPU planning.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,14 @@ import numpy as np
 from server.audio import decode_audio
 from server.config import Settings
 from server.engine import PROFILE_FILE, Engine, LoadedModel
-from server.memory import Profile, ProfilePoint, Shape, format_bytes, peak_sampler
+from server.memory import (
+    Profile,
+    ProfilePoint,
+    Shape,
+    format_bytes,
+    peak_sampler,
+    sample_peak,
+)
 
 logger = logging.getLogger(__name__)
 _SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "jfk.flac"
@@ -36,28 +41,6 @@ def calibration_audio(seconds: float) -> np.ndarray:
         speech = (np.random.default_rng(0).standard_normal(16000 * 10) * 0.05).astype(np.float32)
     reps = int(np.ceil(seconds * 16000 / len(speech)))
     return np.tile(speech, reps)[: int(seconds * 16000)]
-
-
-@contextmanager
-def _rss_peak() -> Iterator[list[int]]:
-    """Peak resident set of this process while the block runs: [baseline, peak]."""
-    import psutil
-
-    proc = psutil.Process()
-    reading = [proc.memory_info().rss] * 2
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.005):
-            reading[1] = max(reading[1], proc.memory_info().rss)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield reading
-    finally:
-        stop.set()
-        thread.join()
 
 
 def measure(model: LoadedModel, shape: Shape, engine: Engine) -> int:
@@ -85,12 +68,14 @@ def measure(model: LoadedModel, shape: Shape, engine: Engine) -> int:
 
     run()  # warm-up: allocator pools and kernels are set up outside the measurement
     if model.device == "cuda":
-        with peak_sampler(engine.probe("cuda"), interval_ms=2) as reading:
-            run()
-        return max(0, reading.peak - reading.baseline)
-    with _rss_peak() as rss:
+        sampler = peak_sampler(engine.probe("cuda"), interval_ms=2)
+    else:
+        import psutil
+
+        sampler = sample_peak(lambda: psutil.Process().memory_info().rss, interval_ms=5)
+    with sampler as reading:
         run()
-    return max(0, rss[1] - rss[0])
+    return reading.delta
 
 
 def calibrate(

@@ -33,7 +33,6 @@ from server.errors import (
     ModelNotReadyError,
     RateLimitError,
     RequestCancelledError,
-    ServiceUnavailableError,
 )
 from server.memory import (
     CostModel,
@@ -345,6 +344,11 @@ class Engine:
                 if key is not None:
                     self._per_key[key] -= 1
 
+    def reserved_bytes(self, device: str) -> int:
+        """Memory reserved on ``device`` now: by sequential requests and by requests waiting
+        in the scheduler."""
+        return self.reservations.total(device) + self.reservations.total(batched_key(device))
+
     @property
     def queue_depth(self) -> int:
         return self._admitted
@@ -482,7 +486,8 @@ class Engine:
             The transcript, with every change the planner made recorded in ``degradations``.
 
         Raises:
-            ModelNotReadyError, InsufficientMemoryError, ServiceUnavailableError.
+            ModelNotReadyError, InsufficientMemoryError (503), RateLimitError (the scheduler's
+            queue is full), RequestCancelledError (the client went away).
         """
         if self.served is None or self.load_error is not None:
             raise ModelNotReadyError(
@@ -861,8 +866,7 @@ class Engine:
                 "total_bytes": d.total,
                 "free_bytes": d.free,
                 "used_bytes": d.used,
-                "reserved_bytes": self.reservations.total(device)
-                + self.reservations.total(batched_key(device)),
+                "reserved_bytes": self.reserved_bytes(device),
             }
             devices.append(entry)
         s = self.settings
@@ -937,7 +941,6 @@ __all__ = [
     "Job",
     "LoadedModel",
     "ModelPool",
-    "ServiceUnavailableError",
     "is_out_of_memory",
     "step_down",
 ]

@@ -146,10 +146,13 @@ def to_verbose_json(
         ]
     body["usage"] = _usage(transcript.duration)
     if transcript.degradations:
-        body["x_whisper_degraded"] = [
-            {"kind": kind, "reason": reason} for kind, reason in transcript.degradations
-        ]
+        body["x_whisper_degraded"] = degradations_body(transcript)
     return body
+
+
+def degradations_body(transcript: Transcript) -> list[dict[str, str]]:
+    """What the memory planner changed, as the ``x_whisper_degraded`` extra field."""
+    return [{"kind": kind, "reason": reason} for kind, reason in transcript.degradations]
 
 
 # ---- streaming -------------------------------------------------------------------------------

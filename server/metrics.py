@@ -15,8 +15,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.engine import batched_key
-
 if TYPE_CHECKING:
     from server.engine import Engine
 
@@ -101,10 +99,7 @@ class EngineCollector(Collector):
             free.add_metric([label, memory.name], memory.free)
             used.add_metric([label, memory.name], memory.used)
             total.add_metric([label, memory.name], memory.total)
-            reserved.add_metric(
-                [device],
-                engine.reservations.total(device) + engine.reservations.total(batched_key(device)),
-            )
+            reserved.add_metric([device], engine.reserved_bytes(device))
         yield from (free, used, total, reserved)
 
 

@@ -27,7 +27,13 @@ from server.errors import (
     RequestCancelledError,
     RequestTimeoutError,
 )
-from server.formats import render, sse, text_delta_event, text_done_event
+from server.formats import (
+    degradations_body,
+    render,
+    sse,
+    text_delta_event,
+    text_done_event,
+)
 from server.metrics import Metrics
 from server.protocol import Task, TranscriptionRequest, parse_form
 from server.transcript import Segment, Transcript
@@ -266,9 +272,7 @@ class TranscriptionService:
             self._finished(job, req, started, transcript, None)
             done_event: dict[str, Any] = text_done_event(transcript.text, transcript.duration)
             if transcript.degradations:
-                done_event["x_whisper_degraded"] = [
-                    {"kind": k, "reason": r} for k, r in transcript.degradations
-                ]
+                done_event["x_whisper_degraded"] = degradations_body(transcript)
             yield sse(done_event)
         finally:
             # Reached on completion and when the client disconnects (the generator is closed).

@@ -55,6 +55,7 @@ from server.memory.probes import (
     open_probe,
     peak_sampler,
     resolve_visible_devices,
+    sample_peak,
 )
 from server.memory.sizes import MemoryAmount, format_bytes
 
@@ -102,6 +103,7 @@ __all__ = [
     "read_model_dims",
     "read_model_header",
     "resolve_visible_devices",
+    "sample_peak",
     "shapes_grid",
     "whisper_param_counts",
 ]

@@ -21,7 +21,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -816,36 +816,27 @@ class PeakReading:
 
 
 @contextmanager
-def peak_sampler(
-    probe: MemoryProbe, interval_ms: float = 10.0, *, host: bool = False
-) -> Iterator[PeakReading]:
-    """Sample a probe's ``used`` in a thread while the block runs, keeping the peak.
+def sample_peak(read: Callable[[], int], interval_ms: float = 10.0) -> Iterator[PeakReading]:
+    """Call ``read`` in a thread every ``interval_ms`` while the block runs, keeping the peak.
 
-    Usage counts every process on the device, so measure on an otherwise idle one. Allocations
-    shorter than the interval can be missed; calibration adds a margin for that.
+    Allocations shorter than the interval can be missed; calibration adds a margin for that.
 
     Args:
-        probe: What to read.
+        read: Returns the quantity to watch (bytes used); may raise :class:`ProbeUnavailable`.
         interval_ms: Time between readings.
-        host: Sample host RAM instead of the device.
 
     Yields:
         The reading, complete once the block exits.
     """
-
-    def used() -> int:
-        snapshot = probe.snapshot()
-        return (snapshot.host if host else snapshot.device).used
-
     reading = PeakReading()
-    reading.baseline = reading.peak = used()
+    reading.baseline = reading.peak = read()
     reading.samples = 1
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.wait(interval_ms / 1000):
             try:
-                value = used()
+                value = read()
             except ProbeUnavailable:
                 reading.errors += 1
                 continue
@@ -860,7 +851,27 @@ def peak_sampler(
         stop.set()
         thread.join()
         try:
-            reading.peak = max(reading.peak, used())
+            reading.peak = max(reading.peak, read())
             reading.samples += 1
         except ProbeUnavailable:
             reading.errors += 1
+
+
+def peak_sampler(
+    probe: MemoryProbe, interval_ms: float = 10.0, *, host: bool = False
+) -> AbstractContextManager[PeakReading]:
+    """Sample a probe's ``used`` while the block runs, keeping the peak (see
+    :func:`sample_peak`). Usage counts every process on the device, so measure on an otherwise
+    idle one.
+
+    Args:
+        probe: What to read.
+        interval_ms: Time between readings.
+        host: Sample host RAM instead of the device.
+    """
+
+    def used() -> int:
+        snapshot = probe.snapshot()
+        return (snapshot.host if host else snapshot.device).used
+
+    return sample_peak(used, interval_ms)
