@@ -75,7 +75,9 @@ def test_long_audio_is_chunked_under_a_host_budget(
     # one plan for the whole request, then one per piece: 231 s in pieces of at most 90 s
     assert len(pieces) >= 4, pieces
     assert all(not d["degradations"] for d in pieces), pieces
-    assert wer(reference.text, chunked.text) <= 0.02, (reference.text, chunked.text)
+    chunking_wer = wer(reference.text, chunked.text)
+    print(f"WER of 90 s pieces against the unchunked run: {chunking_wer:.4f}")
+    assert chunking_wer <= 0.02, (reference.text, chunked.text)
 
     ends = [(s.start, s.end) for s in chunked.segments]
     for (start, end), (next_start, _) in itertools.pairwise(ends):
