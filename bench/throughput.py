@@ -258,7 +258,9 @@ def edits(ref: list[str], hyp: list[str]) -> int:
     return prev[-1]
 
 
-def wer(results: list[tuple[str, str, float]], only: str | None = None) -> float:
+def wer(results: list[tuple[str, str, float]], only: str | None = None) -> float | None:
+    """Word error rate over ``results`` (or only the requests for file ``only``); None when
+    there is nothing to score."""
     errors = total = 0
     for name, text, _ in results:
         if only is not None and name != only:
@@ -266,7 +268,11 @@ def wer(results: list[tuple[str, str, float]], only: str | None = None) -> float
         ref = words((DATA / name).with_suffix(".txt").read_text())
         errors += edits(ref, words(text))
         total += len(ref)
-    return errors / max(1, total)
+    return errors / total if total else None
+
+
+def fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -281,8 +287,8 @@ def row(mode: str, clients: int, r: dict[str, Any]) -> str:
     return (
         f"| {mode} | {clients} | {len(latencies)} | {r['audio']:.0f} | {r['wall']:.1f} "
         f"| {r['audio'] / r['wall']:.1f} | {percentile(latencies, 0.5):.2f} "
-        f"| {percentile(latencies, 0.95):.2f} | {rss} | {wer(r['results']):.3f} "
-        f"| {wer(r['results'], LONG):.3f} | {batch} |"
+        f"| {percentile(latencies, 0.95):.2f} | {rss} | {fmt(wer(r['results']))} "
+        f"| {fmt(wer(r['results'], LONG))} | {batch} |"
     )
 
 
