@@ -402,6 +402,7 @@ class Engine:
         job: Job,
         *,
         scheduled: bool = False,
+        survey: bool = False,
     ) -> tuple[Plan, ExitStack]:
         """Plan one piece and reserve what the plan needs, as one step under the ledger's lock
         (so two requests never spend the same free memory); wait, bounded, while the planner
@@ -410,6 +411,10 @@ class Engine:
         A request headed for the scheduler reserves its working memory under the batched key
         (the batches its windows join spend it), and skips the ``chunk`` step: batched windows
         are padded to 30 s, so shorter ones would save nothing.
+
+        A ``survey`` plan covers the whole request only to size its host pieces; each piece is
+        planned again, so a survey is left out of the decision log and the metrics unless it
+        rejects the request.
 
         Returns:
             The plan and the reservations to release when the piece is done.
@@ -438,6 +443,8 @@ class Engine:
             cpu_load_bytes=0 if cpu_copy or model.device == "cpu" else None,
             on_run=reserve,
         )
+        if survey and plan.action != "reject":
+            return plan, held
         self.stats.recent.append(
             {
                 "request_id": job.request_id,
@@ -497,7 +504,7 @@ class Engine:
         model = self.pool.get(job.source, self.device)
         shape = self.requested_shape(model, job)
         degraded: dict[str, str] = {}
-        first, held = self._plan(model, shape, job.duration, job)
+        first, held = self._plan(model, shape, job.duration, job, survey=True)
         held.close()  # each piece is planned and reserved again below
 
         spans = split_on_silence(job.audio, max_span_s=max(first.host_chunk_seconds, 30.0))

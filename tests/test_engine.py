@@ -72,8 +72,8 @@ def test_long_audio_is_chunked_under_a_host_budget(
     chunked = engine.run(job_for(engine, data_dir, LONG))
 
     pieces = [d for d in engine.stats.recent if d["request_id"] == "test"]
-    # one plan for the whole request, then one per piece: 231 s in pieces of at most 90 s
-    assert len(pieces) >= 4, pieces
+    # one plan per piece (the whole-request survey is not logged): 231 s in pieces of <= 90 s
+    assert len(pieces) >= 3, pieces
     assert all(not d["degradations"] for d in pieces), pieces
     chunking_wer = wer(reference.text, chunked.text)
     print(f"WER of 90 s pieces against the unchunked run: {chunking_wer:.4f}")

@@ -39,6 +39,7 @@ def _wait_for(predicate, timeout: float = 30.0) -> bool:
 
 
 def test_metrics(tiny_server: LiveServer, data_dir: Path) -> None:
+    before = requests.get(tiny_server.url + "/metrics", timeout=5).text
     resp = requests.post(
         tiny_server.url + "/v1/audio/transcriptions",
         files={"file": ("a", (data_dir / "jfk.flac").read_bytes())},
@@ -56,7 +57,14 @@ def test_metrics(tiny_server: LiveServer, data_dir: Path) -> None:
     assert (_metric(text, "whisper_memory_total_bytes") or 0) > 0
     assert _metric(text, "whisper_oom_recoveries_total") is not None
     assert _metric(text, "whisper_ready") == 1
-    assert (_metric(text, "whisper_batch_size_count") or 0) >= 1
+    # One piece, one plan: the whole-request survey that sizes host pieces is not counted.
+    batches = _metric(text, "whisper_batch_size_count") or 0
+    assert batches - (_metric(before, "whisper_batch_size_count") or 0) == 1
+    memory = requests.get(tiny_server.url + "/v1/memory", timeout=5).json()
+    mine = [
+        d for d in memory["recent_decisions"] if d["request_id"] == resp.headers["x-request-id"]
+    ]
+    assert len(mine) == 1, mine
     assert _metric(text, "whisper_real_time_factor_count") is not None
 
 
