@@ -27,6 +27,7 @@ from server.errors import (
     InvalidRequestError,
     PayloadTooLargeError,
     ServerError,
+    UploadTimeoutError,
     status_error,
 )
 from server.memory import format_bytes
@@ -101,17 +102,31 @@ class RequestContextMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies over the upload limit with 413: at once when Content-Length says so,
-    otherwise as soon as the streamed body passes the limit, without reading the rest."""
+    """Guards the upload while it streams in.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    A body over the upload limit gets 413: at once when Content-Length says so, otherwise as
+    soon as the streamed body passes the limit, without reading the rest. A client that stops
+    sending mid-body for ``idle_timeout`` seconds gets 408, so a stalled upload cannot hold a
+    connection for the whole request timeout. Once the body is complete, ``receive`` is passed
+    through untimed (the disconnect watcher waits on it for the rest of the request).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, idle_timeout: float) -> None:
         self.app = app
         self.limit = limit
+        self.idle_timeout = idle_timeout
 
-    def _error(self) -> PayloadTooLargeError:
+    def _too_large(self) -> PayloadTooLargeError:
         return PayloadTooLargeError(
             f"The request body is larger than the {format_bytes(self.limit)} upload limit "
             "(WHISPER_MAX_UPLOAD_SIZE); send a smaller or more compressed file.",
+            param="file",
+        )
+
+    def _stalled(self, received: int) -> UploadTimeoutError:
+        return UploadTimeoutError(
+            f"The upload stalled: nothing arrived for {self.idle_timeout:g} s after "
+            f"{format_bytes(received)} of the body (WHISPER_UPLOAD_IDLE_TIMEOUT); send it again.",
             param="file",
         )
 
@@ -122,20 +137,28 @@ class BodyLimitMiddleware:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             request_id = scope.get("state", {}).get("request_id")
-            await error_response(self._error(), request_id)(scope, receive, send)
+            await error_response(self._too_large(), request_id)(scope, receive, send)
             return
         received = 0
+        complete = False
 
-        async def limited() -> Message:
-            nonlocal received
-            message = await receive()
+        async def guarded() -> Message:
+            nonlocal received, complete
+            if complete:
+                return await receive()
+            try:
+                with anyio.fail_after(self.idle_timeout):
+                    message = await receive()
+            except TimeoutError:
+                raise self._stalled(received) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise self._error()
+                    raise self._too_large()
+                complete = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited, send)
+        await self.app(scope, guarded, send)
 
 
 def _request_id(request: Request) -> str | None:
@@ -238,6 +261,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["x-request-id", "x-whisper-degraded", "retry-after"],
         )
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_size.resolve(0))
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_upload_size.resolve(0),
+        idle_timeout=settings.upload_idle_timeout,
+    )
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(2000, ge=0)
     """Longest `prompt` accepted, in characters (Whisper only uses the last 224 tokens)."""
 
+    upload_idle_timeout: float = Field(60.0, gt=0)
+    """Seconds the server waits for the next part of an upload; a client that stalls mid-body
+    longer than this gets 408 and its connection is freed."""
+
     request_timeout: float = Field(1800.0, gt=0)
     """Seconds a request may take from upload to response before it fails with 504."""
 

@@ -108,6 +108,13 @@ class PayloadTooLargeError(ClientError):
     code = "file_too_large"
 
 
+class UploadTimeoutError(ClientError):
+    """The client stopped sending its upload for longer than ``WHISPER_UPLOAD_IDLE_TIMEOUT``."""
+
+    status = 408
+    code = "upload_timeout"
+
+
 class RateLimitError(ClientError):
     """The queue is full; retry later (429 with ``Retry-After``)."""
 

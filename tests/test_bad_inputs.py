@@ -279,6 +279,78 @@ def test_client_gone_mid_upload(
     ]
 
 
+def _upload(port: int, chunks: list[bytes], pause: float, total: int | None = None) -> bytes:
+    """POST a multipart upload of ``chunks`` (the file's bytes) with ``pause`` seconds between
+    them, announcing ``total`` body bytes (the real length by default), and return the raw
+    response once the server closes the connection or 30 s pass."""
+    head = (
+        f"--{BOUNDARY}\r\n"
+        'Content-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+        f"--{BOUNDARY}\r\n"
+        'Content-Disposition: form-data; name="file"; filename="jfk.flac"\r\n\r\n'
+    ).encode()
+    tail = f"\r\n--{BOUNDARY}--\r\n".encode()
+    length = total if total is not None else len(head) + sum(map(len, chunks)) + len(tail)
+    request = (
+        "POST /v1/audio/transcriptions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+        f"Content-Length: {length}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request + head)
+        for chunk in chunks:
+            time.sleep(pause)
+            sock.sendall(chunk)
+        if total is None:
+            sock.sendall(tail)
+        response = b""
+        while part := sock.recv(65536):
+            response += part
+    return response
+
+
+def test_stalled_upload_gets_408(
+    server_factory: Callable[..., LiveServer], tiny_model: Path, data_dir: Path
+) -> None:
+    """A client that stops sending mid-body is answered 408 after the idle timeout, not held
+    for the whole request timeout; the server stays healthy."""
+    server = server_factory(model=str(tiny_model), upload_idle_timeout=1.0)
+    port = int(server.url.rsplit(":", 1)[1])
+    audio = (data_dir / "jfk.flac").read_bytes()
+    timed_out_before = _requests_with_status(server, 408)
+    started = time.monotonic()
+    # Announce the whole file, send a quarter of it, then go quiet.
+    response = _upload(port, [audio[: len(audio) // 4]], pause=0.0, total=len(audio) + 1000)
+    waited = time.monotonic() - started
+    status_line, _, rest = response.partition(b"\r\n")
+    assert b" 408 " in status_line, response[:300]
+    body = json.loads(rest.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["code"] == "upload_timeout"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "WHISPER_UPLOAD_IDLE_TIMEOUT" in body["error"]["message"]
+    assert waited < 10, waited
+    assert _requests_with_status(server, 408) == timed_out_before + 1
+    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    assert _wait_idle(server) < 5
+
+
+def test_slow_steady_upload_is_not_cut_off(
+    server_factory: Callable[..., LiveServer], tiny_model: Path, data_dir: Path
+) -> None:
+    """The timeout is per pause, not for the whole body: an upload that keeps trickling in
+    for longer than the timeout in total is transcribed."""
+    server = server_factory(model=str(tiny_model), upload_idle_timeout=1.0)
+    port = int(server.url.rsplit(":", 1)[1])
+    audio = (data_dir / "jfk.flac").read_bytes()
+    step = len(audio) // 5 + 1
+    chunks = [audio[i : i + step] for i in range(0, len(audio), step)]
+    started = time.monotonic()
+    response = _upload(port, chunks, pause=0.6)
+    assert time.monotonic() - started > 2.5  # longer in total than the 1 s idle timeout
+    assert response.startswith(b"HTTP/1.1 200"), response[:300]
+    assert b"ask not what your country can do for you" in response
+
+
 def test_client_gone_mid_transcription(servers: dict[str, LiveServer], data_dir: Path) -> None:
     """A client that gives up while a long file is transcribed frees its slot within seconds
     (the transcription is cancelled, not run to the end for nobody) and is counted as 499."""
