@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.audio import decode_audio  # noqa: E402
-from server.memory import NvmlProbe, peak_sampler  # noqa: E402
+from server.memory import NvmlProbe, ProbeUnavailable, peak_sampler  # noqa: E402
 
 MIB = 1 << 20
 
@@ -80,27 +81,35 @@ def free_port() -> int:
 @contextlib.contextmanager
 def server(env: dict[str, str]):
     port = free_port()
+    # The server's log goes to a file: a pipe nobody reads would block it once full.
+    log = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--port", str(port)],
         cwd=ROOT,
         env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        for _ in range(240):
             with contextlib.suppress(requests.RequestException):
                 if requests.get(url + "/ready", timeout=1).status_code == 200:
                     break
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read() if proc.stderr else "server exited")
+                break
             time.sleep(0.5)
+        else:
+            proc.terminate()
+        if proc.poll() is not None or not requests.get(url + "/ready", timeout=5).ok:
+            log.seek(0)
+            raise RuntimeError("the server did not become ready:\n" + log.read()[-4000:])
         yield url
     finally:
         proc.terminate()
         proc.wait(30)
+        log.close()
 
 
 def fire(url: str, webm: bytes) -> tuple[int, str, str]:
@@ -128,6 +137,10 @@ def main() -> None:
     args = parser.parse_args()
 
     probe = NvmlProbe(0)
+    try:
+        probe.snapshot()
+    except ProbeUnavailable as exc:
+        sys.exit(f"gpu_squeeze needs a CUDA GPU that NVML can read: {exc}")
     webm = make_webm(args.minutes)
     print(f"seed file: {len(webm) / MIB:.1f} MiB webm, {args.minutes:g} min", file=sys.stderr)
     env = {"WHISPER_DEVICE": "cuda", "WHISPER_MAX_MEMORY_WAIT": "5"}

@@ -154,7 +154,9 @@ class ModelStore:
             return ModelSource(DEFAULT_MODEL_ID, install_default_model(self.models_dir))
         path = Path(self.configured).expanduser()
         if is_model_folder(path):
-            return ModelSource(path.resolve().name, path.resolve())
+            # Named as the operator named it: a link called large-v3 serves "large-v3", not the
+            # name of the folder it points to.
+            return ModelSource(Path(os.path.abspath(path)).name, path.resolve())
         if _FOLDER_NAME.match(self.configured) and is_model_folder(self.models_dir / path):
             return ModelSource(self.configured, (self.models_dir / path).resolve())
         if _HF_REPO.match(self.configured) or _FOLDER_NAME.match(self.configured):

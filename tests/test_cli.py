@@ -153,3 +153,17 @@ def test_calibrate_writes_profile_and_chart(tiny_model: Path, tmp_path: Path) ->
     pool = ModelPool(Settings(model=str(folder), models_dir=tmp_path))
     loaded = pool.get(ModelSource("tiny", folder), "cpu")
     assert loaded.cost.profile is not None
+
+
+def test_a_model_link_is_served_under_its_own_name(tiny_model: Path, tmp_path: Path) -> None:
+    """WHISPER_MODEL pointing at a link serves the link's name (what the operator chose), and
+    loads the folder it points to."""
+    from server.model_store import ModelStore
+
+    link = tmp_path / "large-v3-turbo"
+    link.symlink_to(tiny_model.resolve(), target_is_directory=True)
+    source = ModelStore.from_settings(
+        Settings(model=str(link), models_dir=tmp_path / "models")
+    ).default_source()
+    assert source.id == "large-v3-turbo"
+    assert source.path == tiny_model.resolve()
