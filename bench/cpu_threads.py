@@ -21,88 +21,89 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from throughput import SHORT as CLIPS  # noqa: E402
 
 from server.audio import decode_audio  # noqa: E402
 
-CLIPS = [
-    "jfk.flac",
-    "en_leopard_test.wav",
-    "en_librivox_sense_and_sensibility_01_0870.wav",
-    "en_librispeech_61-70968-0000.flac",
-]
+# (cpu_threads, num_workers, client threads)
 LAYOUTS = [(0, 1, 1), (2, 1, 1), (1, 2, 2), (1, 2, 8), (2, 2, 8), (0, 2, 8)]
-# (cpu_threads, num_workers, windows per call)
+# (cpu_threads, num_workers, windows per call); one client thread per worker
 CEILING_LAYOUTS = [(0, 1, 1), (0, 1, 4), (0, 1, 8), (1, 2, 1), (1, 2, 2), (1, 2, 4), (2, 2, 4)]
 
+Runner = Callable[[object, list[str], int, int], None]  # (model, clips, workers, third column)
 
-def transcribe_rows(model_dir: str, audio: dict[str, np.ndarray], clips: list[str]) -> list:
+
+def measure(
+    model_dir: str,
+    layouts: list[tuple[int, int, int]],
+    audio: dict[str, np.ndarray],
+    clips: list[str],
+    run: Runner,
+) -> list[tuple[int, int, int, float]]:
+    """RTFx of ``run`` over ``clips`` for each layout, each on a freshly loaded model."""
     from faster_whisper import WhisperModel
 
     seconds = sum(len(audio[c]) / 16000 for c in clips)
     rows = []
-    for threads, workers, clients in LAYOUTS:
+    for threads, workers, third in layouts:
         model = WhisperModel(
             model_dir, device="cpu", compute_type="int8", cpu_threads=threads, num_workers=workers
         )
-
-        def one(clip: str, model: WhisperModel = model) -> str:
-            segments, _ = model.transcribe(audio[clip], beam_size=5)
-            return "".join(s.text for s in segments)
-
-        one(clips[0])  # warm-up
+        run(model, clips[:1], 1, third)  # warm-up
         started = time.perf_counter()
-        with cf.ThreadPoolExecutor(clients) as pool:
-            list(pool.map(one, clips))
-        rows.append((threads, workers, clients, seconds / (time.perf_counter() - started)))
+        run(model, clips, workers, third)
+        rows.append((threads, workers, third, seconds / (time.perf_counter() - started)))
     return rows
 
 
-def ceiling_rows(model_dir: str, audio: dict[str, np.ndarray], clips: list[str]) -> list:
+def transcribe_runner(audio: dict[str, np.ndarray]) -> Runner:
+    """``WhisperModel.transcribe``, one request per clip, from ``clients`` threads."""
+
+    def run(model, clips: list[str], workers: int, clients: int) -> None:  # type: ignore[no-untyped-def]
+        def one(clip: str) -> str:
+            segments, _ = model.transcribe(audio[clip], beam_size=5)
+            return "".join(s.text for s in segments)
+
+        with cf.ThreadPoolExecutor(min(clients, len(clips))) as pool:
+            list(pool.map(one, clips))
+
+    return run
+
+
+def ceiling_runner(audio: dict[str, np.ndarray]) -> Runner:
+    """Straight CTranslate2: ``batch`` windows per ``encode`` + ``generate`` call, one thread
+    per model worker."""
     import ctranslate2
-    from faster_whisper import WhisperModel
     from faster_whisper.tokenizer import Tokenizer
 
-    seconds = sum(len(audio[c]) / 16000 for c in clips)
-    rows = []
-    for threads, workers, batch in CEILING_LAYOUTS:
-        model = WhisperModel(
-            model_dir, device="cpu", compute_type="int8", cpu_threads=threads, num_workers=workers
-        )
+    def run(model, clips: list[str], workers: int, batch: int) -> None:  # type: ignore[no-untyped-def]
         prompt = list(Tokenizer(model.hf_tokenizer, False, "transcribe", "en").sot_sequence)
         frames = model.feature_extractor.nb_max_frames
 
-        def features(clip: str, model: WhisperModel = model, frames: int = frames) -> np.ndarray:
+        def features(clip: str) -> np.ndarray:
             mel = model.feature_extractor(audio[clip])[:, :frames]
             return np.pad(mel, ((0, 0), (0, frames - mel.shape[1])))
 
-        def work(
-            items: list[str], model: WhisperModel = model, prompt: list = prompt, batch: int = batch
-        ) -> None:
+        def work(items: list[str]) -> None:
             for start in range(0, len(items), batch):
                 chunk = items[start : start + batch]
                 mels = np.stack([features(c) for c in chunk]).astype(np.float32)
                 encoded = model.model.encode(ctranslate2.StorageView.from_array(mels))
                 model.model.generate(encoded, [prompt] * len(chunk), beam_size=5)
 
-        work(clips[:1])  # warm-up
-        started = time.perf_counter()
-        threads_ = [
-            threading.Thread(target=work, args=(clips[w::workers],)) for w in range(workers)
-        ]
-        for t in threads_:
-            t.start()
-        for t in threads_:
-            t.join()
-        rows.append((threads, workers, batch, seconds / (time.perf_counter() - started)))
-    return rows
+        with cf.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(work, [clips[w::workers] for w in range(workers)]))
+
+    return run
 
 
 def print_table(header: str, rows: list) -> None:
@@ -127,9 +128,10 @@ def main() -> None:
         c: decode_audio((ROOT / "tests/data" / c).read_bytes(), max_duration=100).samples
         for c in CLIPS
     }
-    print_table("clients", transcribe_rows(args.model, audio, clips))
+    print_table("clients", measure(args.model, LAYOUTS, audio, clips, transcribe_runner(audio)))
     print()
-    print_table("windows per call", ceiling_rows(args.model, audio, clips))
+    ceiling = measure(args.model, CEILING_LAYOUTS, audio, clips, ceiling_runner(audio))
+    print_table("windows per call", ceiling)
 
 
 if __name__ == "__main__":

@@ -93,16 +93,14 @@ def server(env: dict[str, str]):
     )
     url = f"http://127.0.0.1:{port}"
     try:
+        ready = False
         for _ in range(240):
             with contextlib.suppress(requests.RequestException):
-                if requests.get(url + "/ready", timeout=1).status_code == 200:
-                    break
-            if proc.poll() is not None:
+                ready = requests.get(url + "/ready", timeout=1).status_code == 200
+            if ready or proc.poll() is not None:
                 break
             time.sleep(0.5)
-        else:
-            proc.terminate()
-        if proc.poll() is not None or not requests.get(url + "/ready", timeout=5).ok:
+        if not ready:
             log.seek(0)
             raise RuntimeError("the server did not become ready:\n" + log.read()[-4000:])
         yield url

@@ -96,6 +96,17 @@ def run_concurrently(jobs: list[Callable[[], Any]]) -> list[Any]:
     return results
 
 
+def recording_max_batch(size: int) -> tuple[list[BatchKey], Callable[[BatchKey], int]]:
+    """A ``max_batch`` that always answers ``size`` and records the keys it was asked about."""
+    keys: list[BatchKey] = []
+
+    def max_batch(key: BatchKey) -> int:
+        keys.append(key)
+        return size
+
+    return keys, max_batch
+
+
 def test_long_file_matches_batched_pipeline(
     tiny: WhisperModel, scheduler: Callable[..., Scheduler], audio: dict[str, np.ndarray]
 ) -> None:
@@ -198,12 +209,7 @@ def test_language_and_task_per_request_on_the_multilingual_model(
 def test_max_batch_is_asked_before_each_batch_and_respected(
     scheduler: Callable[..., Scheduler], audio: dict[str, np.ndarray]
 ) -> None:
-    keys: list[BatchKey] = []
-
-    def max_batch(key: BatchKey) -> int:
-        keys.append(key)
-        return 2
-
+    keys, max_batch = recording_max_batch(2)
     s = scheduler(max_batch=max_batch, max_wait_s=0.2)
     clips = [audio[LONG][: 60 * SR], audio["jfk.flac"], audio["en_leopard_test.wav"]]
     texts = run_concurrently([lambda c=c: text(s.submit(c, GREEDY)) for c in clips])
@@ -313,12 +319,7 @@ def test_a_failed_batch_reaches_its_requests_and_the_worker_survives(
 def test_temperature_fallback_reruns_only_the_failing_window(
     scheduler: Callable[..., Scheduler], audio: dict[str, np.ndarray]
 ) -> None:
-    keys: list[BatchKey] = []
-
-    def max_batch(key: BatchKey) -> int:
-        keys.append(key)
-        return 2
-
+    keys, max_batch = recording_max_batch(2)
     s = scheduler(max_batch=max_batch, max_wait_s=1.0)
     # A log-probability threshold of 0 fails every decoding, so this request walks its schedule.
     strict = WindowOptions(beam_size=1, temperatures=(0.0, 0.4), log_prob_threshold=0.0)

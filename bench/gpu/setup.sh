@@ -34,19 +34,15 @@ if [[ ! -f $site/.done ]]; then
 fi
 # Models: NAME--FILE, big files as NAME--FILE.partNN across groups.
 if [[ ! -f $models/.done ]] && compgen -G "$src/m*/*--*" >/dev/null; then
-  declare -A seen=()
   for f in "$src"/m*/*--*; do
     base=$(basename "$f")
     name=${base%%--*} file=${base#*--}
     mkdir -p "$models/$name"
-    if [[ $file =~ ^(.*)\.part[0-9][0-9]$ ]]; then
-      whole=${BASH_REMATCH[1]}
-      [[ -n ${seen[$name/$whole]:-} ]] && continue
-      seen[$name/$whole]=1
-      cat_parts "$src"/m*/"$name--$whole".part[0-9][0-9] >"$models/$name/$whole"
-    else
-      cp "$f" "$models/$name/$file"
-    fi
+    case $file in
+      *.part00) cat_parts "$src"/m*/"$name--${file%.part00}".part[0-9][0-9] >"$models/$name/${file%.part00}" ;;
+      *.part[0-9][0-9]) ;; # joined with its .part00
+      *) cp "$f" "$models/$name/$file" ;;
+    esac
   done
   touch "$models/.done"
 fi
