@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from server.audio import decode_audio  # noqa: E402
-from server.memory import NvmlProbe, ProbeUnavailable, peak_sampler  # noqa: E402
+from server.memory.peaks import peak_sampler  # noqa: E402
+from server.memory.probes import NvmlProbe, ProbeUnavailable  # noqa: E402
 
 MIB = 1 << 20
 

@@ -22,7 +22,8 @@ CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {root!r})
 from server.config import Settings
-from server.engine import Engine, Job
+from server.engine import Engine
+from server.job import Job
 from server.audio import decode_audio
 
 model, audio_path, words, batch, device = {args!r}
@@ -33,7 +34,7 @@ engine.start()
 assert engine.ready, engine.load_error
 audio = decode_audio(open(audio_path, "rb").read(), max_duration=1e6)
 import contextlib, psutil
-from server.memory import peak_sampler, sample_peak
+from server.memory.peaks import peak_sampler, sample_peak
 proc = psutil.Process()
 job = Job(request_id="bench", audio=audio.samples, source=engine.served, word_timestamps=words)
 with contextlib.ExitStack() as stack:

@@ -15,10 +15,12 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
 from server.config import Settings, env_name, settings_table
+from server.memory import host_heap
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -45,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from server.app import create_app
+    from server.connections import uvicorn_options
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = load_settings(**overrides)
@@ -60,15 +63,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
+        **uvicorn_options(settings),
     )
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
     import uuid
 
-    from server.audio import decode_audio
-    from server.engine import Engine, Job
+    from server.audio import AudioStream
+    from server.engine import Engine
     from server.formats import render
+    from server.job import Job
 
     settings = load_settings()
     configure_logging("warning")
@@ -77,10 +82,10 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     if not engine.ready or engine.served is None:
         sys.exit(f"model not ready: {engine.load_error}")
     with open(args.file, "rb") as fh:
-        audio = decode_audio(fh.read(), max_duration=settings.max_audio_duration)
+        audio = AudioStream(fh.read(), max_duration=settings.max_audio_duration)
     job = Job(
         request_id=uuid.uuid4().hex[:8],
-        audio=audio.samples,
+        audio=audio,
         source=engine.served,
         task=args.task,
         language=args.language,
@@ -106,7 +111,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     settings = load_settings()
     configure_logging(settings.log_level)
     words = (False,) if args.no_words else (False, True)
-    calibrate(settings, batches=args.batch, beams=args.beam, words=words, chart=not args.no_chart)
+    calibrate(
+        settings,
+        batches=args.batch,
+        beams=args.beam,
+        words=words,
+        chart=not args.no_chart,
+        audio=args.audio,
+    )
 
 
 def cmd_settings_table(args: argparse.Namespace) -> None:
@@ -121,6 +133,8 @@ def cmd_install_model(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    # Before any thread allocates: freed host memory must be able to go back to the kernel.
+    host_heap.configure()
     parser = argparse.ArgumentParser(
         prog="python -m server",
         description=__doc__,
@@ -147,6 +161,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     cal.add_argument("--beam", type=int, nargs="+", default=[1, 5])
     cal.add_argument("--no-words", action="store_true", help="skip word-timestamp shapes")
     cal.add_argument("--no-chart", action="store_true")
+    cal.add_argument(
+        "--audio",
+        type=Path,
+        help="speech to measure with (default: the 11 s clip shipped with the package)",
+    )
     cal.set_defaults(func=cmd_calibrate)
 
     sub.add_parser("settings-table", help="print the README's settings table").set_defaults(

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
+from server.connections import PROTOCOL_STATUS
 from server.engine import Engine
 from server.errors import (
     APIError,
@@ -30,7 +31,7 @@ from server.errors import (
     UploadTimeoutError,
     status_error,
 )
-from server.memory import format_bytes
+from server.memory import format_bytes, host_heap
 from server.metrics import Metrics
 from server.routes import audio, health, models
 
@@ -84,6 +85,9 @@ class RequestContextMiddleware:
                 )
                 await response(scope, receive, send)
         finally:
+            # A body the protocol layer refused (a malformed chunk, say) ends here as a client
+            # disconnect (499), but the client got the protocol's answer: log and count that.
+            status["code"] = scope.get("state", {}).get(PROTOCOL_STATUS, status["code"])
             elapsed = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
             metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
@@ -106,9 +110,10 @@ class BodyLimitMiddleware:
 
     A body over the upload limit gets 413: at once when Content-Length says so, otherwise as
     soon as the streamed body passes the limit, without reading the rest. A client that stops
-    sending mid-body for ``idle_timeout`` seconds gets 408, so a stalled upload cannot hold a
-    connection for the whole request timeout. Once the body is complete, ``receive`` is passed
-    through untimed (the disconnect watcher waits on it for the rest of the request).
+    sending mid-body for ``idle_timeout`` seconds gets 408 and the connection is closed, so a
+    stalled upload cannot hold a connection for the whole request timeout. Once the body is
+    complete, ``receive`` is passed through untimed (the disconnect watcher waits on it for the
+    rest of the request).
     """
 
     def __init__(self, app: ASGIApp, limit: int, idle_timeout: float) -> None:
@@ -128,6 +133,8 @@ class BodyLimitMiddleware:
             f"The upload stalled: nothing arrived for {self.idle_timeout:g} s after "
             f"{format_bytes(received)} of the body (WHISPER_UPLOAD_IDLE_TIMEOUT); send it again.",
             param="file",
+            # The rest of the body would only be discarded: free the connection now.
+            headers={"Connection": "close"},
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -229,6 +236,7 @@ def _schema_without_422(app: FastAPI) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application. State lives on ``app.state``: ``settings`` and ``engine``."""
     settings = settings or Settings()
+    host_heap.configure()  # also done first thing by `python -m server`; harmless twice
     engine = Engine(settings)
     metrics = Metrics(engine)
     engine.on_plan = lambda plan: metrics.batch_size.observe(plan.shape.batch_size)

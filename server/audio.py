@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 
 import av
 import numpy as np
-from faster_whisper.vad import VadOptions, get_speech_timestamps
 
 from server.errors import AudioError
+from server.runners import SAMPLE_RATE, speech_timestamps
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,13 @@ class DecodedAudio:
     source_channels: int
 
 
-def decode_audio(data: bytes, *, max_duration: float, sample_rate: int = 16000) -> DecodedAudio:
-    """Decode an uploaded file to mono float32 at ``sample_rate``.
+def decode_audio(
+    data: bytes, *, max_duration: float, sample_rate: int = SAMPLE_RATE
+) -> DecodedAudio:
+    """Decode a whole upload to mono float32 at ``sample_rate``.
+
+    For audio that may be long, open an :class:`AudioStream` instead and read it piece by piece:
+    this holds every sample at once.
 
     Args:
         data: The uploaded bytes. The format is detected from them; no file name is needed.
@@ -104,26 +111,102 @@ def decode_audio(data: bytes, *, max_duration: float, sample_rate: int = 16000) 
         AudioError: The bytes are not usable audio; ``code`` says why (see the module doc).
         ValueError: ``max_duration`` or ``sample_rate`` is not positive.
     """
-    if max_duration <= 0 or sample_rate <= 0:
-        raise ValueError(
-            f"max_duration and sample_rate must be positive, got {max_duration}, {sample_rate}"
-        )
-    if not data:
-        raise _error("empty_file", "The uploaded file is empty (0 bytes). " + _SEND_AUDIO)
+    with AudioStream(data, max_duration=max_duration, sample_rate=sample_rate) as stream:
+        chunks = list(stream.int16_chunks())
+        total = sum(len(chunk) for chunk in chunks)
+        # One float32 array, filled chunk by chunk while the int16 chunks are let go.
+        samples = np.empty(total, dtype=np.float32)
+        pos = 0
+        for i, chunk in enumerate(chunks):
+            np.multiply(chunk, _INT16_SCALE, out=samples[pos : pos + len(chunk)])
+            pos += len(chunk)
+            chunks[i] = _EMPTY_INT16
+        info = stream.info
+    return DecodedAudio(
+        samples=samples,
+        duration=total / sample_rate,
+        format_name=info.format_name,
+        source_rate=info.source_rate,
+        source_channels=info.source_channels,
+    )
 
-    try:
-        container = av.open(
-            io.BytesIO(data),
-            mode="r",
-            options={"format_whitelist": ",".join(_DEMUXERS)},
-            metadata_errors="ignore",
-        )
-    except _PYAV_ERRORS as exc:
-        raise _error(
-            "invalid_audio", f"The uploaded file could not be decoded as audio. {_SEND_AUDIO}"
-        ) from exc
 
-    with container:
+@dataclass(frozen=True)
+class AudioInfo:
+    """What a container says about its audio before anything is decoded.
+
+    Attributes:
+        format_name: The container FFmpeg recognised, as FFmpeg names it.
+        declared: Seconds of audio the header promises, or None when it promises nothing
+            reliable (VBR mp3 without a Xing frame, streaming WAV, a browser's WebM recording).
+        source_rate: Sample rate of the audio track, in Hz (0 when unknown).
+        source_channels: Channels of the audio track (0 when unknown).
+    """
+
+    format_name: str
+    declared: float | None
+    source_rate: int
+    source_channels: int
+
+
+class AudioStream:
+    """An upload decoded on demand, a few seconds at a time.
+
+    Opening it reads only the container's header: an upload that is not audio, or whose header
+    declares more than ``max_duration``, is refused before any memory is spent on samples.
+    :meth:`read` then decodes just as many samples as asked for, so a four-hour upload never
+    exists as one array. Decoding checks the limit again as it goes (the header may lie), and
+    when the stream ends it checks the audio against the header's promise: every problem is an
+    :class:`~server.errors.AudioError` with the codes of the module doc.
+
+    Args:
+        data: The uploaded bytes.
+        max_duration: Longest audio accepted, in seconds.
+        sample_rate: Rate of the samples produced, in Hz.
+
+    Raises:
+        AudioError: The upload is empty, not audio, has no audio track, or declares too much.
+        ValueError: ``max_duration`` or ``sample_rate`` is not positive.
+    """
+
+    def __init__(self, data: bytes, *, max_duration: float, sample_rate: int = SAMPLE_RATE) -> None:
+        if max_duration <= 0 or sample_rate <= 0:
+            raise ValueError(
+                f"max_duration and sample_rate must be positive, got {max_duration}, {sample_rate}"
+            )
+        if not data:
+            raise _error("empty_file", "The uploaded file is empty (0 bytes). " + _SEND_AUDIO)
+        self.sample_rate = sample_rate
+        self.max_duration = max_duration
+        self._max_samples = int(max_duration * sample_rate)
+        try:
+            self._container = av.open(
+                io.BytesIO(data),
+                mode="r",
+                options={"format_whitelist": ",".join(_DEMUXERS)},
+                metadata_errors="ignore",
+            )
+        except _PYAV_ERRORS as exc:
+            raise _error(
+                "invalid_audio", f"The uploaded file could not be decoded as audio. {_SEND_AUDIO}"
+            ) from exc
+        try:
+            self._stream = self._open_track(data)
+        except BaseException:
+            self._container.close()
+            raise
+        self._packets = self._container.demux(self._stream)
+        self._resampler: av.AudioResampler | None = None
+        self._setup: tuple[str, str, int] | None = None
+        self._pending: deque[np.ndarray] = deque()  # int16 chunks decoded but not yet read
+        self._total = 0  # samples decoded so far
+        self._bad_packets = 0
+        self._failure: Exception | None = None
+        self._ended = False  # the demuxer is exhausted (or failed) and checks have run
+        self._closed = False
+
+    def _open_track(self, data: bytes) -> av.AudioStream:
+        container = self._container
         format_name = container.format.name
         if not container.streams.audio:
             kinds = ", ".join(sorted({str(s.type) for s in container.streams})) or "nothing"
@@ -140,65 +223,201 @@ def decode_audio(data: bytes, *, max_duration: float, sample_rate: int = 16000) 
                 f"decode. {_SEND_AUDIO}",
             )
         declared = _declared_duration(data, container, stream)
-        if declared is not None and declared > max_duration * _DECLARED_TOO_LONG_FACTOR:
-            raise _too_long(f"its header declares {_fmt_s(declared)}, over", max_duration)
-        decoded = _decode_stream(
-            container, stream, sample_rate=sample_rate, max_duration=max_duration
+        if declared is not None and declared > self.max_duration * _DECLARED_TOO_LONG_FACTOR:
+            raise _too_long(f"its header declares {_fmt_s(declared)}, over", self.max_duration)
+        self.info = AudioInfo(
+            format_name=format_name,
+            declared=declared,
+            source_rate=stream.codec_context.sample_rate or 0,
+            source_channels=stream.codec_context.channels or 0,
         )
+        return stream
 
-    samples = decoded.samples
-    duration = len(samples) / sample_rate
-    if decoded.failure is not None and len(samples) == 0:
-        raise _error(
-            "invalid_audio",
-            f"The uploaded file ({format_name}) could not be decoded as audio "
-            f"({decoded.failure}). {_SEND_AUDIO}",
-        ) from decoded.failure
-    if declared is not None and _falls_short(decoded=duration, declared=declared):
-        raise _error(
-            "truncated_audio",
-            f"The uploaded file looks truncated or corrupt: its header declares "
-            f"{_fmt_s(declared)} of audio but only {_fmt_s(duration)} could be decoded. "
-            "Upload the complete file, or re-encode it.",
-        ) from decoded.failure
-    if decoded.failure is not None:
-        raise _error(
-            "truncated_audio",
-            f"The uploaded file is truncated or corrupt: decoding stopped after {_fmt_s(duration)} "
-            f"({decoded.failure}). Upload the complete file, or re-encode it.",
-        ) from decoded.failure
-    if len(samples) == 0:
-        if decoded.bad_packets:
+    # ---- reading ----------------------------------------------------------------------------
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds of audio: exact once the stream has ended, else what the header declares."""
+        return self._total / self.sample_rate if self._ended else self.info.declared
+
+    @property
+    def decoded_seconds(self) -> float:
+        """Seconds decoded so far."""
+        return self._total / self.sample_rate
+
+    @property
+    def finished(self) -> bool:
+        """Whether every sample has been decoded and read."""
+        return self._ended and not self._pending
+
+    def read(self, max_samples: int) -> np.ndarray:
+        """The next samples, at most ``max_samples`` of them; fewer only at the end.
+
+        Raises:
+            AudioError: Decoding failed, the audio runs past the limit, or (at the end) the
+                stream is empty or shorter than its header promised.
+        """
+        out = np.empty(max(0, max_samples), dtype=np.float32)
+        filled = 0
+        while filled < len(out):
+            if not self._pending:
+                if self._ended:
+                    break
+                self._decode_more()
+                continue
+            chunk = self._pending.popleft()
+            take = min(len(chunk), len(out) - filled)
+            np.multiply(chunk[:take], _INT16_SCALE, out=out[filled : filled + take])
+            filled += take
+            if take < len(chunk):
+                self._pending.appendleft(chunk[take:])
+        return out if filled == len(out) else out[:filled].copy()
+
+    def int16_chunks(self) -> Iterator[np.ndarray]:
+        """Every remaining sample as int16 chunks of about a second (whole-file decoding)."""
+        while True:
+            while self._pending:
+                yield self._pending.popleft()
+            if self._ended:
+                return
+            self._decode_more()
+
+    def close(self) -> None:
+        """Release the demuxer and decoder."""
+        if not self._closed:
+            self._closed = True
+            self._container.close()
+
+    def __enter__(self) -> AudioStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- decoding ---------------------------------------------------------------------------
+
+    def _decode_more(self) -> None:
+        """Decode packets until some samples come out or the stream ends.
+
+        A packet the decoder rejects as invalid is skipped, as players do. Any other error ends
+        decoding; what came before it is kept, and :meth:`_finish` decides what it means.
+        """
+        produced = False
+        while not produced:
+            try:
+                packet = next(self._packets)
+            except StopIteration:
+                break
+            except _PYAV_ERRORS as exc:
+                self._failure = exc
+                break
+            try:
+                frames = packet.decode()
+            except av.InvalidDataError:
+                self._bad_packets += 1
+                continue
+            except _PYAV_ERRORS as exc:
+                self._failure = exc
+                break
+            try:
+                for frame in frames:
+                    if not isinstance(frame, av.AudioFrame) or frame.samples == 0:
+                        continue
+                    produced |= self._resample(frame)
+            except _PYAV_ERRORS as exc:
+                self._failure = exc
+                break
+        else:
+            return
+        if self._resampler is not None:
+            try:
+                self._take(self._resampler.resample(None))
+            except _PYAV_ERRORS as exc:
+                self._failure = self._failure or exc
+        self._finish()
+
+    def _resample(self, frame: av.AudioFrame) -> bool:
+        frame_setup = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if self._resampler is None or frame_setup != self._setup:
+            # The first frame, or the stream changed rate or channels mid-way (chained Ogg,
+            # concatenated MP3): flush the old resampler and start a fresh one.
+            if self._resampler is not None:
+                self._take(self._resampler.resample(None))
+            # frame_size groups the output into 1-second chunks.
+            self._resampler = av.AudioResampler(
+                format="s16", layout="mono", rate=self.sample_rate, frame_size=self.sample_rate
+            )
+            if self._setup is None:
+                self.info = replace(
+                    self.info,
+                    source_rate=frame.sample_rate,
+                    source_channels=frame.layout.nb_channels,
+                )
+            self._setup = frame_setup
+        return self._take(self._resampler.resample(frame))
+
+    def _take(self, frames: list[av.AudioFrame]) -> bool:
+        produced = False
+        for out in frames:
+            chunk = out.to_ndarray().reshape(-1)
+            if len(chunk):
+                self._pending.append(chunk)
+                self._total += len(chunk)
+                produced = True
+        if self._total > self._max_samples:
+            raise _too_long("it runs past", self.max_duration)
+        return produced
+
+    def _finish(self) -> None:
+        """The stream has ended: check what was decoded against what the header promised."""
+        self._ended = True
+        duration = self._total / self.sample_rate
+        declared, failure = self.info.declared, self._failure
+        format_name = self.info.format_name
+        if failure is not None and self._total == 0:
             raise _error(
                 "invalid_audio",
-                f"The uploaded file ({format_name}) could not be decoded as audio: none of its "
-                f"{decoded.bad_packets} audio packets decoded. {_SEND_AUDIO}",
+                f"The uploaded file ({format_name}) could not be decoded as audio "
+                f"({failure}). {_SEND_AUDIO}",
+            ) from failure
+        if declared is not None and _falls_short(decoded=duration, declared=declared):
+            raise _error(
+                "truncated_audio",
+                f"The uploaded file looks truncated or corrupt: its header declares "
+                f"{_fmt_s(declared)} of audio but only {_fmt_s(duration)} could be decoded. "
+                "Upload the complete file, or re-encode it.",
+            ) from failure
+        if failure is not None:
+            raise _error(
+                "truncated_audio",
+                f"The uploaded file is truncated or corrupt: decoding stopped after "
+                f"{_fmt_s(duration)} ({failure}). Upload the complete file, or re-encode it.",
+            ) from failure
+        if self._total == 0:
+            if self._bad_packets:
+                raise _error(
+                    "invalid_audio",
+                    f"The uploaded file ({format_name}) could not be decoded as audio: none of "
+                    f"its {self._bad_packets} audio packets decoded. {_SEND_AUDIO}",
+                )
+            raise _error(
+                "empty_audio",
+                "The uploaded file contains no audio samples (0 seconds). "
+                "Upload a recording that is not empty.",
             )
-        raise _error(
-            "empty_audio",
-            "The uploaded file contains no audio samples (0 seconds). "
-            "Upload a recording that is not empty.",
-        )
-    if decoded.bad_packets:
-        logger.warning(
-            "skipped %d undecodable packets in a %s upload", decoded.bad_packets, format_name
-        )
-    if logger.isEnabledFor(logging.DEBUG):
-        logger.debug(
-            "decoded %s: %.2f s, %d Hz x %d channels -> %d samples",
-            format_name,
-            duration,
-            decoded.source_rate,
-            decoded.source_channels,
-            len(samples),
-        )
-    return DecodedAudio(
-        samples=samples,
-        duration=duration,
-        format_name=format_name,
-        source_rate=decoded.source_rate,
-        source_channels=decoded.source_channels,
-    )
+        if self._bad_packets:
+            logger.warning(
+                "skipped %d undecodable packets in a %s upload", self._bad_packets, format_name
+            )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "decoded %s: %.2f s, %d Hz x %d channels -> %d samples",
+                format_name,
+                duration,
+                self.info.source_rate,
+                self.info.source_channels,
+                self._total,
+            )
 
 
 _SEND_AUDIO = (
@@ -300,103 +519,6 @@ def _mp3_has_length_header(data: bytes) -> bool:
     return any(tag in head for tag in (b"Xing", b"Info", b"VBRI"))
 
 
-# ---- decoding ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Decoded:
-    samples: np.ndarray
-    source_rate: int
-    source_channels: int
-    bad_packets: int
-    failure: Exception | None  # what stopped decoding early, if anything did
-
-
-def _decode_stream(
-    container: av.container.InputContainer,
-    stream: av.AudioStream,
-    *,
-    sample_rate: int,
-    max_duration: float,
-) -> _Decoded:
-    """Demux and decode one audio stream to int16 mono chunks, stopping past ``max_duration``.
-
-    A packet the decoder rejects as invalid is skipped, as players do. Any other error ends
-    decoding; it is returned in ``failure`` with what was decoded before it.
-    """
-    max_samples = int(max_duration * sample_rate)
-    chunks: list[np.ndarray] = []
-    total = 0
-    bad_packets = 0
-    failure: Exception | None = None
-    source_rate = stream.codec_context.sample_rate or 0
-    source_channels = stream.codec_context.channels or 0
-    resampler: av.AudioResampler | None = None
-    setup: tuple[str, str, int] | None = None
-
-    def take(frames: list[av.AudioFrame]) -> None:
-        nonlocal total
-        for out in frames:
-            chunk = out.to_ndarray().reshape(-1)
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > max_samples:
-            raise _too_long("it runs past", max_duration)
-
-    packets = container.demux(stream)
-    while True:
-        try:
-            packet = next(packets)
-        except StopIteration:
-            break
-        except _PYAV_ERRORS as exc:
-            failure = exc
-            break
-        try:
-            frames = packet.decode()
-        except av.InvalidDataError:
-            bad_packets += 1
-            continue
-        except _PYAV_ERRORS as exc:
-            failure = exc
-            break
-        try:
-            for frame in frames:
-                if not isinstance(frame, av.AudioFrame) or frame.samples == 0:
-                    continue
-                frame_setup = (frame.format.name, frame.layout.name, frame.sample_rate)
-                if resampler is None or frame_setup != setup:
-                    # The first frame, or the stream changed rate or channels mid-way (chained
-                    # Ogg, concatenated MP3): flush the old resampler and start a fresh one.
-                    if resampler is not None:
-                        take(resampler.resample(None))
-                    # frame_size groups the output into 1-second chunks: a short list.
-                    resampler = av.AudioResampler(
-                        format="s16", layout="mono", rate=sample_rate, frame_size=sample_rate
-                    )
-                    if setup is None:
-                        source_rate, source_channels = frame.sample_rate, frame.layout.nb_channels
-                    setup = frame_setup
-                take(resampler.resample(frame))
-        except _PYAV_ERRORS as exc:
-            failure = exc
-            break
-    if resampler is not None:
-        try:
-            take(resampler.resample(None))
-        except _PYAV_ERRORS as exc:
-            failure = failure or exc
-
-    # One float32 array, filled chunk by chunk while the int16 chunks are let go.
-    samples = np.empty(total, dtype=np.float32)
-    pos = 0
-    for i, chunk in enumerate(chunks):
-        np.multiply(chunk, _INT16_SCALE, out=samples[pos : pos + len(chunk)])
-        pos += len(chunk)
-        chunks[i] = _EMPTY_INT16
-    return _Decoded(samples, source_rate, source_channels, bad_packets, failure)
-
-
 _EMPTY_INT16 = np.empty(0, dtype=np.int16)
 
 
@@ -415,7 +537,7 @@ class AudioSpan:
 
     start: int
     end: int
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
 
     @property
     def start_s(self) -> float:
@@ -438,8 +560,7 @@ _SEARCH_FRACTION = 1 / 3
 _SEARCH_MAX_S = 20.0
 # Audio on either side of the search window that the VAD hears too, to settle its state.
 _VAD_CONTEXT_S = 1.0
-_VAD_OPTIONS = VadOptions(min_silence_duration_ms=100, speech_pad_ms=0, min_speech_duration_ms=0)
-_VAD_RATE = 16000  # the Silero model bundled with faster-whisper runs at 16 kHz
+_VAD_OPTIONS = {"min_silence_duration_ms": 100, "speech_pad_ms": 0, "min_speech_duration_ms": 0}
 _ENERGY_WINDOW_S = 0.1
 _ENERGY_HOP_S = 0.01
 # Pauses whose quietest 100 ms is within this much of the quietest pause in the window count as
@@ -449,7 +570,7 @@ _PAUSE_LEVEL_TOLERANCE_DB = 6.0
 
 
 def split_on_silence(
-    samples: np.ndarray, *, max_span_s: float, sample_rate: int = 16000
+    samples: np.ndarray, *, max_span_s: float, sample_rate: int = SAMPLE_RATE
 ) -> list[AudioSpan]:
     """Cut audio into contiguous spans no longer than ``max_span_s``, at pauses where possible.
 
@@ -458,7 +579,8 @@ def split_on_silence(
     time in the file. Each cut lies in the last third (at most 20 s) of the span it ends:
     in the middle of the quietest, then longest, pause between speech that the Silero VAD
     hears there; where it hears none, at the centre of the quietest 100 ms; where the search
-    window is shorter than 100 ms, exactly at the limit.
+    window is shorter than 100 ms, exactly at the limit. :class:`PieceReader` makes the same
+    cuts while decoding, one piece at a time.
 
     Args:
         samples: Mono samples.
@@ -471,39 +593,158 @@ def split_on_silence(
     Raises:
         ValueError: ``max_span_s`` is shorter than one sample.
     """
-    n = len(samples)
-    max_len = int(max_span_s * sample_rate)
-    if max_len < 1:
-        raise ValueError(f"max_span_s must be at least one sample long, got {max_span_s}")
-    if n <= max_len:
-        return [AudioSpan(0, n, sample_rate)]
-
-    use_vad = sample_rate == _VAD_RATE
-    search_len = max(1, min(int(max_len * _SEARCH_FRACTION), int(_SEARCH_MAX_S * sample_rate)))
-    spans: list[AudioSpan] = []
-    how_cut = {"pause": 0, "quiet": 0, "limit": 0}
-    start = 0
-    while n - start > max_len:
-        hi = start + max_len
-        lo = max(start + 1, hi - search_len)
-        cut, how = _find_cut(samples, lo, hi, sample_rate, use_vad=use_vad)
-        how_cut[how] += 1
-        spans.append(AudioSpan(start, cut, sample_rate))
-        start = cut
-    spans.append(AudioSpan(start, n, sample_rate))
-
-    if how_cut["quiet"] or how_cut["limit"]:
-        logger.info(
-            "split %.0f s into %d spans; %d cuts found no pause between speech%s and went to "
-            "the quietest 100 ms (%d) or the span limit (%d)",
-            n / sample_rate,
-            len(spans),
-            how_cut["quiet"] + how_cut["limit"],
-            "" if use_vad else f" (no VAD at {sample_rate} Hz)",
-            how_cut["quiet"],
-            how_cut["limit"],
-        )
+    reader = PieceReader(ArraySource(samples, sample_rate), sample_rate=sample_rate)
+    spans = []
+    while (piece := reader.next(max_span_s)) is not None:
+        spans.append(AudioSpan(piece.start, piece.end, sample_rate))
+    if not spans:
+        return [AudioSpan(0, 0, sample_rate)]
+    reader.log_cuts()
     return spans
+
+
+class ArraySource:
+    """Samples already in memory, read like an :class:`AudioStream` (views, no copies)."""
+
+    def __init__(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+        self.samples = samples
+        self.sample_rate = sample_rate
+        self._pos = 0
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+    @property
+    def decoded_seconds(self) -> float:
+        return self._pos / self.sample_rate
+
+    @property
+    def finished(self) -> bool:
+        return self._pos >= len(self.samples)
+
+    def read(self, max_samples: int) -> np.ndarray:
+        out = self.samples[self._pos : self._pos + max(0, max_samples)]
+        self._pos += len(out)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+AudioSource = ArraySource | AudioStream
+"""Where a request's samples come from: decoded already, or decoded as they are read."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: an array has no single truth value
+class Piece:
+    """A stretch of a request's audio, held while it is transcribed.
+
+    Attributes:
+        start: Index of its first sample in the whole audio.
+        samples: The samples.
+        sample_rate: Samples per second.
+        last: Whether the audio ends with it.
+    """
+
+    start: int
+    samples: np.ndarray
+    sample_rate: int = SAMPLE_RATE
+    last: bool = False
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.samples)
+
+    @property
+    def start_s(self) -> float:
+        return self.start / self.sample_rate
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+class PieceReader:
+    """Cuts audio into pieces at pauses while reading it, holding one piece at a time.
+
+    Each call to :meth:`next` reads just enough to cut the next piece (its length, plus a
+    second the VAD listens to past the limit), cuts it where :func:`split_on_silence` would,
+    and keeps the rest for the piece after. So host memory holds one piece and a tail, however
+    long the audio.
+
+    Args:
+        source: Where the samples come from.
+        sample_rate: Their rate, in Hz; the VAD is used only at 16 kHz.
+    """
+
+    def __init__(self, source: AudioSource, *, sample_rate: int = SAMPLE_RATE) -> None:
+        self.source = source
+        self.sample_rate = sample_rate
+        self._carry = np.empty(0, dtype=np.float32)
+        self._start = 0
+        self._cuts = {"pause": 0, "quiet": 0, "limit": 0}
+
+    @property
+    def position(self) -> int:
+        """Samples handed out in pieces so far."""
+        return self._start
+
+    @property
+    def finished(self) -> bool:
+        """Whether every sample has been handed out."""
+        return self.source.finished and not len(self._carry)
+
+    def next(self, max_span_s: float, *, slack_s: float = 0.0) -> Piece | None:
+        """The next piece, no longer than ``max_span_s``; None when the audio is used up.
+
+        Args:
+            max_span_s: Longest piece, in seconds.
+            slack_s: When the audio ends within this much past ``max_span_s``, the piece runs
+                to the end instead of leaving a sliver after it.
+
+        Raises:
+            ValueError: ``max_span_s`` is shorter than one sample.
+            AudioError: Decoding failed (from an :class:`AudioStream`).
+        """
+        rate = self.sample_rate
+        max_len = int(max_span_s * rate)
+        if max_len < 1:
+            raise ValueError(f"max_span_s must be at least one sample long, got {max_span_s}")
+        slack = int(slack_s * rate)
+        want = max_len + max(slack, int(_VAD_CONTEXT_S * rate))
+        buffer = self._carry
+        if len(buffer) < want and not self.source.finished:
+            more = self.source.read(want - len(buffer))
+            buffer = np.concatenate((buffer, more)) if len(buffer) else more
+        if not len(buffer):
+            self._carry = buffer
+            return None
+        if self.source.finished and len(buffer) <= max_len + slack:
+            piece, self._carry = buffer, np.empty(0, dtype=np.float32)
+        else:
+            search_len = max(1, min(int(max_len * _SEARCH_FRACTION), int(_SEARCH_MAX_S * rate)))
+            lo = max(1, max_len - search_len)
+            cut, how = _find_cut(buffer, lo, max_len, rate, use_vad=rate == SAMPLE_RATE)
+            self._cuts[how] += 1
+            piece, self._carry = buffer[:cut], buffer[cut:].copy()
+        start, self._start = self._start, self._start + len(piece)
+        return Piece(start, piece, rate, last=self.finished)
+
+    def log_cuts(self) -> None:
+        """Say how the cuts so far were placed, if any missed a pause between speech."""
+        cuts = self._cuts
+        if cuts["quiet"] or cuts["limit"]:
+            logger.info(
+                "cut %.0f s into %d pieces; %d cuts found no pause between speech%s and went to "
+                "the quietest 100 ms (%d) or the piece limit (%d)",
+                self._start / self.sample_rate,
+                sum(cuts.values()) + 1,
+                cuts["quiet"] + cuts["limit"],
+                "" if self.sample_rate == SAMPLE_RATE else f" (no VAD at {self.sample_rate} Hz)",
+                cuts["quiet"],
+                cuts["limit"],
+            )
 
 
 def pcm_slice(samples: np.ndarray, span: AudioSpan) -> np.ndarray:
@@ -548,11 +789,11 @@ def _find_cut(
 
 def _vad_pauses(samples: np.ndarray, lo: int, hi: int) -> list[tuple[int, int]]:
     """The stretches of ``[lo, hi]`` between speech; none if the VAD hears no speech at all."""
-    context = int(_VAD_CONTEXT_S * _VAD_RATE)
+    context = int(_VAD_CONTEXT_S * SAMPLE_RATE)
     begin = max(0, lo - context)
     end = min(len(samples), hi + context)
     window = np.asarray(samples[begin:end], dtype=np.float32)
-    speech = get_speech_timestamps(window, _VAD_OPTIONS, sampling_rate=_VAD_RATE)
+    speech = speech_timestamps(window, _VAD_OPTIONS)
     if not speech:
         return []
     pauses = []

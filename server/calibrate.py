@@ -18,36 +18,32 @@ import numpy as np
 
 from server.audio import decode_audio
 from server.config import Settings
-from server.engine import PROFILE_FILE, Engine, LoadedModel
-from server.memory import (
-    Profile,
-    ProfilePoint,
-    Shape,
-    format_bytes,
-    peak_sampler,
-    sample_peak,
-)
+from server.engine import Engine
+from server.memory import Profile, ProfilePoint, Shape, format_bytes
+from server.memory.peaks import peak_sampler, sample_peak
+from server.model_pool import LoadedModel
+from server.runners import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
-_SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "jfk.flac"
+#: Speech shipped with the package (John F. Kennedy, 1961, public domain; 11 s of Opus).
+SHIPPED_SPEECH = Path(__file__).resolve().parent / "data" / "jfk.webm"
 
 
-def calibration_audio(seconds: float) -> np.ndarray:
-    """Real speech tiled to ``seconds`` (so the decoder emits realistic token counts), or
-    synthetic noise when the test clip is not shipped with an installed server."""
-    if _SPEECH.is_file():
-        speech = decode_audio(_SPEECH.read_bytes(), max_duration=60).samples
-    else:  # a wheel install has no tests/: band-limited noise keeps the encoder busy
-        speech = (np.random.default_rng(0).standard_normal(16000 * 10) * 0.05).astype(np.float32)
-    reps = int(np.ceil(seconds * 16000 / len(speech)))
-    return np.tile(speech, reps)[: int(seconds * 16000)]
+def calibration_audio(seconds: float, source: Path | None = None) -> np.ndarray:
+    """Real speech tiled to ``seconds``, so the decoder emits realistic token counts.
+
+    Args:
+        seconds: Length wanted.
+        source: An audio file to use; the clip shipped with the package by default.
+    """
+    path = source or SHIPPED_SPEECH
+    speech = decode_audio(path.read_bytes(), max_duration=3600).samples
+    reps = int(np.ceil(seconds * SAMPLE_RATE / len(speech)))
+    return np.tile(speech, reps)[: int(seconds * SAMPLE_RATE)]
 
 
-def measure(model: LoadedModel, shape: Shape, engine: Engine) -> int:
-    """Peak working memory (bytes above idle) of one run at ``shape``."""
-    from faster_whisper import BatchedInferencePipeline
-
-    audio = calibration_audio(30.0 * shape.batch_size)
+def measure(model: LoadedModel, shape: Shape, engine: Engine, audio: np.ndarray) -> int:
+    """Peak working memory (bytes above idle) of one run at ``shape`` over ``audio``."""
     options = dict(
         language="en" if not model.multilingual else None,
         beam_size=shape.beam_size,
@@ -58,11 +54,11 @@ def measure(model: LoadedModel, shape: Shape, engine: Engine) -> int:
 
     def run() -> None:
         if shape.batch_size > 1:
-            segments, _ = BatchedInferencePipeline(model.whisper).transcribe(
-                audio, batch_size=shape.batch_size, vad_filter=True, **options
+            segments = model.runner.transcribe_batched(
+                audio, shape.batch_size, {**options, "vad_filter": True}
             )
         else:
-            segments, _ = model.whisper.transcribe(audio, **options)
+            segments, _ = model.runner.transcribe(audio, options)
         for _ in segments:
             pass
 
@@ -85,8 +81,17 @@ def calibrate(
     beams: Sequence[int] = (1, 5),
     words: Sequence[bool] = (False, True),
     chart: bool = True,
+    audio: Path | None = None,
 ) -> Path:
     """Measure the grid, write the profile (and chart) next to the model, print a table.
+
+    Args:
+        settings: The server's settings (the served model is calibrated).
+        batches: Batch sizes to measure.
+        beams: Beam sizes to measure.
+        words: Word timestamps off and/or on.
+        chart: Also draw ``memory_profile.png`` (needs matplotlib).
+        audio: Speech to measure with; the clip shipped with the package by default.
 
     Returns:
         The profile's path.
@@ -105,14 +110,15 @@ def calibrate(
             for batch in batches:
                 shape = Shape(model.device, model.compute_type, batch, beam, word_ts, 30)
                 started = time.perf_counter()
-                peak = measure(model, shape, engine)
+                speech = calibration_audio(30.0 * batch, audio)
+                peak = measure(model, shape, engine, speech)
                 estimate = model.cost.estimate(shape).device_bytes
                 profile = profile.with_point(ProfilePoint(batch, beam, word_ts, 30, peak))
                 rows.append((shape, peak, estimate, time.perf_counter() - started))
                 logger.info(
                     "%s: peak %s, estimate %s", shape, format_bytes(peak), format_bytes(estimate)
                 )
-    path = profile.save(folder / PROFILE_FILE)
+    path = profile.save(folder / Profile.FILENAME)
     print("| shape | measured peak | first-principles estimate | seconds |\n|---|---|---|---|")
     for shape, peak, estimate, seconds in rows:
         print(f"| {shape} | {format_bytes(peak)} | {format_bytes(estimate)} | {seconds:.1f} |")

@@ -13,10 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.memory.planner import DEFAULT_LADDER, Step, parse_ladder
 from server.memory.sizes import MemoryAmount
-
-#: Steps the memory planner may take, cheapest loss first.
-LADDER_STEPS = ("batch", "chunk", "greedy", "word_timestamps", "wait", "cpu", "reject")
 
 
 def _split_list(value: Any) -> Any:
@@ -51,14 +49,28 @@ class Settings(BaseSettings):
     """TCP port to listen on."""
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
-    """Comma-separated API keys. When set, every /v1 request needs `Authorization: Bearer <key>`;
-    /health and /ready stay open. Empty: no auth."""
+    """Comma-separated API keys. When set, every /v1 request (and /metrics, see
+    WHISPER_METRICS_PUBLIC) needs `Authorization: Bearer <key>`; /health and /ready stay open.
+    Empty: no auth."""
 
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated origins allowed by CORS. Empty: CORS off."""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server's loggers."""
+
+    header_timeout: float = Field(10.0, gt=0, le=3600)
+    """Seconds a client has to send a request's line and headers, counted from when the
+    connection opens or, on a keep-alive connection, from the end of the previous response.
+    A client still sending them is answered 408 and closed (slowloris); an idle one is closed."""
+
+    max_connections: int = Field(256, ge=0)
+    """Most connections served at once; a request on one more gets 503 `too_many_connections`
+    (with Retry-After) and that connection is closed. 0: no cap."""
+
+    metrics_public: bool = False
+    """Serve /metrics without an API key when WHISPER_API_KEYS is set. Off: /metrics needs a key,
+    like /v1."""
 
     # ---- models ------------------------------------------------------------------------------
     model: str | None = None
@@ -133,7 +145,7 @@ class Settings(BaseSettings):
     """`adapt`: degrade along WHISPER_DEGRADE_LADDER to fit; `strict`: run as asked or wait/reject;
     `off`: no planning."""
 
-    degrade_ladder: Annotated[tuple[str, ...], NoDecode] = LADDER_STEPS
+    degrade_ladder: Annotated[tuple[Step, ...], NoDecode] = DEFAULT_LADDER
     """Comma-separated order of the planner's steps when memory is short: batch, chunk, greedy,
     word_timestamps, wait, cpu, reject."""
 
@@ -145,7 +157,9 @@ class Settings(BaseSettings):
     """GPU memory always left free (CUDA context growth, allocator caches, other processes)."""
 
     host_memory_limit: Annotated[MemoryAmount | None, NoDecode] = None
-    """Most host RAM request buffers may use (`8GiB`, `50%`). Unset: what is available."""
+    """Most host RAM this server's process may hold (`8GiB`, `50%`): its idle footprint (runtime,
+    libraries, CPU models) plus what requests reserve for their audio, features and, on the CPU,
+    working memory. Unset: what is available."""
 
     host_headroom: Annotated[MemoryAmount, NoDecode] = MemoryAmount.parse("1GiB")
     """Host RAM always left free."""
@@ -168,16 +182,19 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(20.0, ge=0, le=1000)
     """Longest time the first window of a batch waits for others to join it, in milliseconds."""
 
-    batch_size: int = Field(8, ge=1, le=128)
-    """Largest batch of 30 s windows decoded together (long files, and requests combined)."""
+    batch_size: int | None = Field(None, ge=1, le=128)
+    """Largest batch of 30 s windows decoded together (long files, and requests combined). Unset:
+    8 on a GPU, 4 on the CPU, where a batch's memory grows with its size (the encoder's attention
+    scores) while batching saves little time."""
+
+    max_piece_duration: float = Field(300.0, ge=30, le=3600)
+    """Longest stretch of a long file decoded and transcribed at once, in seconds (cut at a pause
+    near the limit). Host memory holds one piece at a time, so this bounds what a long file costs;
+    the planner cuts shorter pieces when host memory is short."""
 
     chunk_length: int = Field(30, ge=5, le=30)
     """Seconds of audio per window given to the encoder; the planner may shorten it when memory is
     short."""
-
-    # ---- testing -----------------------------------------------------------------------------
-    fault_oom_calls: int = Field(0, ge=0)
-    """Test only: the first N inference calls raise CTranslate2's own out-of-memory error. 0: off."""
 
     @field_validator("api_keys", "cors_origins", "model_aliases", mode="before")
     @classmethod
@@ -187,11 +204,7 @@ class Settings(BaseSettings):
     @field_validator("degrade_ladder", mode="before")
     @classmethod
     def _ladder(cls, value: Any) -> Any:
-        steps = tuple(_split_list(value))
-        unknown = [s for s in steps if s not in LADDER_STEPS]
-        if unknown:
-            raise ValueError(f"unknown step(s) {unknown}; choose from {', '.join(LADDER_STEPS)}")
-        return steps
+        return parse_ladder(_split_list(value))
 
     @field_validator(
         "max_upload_size",

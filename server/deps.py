@@ -67,3 +67,16 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
 
 
 Authorized = Depends(require_api_key)
+
+
+def require_metrics_key(request: Request, settings: SettingsDep) -> None:
+    """``/metrics`` takes the same key as /v1 unless ``WHISPER_METRICS_PUBLIC`` opens it.
+
+    Raises:
+        AuthenticationError: keys are configured, metrics are not public, and no key matched.
+    """
+    if not settings.metrics_public:
+        require_api_key(request, settings)
+
+
+MetricsAuthorized = Depends(require_metrics_key)

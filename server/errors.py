@@ -115,6 +115,26 @@ class UploadTimeoutError(ClientError):
     code = "upload_timeout"
 
 
+class HeaderTimeoutError(ClientError):
+    """The request line and headers did not arrive within ``WHISPER_HEADER_TIMEOUT``."""
+
+    status = 408
+    code = "header_timeout"
+
+
+class MalformedRequestError(InvalidRequestError):
+    """The HTTP request itself could not be parsed (refused before it reached a route)."""
+
+    code = "malformed_request"
+
+
+class HeadersTooLargeError(ClientError):
+    """The request line and headers are longer than the server buffers."""
+
+    status = 431
+    code = "headers_too_large"
+
+
 class RateLimitError(ClientError):
     """The queue is full; retry later (429 with ``Retry-After``)."""
 
@@ -170,6 +190,12 @@ class InsufficientMemoryError(ServiceUnavailableError):
     """The planner found no way to fit the request in the memory available now."""
 
     code = "insufficient_memory"
+
+
+class TooManyConnectionsError(ServiceUnavailableError):
+    """More connections are open than ``WHISPER_MAX_CONNECTIONS`` allows."""
+
+    code = "too_many_connections"
 
 
 class RequestTimeoutError(ServerError):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel
@@ -49,7 +49,6 @@ class TranscriptionRequest:
 
     task: Task
     file: bytes
-    filename: str
     model: str
     language: str | None = None
     prompt: str | None = None
@@ -61,7 +60,6 @@ class TranscriptionRequest:
     hotwords: str | None = None
     vad_filter: bool = False
     beam_size: int | None = None
-    extras: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def word_timestamps(self) -> bool:
@@ -235,8 +233,8 @@ def parse_form(
     """Turn a multipart form (field name -> list of values) into a :class:`TranscriptionRequest`.
 
     Args:
-        form: Every field with all its values; files are objects with ``filename`` and bytes
-            already read into ``data``.
+        form: Every field with all its values; files are objects with their bytes already
+            read into ``data``.
         task: ``transcribe`` or ``translate`` (from the route).
         max_beam_size: Largest accepted ``beam_size``.
         max_prompt_chars: Longest accepted ``prompt``.
@@ -293,7 +291,6 @@ def parse_form(
     return TranscriptionRequest(
         task=task,
         file=bytes(upload.data),
-        filename=str(getattr(upload, "filename", "") or "upload"),
         model=model,
         language=language,
         prompt=_text(form, "prompt", max_len=max_prompt_chars) or None,

@@ -47,26 +47,21 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from faster_whisper.audio import pad_or_trim
-from faster_whisper.tokenizer import Tokenizer
-from faster_whisper.transcribe import (
-    Segment,
-    WhisperModel,
-    Word,
-    get_compression_ratio,
-    get_suppressed_tokens,
-    restore_speech_timestamps,
-)
-from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+
+from server.errors import RequestCancelledError
+from server.memory import Shape
+from server.runners import SAMPLE_RATE, TEMPERATURES, WhisperRunner
+
+if TYPE_CHECKING:
+    from faster_whisper.tokenizer import Tokenizer
+    from faster_whisper.transcribe import Segment
+    from faster_whisper.vad import VadOptions
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
-TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 TASKS = ("transcribe", "translate")
 
 
@@ -107,10 +102,6 @@ class QueueFullError(SchedulerError):
 
 class SchedulerClosedError(SchedulerError):
     """The scheduler was closed before the request finished."""
-
-
-class RequestCancelledError(SchedulerError):
-    """The request was cancelled; its windows that were still queued were dropped."""
 
 
 class BatchFailedError(SchedulerError, RuntimeError):
@@ -157,6 +148,44 @@ class BatchKey:
     def hypotheses(self) -> int:
         """Sequences decoded per window: what the decoder's memory per window scales with."""
         return self.beam_size if self.temperature == 0 else self.best_of
+
+    def memory_shape(self, device: str, compute_type: str, batch_size: int) -> Shape:
+        """The memory planner's shape of a batch of ``batch_size`` windows with this key
+        (batched windows are padded to 30 s)."""
+        return Shape(
+            device=device,
+            compute_type=compute_type,
+            batch_size=max(1, batch_size),
+            beam_size=self.hypotheses,
+            word_timestamps=self.word_timestamps,
+            chunk_length=30,
+            batched=True,
+        )
+
+    def generate_options(self) -> dict[str, Any]:
+        """CTranslate2 ``generate`` options for this key (prompts and suppressed tokens
+        aside). Beam search is exactly ``BatchedInferencePipeline``'s call; above 0 it samples
+        ``best_of`` candidates, as ``WhisperModel.transcribe`` does."""
+        if self.temperature > 0:
+            sampling: dict[str, Any] = {
+                "beam_size": 1,
+                "num_hypotheses": self.best_of,
+                "sampling_topk": 0,
+                "sampling_temperature": self.temperature,
+            }
+        else:
+            sampling = {
+                "beam_size": self.beam_size,
+                "patience": self.patience,
+                "sampling_temperature": self.temperature,
+            }
+        return {
+            **sampling,
+            "length_penalty": self.length_penalty,
+            "suppress_blank": self.suppress_blank,
+            "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+        }
 
 
 @dataclass(frozen=True)
@@ -338,7 +367,7 @@ class _Request:
 # ---- the ticket ----------------------------------------------------------------------------
 
 
-class Ticket(Iterator[Segment]):
+class Ticket(Iterator["Segment"]):
     """A submitted request: iterate it (blocking) for its segments in time order.
 
     Times are seconds from the start of the submitted audio; words are set when the request
@@ -347,7 +376,6 @@ class Ticket(Iterator[Segment]):
 
     Attributes:
         duration: Seconds of audio submitted.
-        duration_after_vad: Seconds of it that hold speech (all of it without VAD).
         windows: Windows the audio was cut into.
         cancelled: Set to cancel the request (the caller's event, or a new one).
     """
@@ -359,7 +387,6 @@ class Ticket(Iterator[Segment]):
         wake: Callable[[], None],
         *,
         duration: float,
-        duration_after_vad: float,
         windows: int,
         language: str | None,
     ) -> None:
@@ -372,7 +399,6 @@ class Ticket(Iterator[Segment]):
         self._language_probability = 1.0 if language is not None else 0.0
         self.cancelled = cancelled
         self.duration = duration
-        self.duration_after_vad = duration_after_vad
         self.windows = windows
 
     @property
@@ -439,9 +465,9 @@ class Scheduler:
     """Batches the windows of concurrent requests through one model with one worker thread.
 
     Args:
-        whisper_model: A loaded ``faster_whisper.WhisperModel``. The scheduler is its only
-            user for the requests it runs; nothing else should decode with it meanwhile if
-            memory matters.
+        model: A loaded ``faster_whisper.WhisperModel``, or the :class:`WhisperRunner` that
+            wraps it. The scheduler is its only user for the requests it runs; nothing else
+            should decode with it meanwhile if memory matters.
         max_batch: Called before each batch with the batch's key; returns how many windows the
             batch may hold (values below 1 count as 1). To refuse work, raise: the error is
             delivered, as a :class:`BatchFailedError`, to every request with windows of that
@@ -458,7 +484,7 @@ class Scheduler:
 
     def __init__(
         self,
-        whisper_model: Any,
+        model: Any,
         *,
         max_batch: Callable[[BatchKey], int],
         max_wait_s: float = 0.02,
@@ -469,7 +495,7 @@ class Scheduler:
             raise ValueError("max_wait_s must not be negative")
         if max_queued_windows < 1:
             raise ValueError("max_queued_windows must be at least 1")
-        self._model = whisper_model
+        self._runner = model if isinstance(model, WhisperRunner) else WhisperRunner(model)
         self._max_batch = max_batch
         self._max_wait = max_wait_s
         self._max_queued = max_queued_windows
@@ -479,8 +505,6 @@ class Scheduler:
         self._requests: deque[_Request] = deque()  # round-robin order: least recently served first
         self._queued = 0
         self._closed = False
-        self._tokenizers: dict[tuple[str, str], Tokenizer] = {}
-        self._suppressed: dict[tuple[int, ...], list[int]] = {}
         self._batches = 0
         self._windows = 0
         self._mixed = 0
@@ -523,26 +547,31 @@ class Scheduler:
             if self._queued >= self._max_queued:  # refuse before spending time on VAD
                 self._rejected += 1
                 raise QueueFullError(self._queued, None, self._max_queued)
-        multilingual = bool(self._model.model.is_multilingual)
+        runner = self._runner
+        multilingual = runner.multilingual
         language = options.language
         if not multilingual and language not in (None, "en"):
             logger.warning("English-only model; language %r replaced by 'en'", language)
         if not multilingual:
             language = "en"
         # Validates the language and the prompt's length before anything is queued.
-        tokenizer = self._tokenizer(language or "en", options.task)
-        initial = _initial_tokens(tokenizer, options.initial_prompt)
+        tokenizer = runner.tokenizer(language or "en", options.task)
+        initial = runner.prompt_tokens(tokenizer, options.initial_prompt)
         prompt = self._prompt(tokenizer, options, initial)
-        if len(prompt) >= self._model.max_length:
+        if len(prompt) >= runner.max_length:
             raise ValueError(
                 f"The prompt and hotwords take {len(prompt)} tokens, leaving none of the "
-                f"model's {self._model.max_length} to decode; shorten them."
+                f"model's {runner.max_length} to decode; shorten them."
             )
 
-        clips, chunks, metadata = _cut(np.asarray(audio, dtype=np.float32), options)
-        speech = sum(c["end"] - c["start"] for c in clips) / SAMPLE_RATE
-        fe = self._model.feature_extractor
-        features = [fe(chunk)[..., :-1] for chunk in chunks] if speech else []
+        clips, chunks, metadata = runner.cut(
+            np.asarray(audio, dtype=np.float32),
+            vad_filter=options.vad_filter,
+            vad_parameters=options.vad_parameters,
+            chunk_length=options.chunk_length,
+        )
+        speech = sum(c["end"] - c["start"] for c in clips)
+        features = [runner.features(chunk) for chunk in chunks] if speech else []
 
         event = cancelled if cancelled is not None else threading.Event()
         ticket = Ticket(
@@ -550,7 +579,6 @@ class Scheduler:
             event,
             self._notify,
             duration=len(audio) / SAMPLE_RATE,
-            duration_after_vad=speech,
             windows=len(features),
             language=language,
         )
@@ -622,26 +650,14 @@ class Scheduler:
         with self._lock:
             self._wake.notify_all()
 
-    def _tokenizer(self, language: str, task: str) -> Tokenizer:
-        # Tokenizers cache their special tokens; one per (language, task) is reused.
-        key = (language, task)
-        tokenizer = self._tokenizers.get(key)
-        if tokenizer is None:
-            model = self._model
-            tokenizer = Tokenizer(model.hf_tokenizer, model.model.is_multilingual, task, language)
-            self._tokenizers[key] = tokenizer
-        return tokenizer
-
     def _prompt(
         self, tokenizer: Tokenizer, options: WindowOptions, initial: list[int]
     ) -> list[int]:
-        return list(
-            self._model.get_prompt(
-                tokenizer,
-                previous_tokens=initial,
-                without_timestamps=options.without_timestamps,
-                hotwords=options.hotwords,
-            )
+        return self._runner.prompt(
+            tokenizer,
+            initial,
+            without_timestamps=options.without_timestamps,
+            hotwords=options.hotwords,
         )
 
     # ---- the worker -----------------------------------------------------------------------
@@ -764,27 +780,30 @@ class Scheduler:
 
     def _decode(self, key: BatchKey, windows: list[_Window]) -> None:
         """Run one batch: encode, detect languages, generate, fall back, align, release."""
-        model = self._model
-        features = np.stack([pad_or_trim(w.features) for w in windows])
-        encoder_output = model.encode(features)
+        runner = self._runner
+        encoder_output = runner.encode([w.features for w in windows])
 
         undetected = [i for i, w in enumerate(windows) if w.request.tokenizer is None]
         if undetected:
-            detected = model.model.detect_language(encoder_output)
+            detected = runner.detect_language(encoder_output)
             with self._lock:
                 for i in undetected:
                     request = windows[i].request
-                    token, probability = detected[i][0]
-                    language = token[2:-2]
-                    request.tokenizer = self._tokenizer(language, request.options.task)
+                    language, probability = detected[i]
+                    request.tokenizer = runner.tokenizer(language, request.options.task)
                     request.prompt = self._prompt(
                         request.tokenizer, request.options, request.initial_tokens
                     )
-                    request.ticket._set_language(language, float(probability))
+                    request.ticket._set_language(language, probability)
                 self._wake.notify_all()  # the rest of these requests' windows may go now
 
         tokenizers = [_tokenizer_of(w) for w in windows]
-        results = self._generate(key, encoder_output, windows, tokenizers[0])
+        results = runner.generate(
+            encoder_output,
+            [w.request.prompt for w in windows],
+            suppress_tokens=runner.suppressed_tokens(tokenizers[0], key.suppress_tokens),
+            **key.generate_options(),
+        )
 
         finished: list[tuple[_Window, _Attempt, list[dict[str, Any]], int]] = []
         retry: list[_Window] = []
@@ -795,7 +814,7 @@ class Scheduler:
                 tokens=tokens,
                 avg_logprob=cum_logprob / (len(tokens) + 1),
                 no_speech_prob=float(result.no_speech_prob),
-                compression_ratio=get_compression_ratio(tokenizer.decode(tokens).strip()),
+                compression_ratio=runner.compression_ratio(tokenizer.decode(tokens).strip()),
                 temperature=key.temperature,
             )
             w.attempts.append(attempt)
@@ -805,14 +824,9 @@ class Scheduler:
                 retry.append(w)
                 continue
             chosen = _best(w.attempts, options) if failed else attempt
-            size = int(math.ceil(w.duration) * model.frames_per_second)
-            segments, _, _ = model._split_segments_by_timestamps(
-                tokenizer=tokenizer,
-                tokens=chosen.tokens,
-                time_offset=w.offset,
-                segment_size=size,
-                segment_duration=w.duration,
-                seek=0,
+            size = int(math.ceil(w.duration) * runner.frames_per_second)
+            segments = runner.split_segments(
+                tokenizer, chosen.tokens, offset=w.offset, size=size, duration=w.duration
             )
             finished.append((w, chosen, segments, size))
 
@@ -836,10 +850,10 @@ class Scheduler:
                     text = _tokenizer_of(w).decode(s["tokens"])
                     s.update(
                         text=text,
-                        compression_ratio=get_compression_ratio(text),
+                        compression_ratio=runner.compression_ratio(text),
                         avg_logprob=chosen.avg_logprob,
                         no_speech_prob=chosen.no_speech_prob,
-                        seek=int(w.offset * model.frames_per_second),
+                        seek=int(w.offset * runner.frames_per_second),
                     )
                 w.request.decoded[w.index] = _Decoded(
                     segments, chosen.temperature, size, alignments.get(id(w))
@@ -847,47 +861,6 @@ class Scheduler:
             ready = list({id(w.request): w.request for w, *_ in finished}.values())
         for request in ready:
             self._release(request)
-
-    def _generate(
-        self, key: BatchKey, encoder_output: Any, windows: list[_Window], tokenizer: Tokenizer
-    ) -> list[Any]:
-        """One CTranslate2 ``generate`` call for the batch, each item with its own prompt."""
-        if key.temperature > 0:
-            sampling: dict[str, Any] = {
-                "beam_size": 1,
-                "num_hypotheses": key.best_of,
-                "sampling_topk": 0,
-                "sampling_temperature": key.temperature,
-            }
-        else:  # exactly BatchedInferencePipeline's call
-            sampling = {
-                "beam_size": key.beam_size,
-                "patience": key.patience,
-                "sampling_temperature": key.temperature,
-            }
-        return list(
-            self._model.model.generate(
-                encoder_output,
-                [w.request.prompt for w in windows],
-                length_penalty=key.length_penalty,
-                max_length=self._model.max_length,
-                suppress_blank=key.suppress_blank,
-                suppress_tokens=self._suppress_tokens(tokenizer, key.suppress_tokens),
-                return_scores=True,
-                return_no_speech_prob=True,
-                repetition_penalty=key.repetition_penalty,
-                no_repeat_ngram_size=key.no_repeat_ngram_size,
-                **sampling,
-            )
-        )
-
-    def _suppress_tokens(self, tokenizer: Tokenizer, wanted: tuple[int, ...]) -> list[int]:
-        # The ids do not depend on language or task, so one list per model serves all items.
-        if wanted not in self._suppressed:
-            self._suppressed[wanted] = (
-                list(get_suppressed_tokens(tokenizer, list(wanted))) if wanted else []
-            )
-        return self._suppressed[wanted]
 
     def _align(
         self,
@@ -901,7 +874,7 @@ class Scheduler:
         of the encoder output, so it runs once per (language, task) in the batch over all items
         (windows re-queued for fallback align their current text, which is discarded).
         """
-        model = self._model
+        runner = self._runner
         chosen = {id(w): (attempt, segments, size) for w, attempt, segments, size in finished}
         eot = _tokenizer_of(windows[0]).eot
         text_tokens: list[list[int]] = []
@@ -912,7 +885,7 @@ class Scheduler:
                 tokens = [t for s in segments for t in s["tokens"] if t < eot]
             else:
                 tokens = [t for t in w.attempts[-1].tokens if t < eot]
-                size = int(math.ceil(w.duration) * model.frames_per_second)
+                size = int(math.ceil(w.duration) * runner.frames_per_second)
             text_tokens.append(tokens)
             sizes.append(size)
         if not any(text_tokens):
@@ -925,7 +898,7 @@ class Scheduler:
         aligned: dict[int, list[dict[str, Any]]] = {}
         for indices in groups.values():
             tokenizer = _tokenizer_of(windows[indices[0]])
-            result = model.find_alignment(tokenizer, text_tokens, encoder_output, sizes)
+            result = runner.find_alignment(tokenizer, text_tokens, encoder_output, sizes)
             for i in indices:
                 aligned[id(windows[i])] = result[i]
         return aligned
@@ -956,46 +929,28 @@ class Scheduler:
         """As ``BatchedInferencePipeline.forward`` + ``_batched_segments_generator``, for one
         window, then mapped from the speech-only timeline back to the audio's."""
         options = request.options
-        subsegments = decoded.segments
         if options.word_timestamps:
-            # add_word_timestamps is faster-whisper's post-processing of an alignment; it only
-            # needs find_alignment and frames_per_second, and the alignment was computed in the
-            # batch, so it runs against a stand-in that returns it.
-            precomputed = SimpleNamespace(
-                find_alignment=lambda *_: [decoded.alignment or []],
-                frames_per_second=self._model.frames_per_second,
-            )
-            last = WhisperModel.add_word_timestamps(
-                precomputed,
-                [subsegments],
+            assert request.tokenizer is not None
+            last = self._runner.add_word_timestamps(
+                decoded.segments,
                 request.tokenizer,
-                None,
-                [decoded.segment_size],
-                options.prepend_punctuations,
-                options.append_punctuations,
-                request.last_speech_timestamp,
+                decoded.alignment or [],
+                decoded.segment_size,
+                prepend_punctuations=options.prepend_punctuations,
+                append_punctuations=options.append_punctuations,
+                last_speech_timestamp=request.last_speech_timestamp,
             )
             if last is not None:
                 request.last_speech_timestamp = last
-        segments = []
-        for s in subsegments:
-            request.segment_id += 1
-            segments.append(
-                Segment(
-                    id=request.segment_id,
-                    seek=s["seek"],
-                    start=round(s["start"], 3),
-                    end=round(s["end"], 3),
-                    text=s["text"],
-                    tokens=s["tokens"],
-                    avg_logprob=s["avg_logprob"],
-                    compression_ratio=s["compression_ratio"],
-                    no_speech_prob=s["no_speech_prob"],
-                    words=[Word(**w) for w in s["words"]] if options.word_timestamps else None,
-                    temperature=decoded.temperature,
-                )
-            )
-        return list(restore_speech_timestamps(segments, request.clips, SAMPLE_RATE))
+        segments = self._runner.restore_timestamps(
+            decoded.segments,
+            request.clips,
+            temperature=decoded.temperature,
+            with_words=options.word_timestamps,
+            first_id=request.segment_id + 1,
+        )
+        request.segment_id += len(segments)
+        return segments
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -1005,42 +960,6 @@ def _tokenizer_of(window: _Window) -> Tokenizer:
     tokenizer = window.request.tokenizer
     assert tokenizer is not None, "a window is decoded only once its language is known"
     return tokenizer
-
-
-def _initial_tokens(tokenizer: Tokenizer, prompt: str | Sequence[int] | None) -> list[int]:
-    if prompt is None:
-        return []
-    if isinstance(prompt, str):
-        # As BatchedInferencePipeline encodes it (no leading space added).
-        return list(tokenizer.encode(prompt))
-    return [int(t) for t in prompt]
-
-
-def _cut(
-    audio: np.ndarray, options: WindowOptions
-) -> tuple[list[dict[str, int]], list[np.ndarray], list[dict[str, Any]]]:
-    """Speech spans, window audio and window metadata, as BatchedInferencePipeline.transcribe
-    computes them. Without VAD, audio longer than one window (which the pipeline refuses) is
-    cut every ``chunk_length`` seconds."""
-    length = options.chunk_length
-    if options.vad_filter:
-        parameters = options.vad_parameters
-        if parameters is None:
-            vad = VadOptions(max_speech_duration_s=length, min_silence_duration_ms=160)
-        elif isinstance(parameters, VadOptions):
-            vad = parameters
-        else:
-            given = {k: v for k, v in parameters.items() if k != "max_speech_duration_s"}
-            vad = VadOptions(**given, max_speech_duration_s=length)
-        clips = get_speech_timestamps(audio, vad)
-    else:
-        step = length * SAMPLE_RATE
-        clips = [
-            {"start": start, "end": min(start + step, len(audio))}
-            for start in range(0, len(audio), step)
-        ]
-    chunks, metadata = collect_chunks(audio, clips, max_duration=length)
-    return clips, chunks, metadata
 
 
 def _needs_fallback(attempt: _Attempt, options: WindowOptions) -> bool:
@@ -1087,7 +1006,6 @@ __all__ = [
     "BatchFailedError",
     "BatchKey",
     "QueueFullError",
-    "RequestCancelledError",
     "Scheduler",
     "SchedulerClosedError",
     "SchedulerError",

@@ -18,9 +18,9 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from server.audio import DecodedAudio, decode_audio
+from server.audio import AudioStream
 from server.config import Settings
-from server.engine import Engine, Job
+from server.engine import Engine
 from server.errors import (
     APIError,
     ModelNotReadyError,
@@ -34,6 +34,7 @@ from server.formats import (
     text_delta_event,
     text_done_event,
 )
+from server.job import Job
 from server.metrics import Metrics
 from server.protocol import Task, TranscriptionRequest, parse_form
 from server.transcript import Segment, Transcript
@@ -46,8 +47,7 @@ _MAX_FIELDS = 64
 class _Upload:
     """A file part read into memory (the form's spooled file is closed right after)."""
 
-    def __init__(self, filename: str | None, data: bytes) -> None:
-        self.filename = filename
+    def __init__(self, data: bytes) -> None:
         self.data = data
 
 
@@ -61,7 +61,7 @@ async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]
             fields: dict[str, list[Any]] = {}
             for name, value in form.multi_items():
                 if isinstance(value, UploadFile):
-                    upload = _Upload(value.filename, await value.read())
+                    upload = _Upload(await value.read())
                     fields.setdefault(name, []).append(upload)
                 else:
                     fields.setdefault(name, []).append(value)
@@ -70,20 +70,6 @@ async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]
         raise RequestCancelledError(
             "The client closed the connection before the upload finished."
         ) from exc
-
-
-def _vad_parameters(req: TranscriptionRequest) -> dict[str, Any] | None:
-    strategy = req.chunking_strategy
-    if strategy is None or strategy.type != "server_vad":
-        return None
-    params: dict[str, Any] = {}
-    if strategy.threshold is not None:
-        params["threshold"] = strategy.threshold
-    if strategy.silence_duration_ms is not None:
-        params["min_silence_duration_ms"] = strategy.silence_duration_ms
-    if strategy.prefix_padding_ms is not None:
-        params["speech_pad_ms"] = strategy.prefix_padding_ms
-    return params or None
 
 
 class TranscriptionService:
@@ -113,31 +99,26 @@ class TranscriptionService:
         # The admission slot is held until the response is complete; for a stream that is
         # after the last event, so the stream's generator takes it over.
         slot = ExitStack()
-        slot.enter_context(engine.admit(getattr(request.state, "api_key_id", None)))
+        slot.enter_context(engine.admission.admit(getattr(request.state, "api_key_id", None)))
+        request_id = getattr(request.state, "request_id", "-")
         try:
-            audio: DecodedAudio = await anyio.to_thread.run_sync(
-                partial(decode_audio, req.file, max_duration=settings.max_audio_duration)
+            # The upload is in memory already: count it against host RAM while it is held.
+            slot.enter_context(engine.hold_upload(len(req.file), request_id))
+            # Only the header is read here; the engine decodes the audio piece by piece, each
+            # under the planner's reservation.
+            audio = await anyio.to_thread.run_sync(
+                partial(AudioStream, req.file, max_duration=settings.max_audio_duration)
             )
-            job = Job(
-                request_id=getattr(request.state, "request_id", "-"),
-                audio=audio.samples,
+            slot.callback(audio.close)
+            job = Job.from_request(
+                req,
+                request_id=request_id,
+                audio=audio,
                 source=source,
-                task=req.task,
-                language=req.language,
-                prompt=req.prompt,
-                temperature=req.temperature,
-                beam_size=req.beam_size or settings.default_beam_size,
-                word_timestamps=req.word_timestamps,
-                vad_filter=req.vad_filter or req.chunking_strategy is not None,
-                vad_parameters=_vad_parameters(req),
-                hotwords=req.hotwords,
+                default_beam_size=settings.default_beam_size,
             )
             if req.stream:
-                return StreamingResponse(
-                    self._stream(job, req, slot.pop_all()),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                )
+                return await self._start_stream(job, req, slot.pop_all())
             started = time.perf_counter()
             try:
                 transcript = await self._run(job, request)
@@ -147,6 +128,7 @@ class TranscriptionService:
             self._finished(job, req, started, transcript, None)
         finally:
             slot.close()
+            engine.settle()
         return self._render(transcript, req)
 
     def _finished(
@@ -162,9 +144,9 @@ class TranscriptionService:
         outcome = "ok" if error is None else (error.code or str(error.status))
         self.metrics.transcriptions.labels(job.task, req.response_format.value, outcome).inc()
         if transcript is not None:
-            self.metrics.audio_seconds.inc(job.duration)
-            if job.duration > 0:
-                self.metrics.rtf.observe(elapsed / job.duration)
+            self.metrics.audio_seconds.inc(transcript.duration)
+            if transcript.duration > 0:
+                self.metrics.rtf.observe(elapsed / transcript.duration)
         plan = next(
             (d for d in reversed(self.engine.stats.recent) if d["request_id"] == job.request_id),
             None,
@@ -176,7 +158,7 @@ class TranscriptionService:
             job.source.id,
             job.task,
             req.response_format.value,
-            job.duration,
+            transcript.duration if transcript else job.duration or 0.0,
             "-"
             if plan is None
             else f"{plan['device']}/b{plan['batch_size']}/beam{plan['beam_size']}"
@@ -232,21 +214,64 @@ class TranscriptionService:
             return JSONResponse(body, headers=headers)
         return Response(body, media_type=media_type, headers=headers)
 
-    async def _stream(
+    async def _start_stream(
         self, job: Job, req: TranscriptionRequest, slot: ExitStack
-    ) -> AsyncIterator[bytes]:
+    ) -> StreamingResponse:
+        """Start the engine and answer with server-sent events once the first piece of audio
+        has decoded. Until then a failure (an upload that is not audio, no memory) is still an
+        ordinary error response with its status; after it, an ``error`` event."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Segment] = asyncio.Queue()
+        decoded = asyncio.Event()
         cancelled = threading.Event()
         started = time.perf_counter()
 
         def on_segment(segment: Segment) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, segment)
 
+        def on_decoded() -> None:
+            loop.call_soon_threadsafe(decoded.set)
+
         future = loop.run_in_executor(
             self.engine.executor,
-            partial(self.engine.run, job, on_segment=on_segment, cancelled=cancelled),
+            partial(
+                self.engine.run,
+                job,
+                on_segment=on_segment,
+                cancelled=cancelled,
+                on_decoded=on_decoded,
+            ),
         )
+        try:
+            ready = asyncio.ensure_future(decoded.wait())
+            waiting: set[asyncio.Future[Any]] = {ready, future}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if future.done() and not decoded.is_set() and future.exception() is not None:
+                error = future.exception()
+                if isinstance(error, APIError):
+                    self._finished(job, req, started, None, error)
+                raise error  # type: ignore[misc]
+        except BaseException:
+            cancelled.set()
+            slot.close()
+            raise
+        return StreamingResponse(
+            self._stream(job, req, slot, future, queue, cancelled, started),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _stream(
+        self,
+        job: Job,
+        req: TranscriptionRequest,
+        slot: ExitStack,
+        future: asyncio.Future[Transcript],
+        queue: asyncio.Queue[Segment],
+        cancelled: threading.Event,
+        started: float,
+    ) -> AsyncIterator[bytes]:
         try:
             while True:
                 getter = asyncio.ensure_future(queue.get())
@@ -277,4 +302,9 @@ class TranscriptionService:
         finally:
             # Reached on completion and when the client disconnects (the generator is closed).
             cancelled.set()
+            if not future.done():
+                # Hold the admission slot and the audio until the worker has really stopped.
+                with contextlib.suppress(Exception):
+                    await future
             slot.close()
+            self.engine.settle()

@@ -24,6 +24,7 @@ import uvicorn
 
 from server.app import create_app
 from server.config import Settings
+from server.connections import uvicorn_options
 
 DATA = Path(__file__).parent / "data"
 
@@ -58,18 +59,28 @@ class LiveServer:
         return self.app.state.engine
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
-def run_server(settings: Settings) -> Iterator[LiveServer]:
-    """Serve ``create_app(settings)`` on loopback until the block exits."""
+def run_server(
+    settings: Settings, prepare: Callable[[Any], None] | None = None
+) -> Iterator[LiveServer]:
+    """Serve ``create_app(settings)`` on loopback until the block exits; ``prepare`` gets the
+    app before it starts."""
     app = create_app(settings)
+    if prepare is not None:
+        prepare(app)
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=settings.port, log_level="warning", lifespan="on"
+        app,
+        host="127.0.0.1",
+        port=settings.port,
+        log_level="warning",
+        lifespan="on",
+        **uvicorn_options(settings),
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -100,7 +111,7 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
         key = tuple(sorted((k, repr(v)) for k, v in overrides.items()))
         if key not in started:
             overrides.setdefault("models_dir", tmp_path_factory.mktemp("models"))
-            settings = Settings(port=_free_port(), **overrides)
+            settings = Settings(port=free_port(), **overrides)
             started[key] = stack.enter_context(run_server(settings))
         return started[key]
 
@@ -112,6 +123,47 @@ def server_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
 def tiny_server(server_factory: Callable[..., LiveServer], tiny_model: Path) -> LiveServer:
     """A server on tiny.en (fast) with a 2-hour audio limit, default settings otherwise."""
     return server_factory(model=str(tiny_model), max_audio_duration=7200)
+
+
+@contextlib.contextmanager
+def out_of_memory_faults(engine: Any, calls: int) -> Iterator[None]:
+    """Fault injection: the next ``calls`` model calls raise CTranslate2's own out-of-memory
+    error, then the models behave again (and are restored when the block exits).
+
+    The calls counted are each loaded model's sequential ``transcribe`` and the ``encode`` that
+    starts every scheduler batch, so both of the engine's paths see the fault.
+    """
+    left = [calls]
+    lock = threading.Lock()
+    patched = []
+
+    def failing(call: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                fail = left[0] > 0
+                left[0] -= fail
+            if fail:
+                raise RuntimeError("CUDA failed with error out of memory")
+            return call(*args, **kwargs)
+
+        return wrapper
+
+    for model in engine.pool.loaded():
+        for name in ("transcribe", "encode"):
+            setattr(model.runner, name, failing(getattr(model.runner, name)))
+            patched.append((model.runner, name))
+    try:
+        yield
+    finally:
+        for runner, name in patched:
+            delattr(runner, name)  # the class's method shows through again
+
+
+def pin_footprint_to_weights(engine: Any) -> None:
+    """Count only the engine's model weights as what it holds outside reservations, instead of
+    the process's resident memory: a test process holds every other test's servers and models
+    too, and tests that set WHISPER_HOST_MEMORY_LIMIT need budgets that do not depend on them."""
+    engine.footprint = lambda: engine.pool.resident_bytes("cpu")
 
 
 def words(text: str) -> list[str]:

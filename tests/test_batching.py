@@ -8,7 +8,8 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import wer
+from server.config import Settings
+from tests.conftest import free_port, pin_footprint_to_weights, run_server, wer
 from tests.test_operations import _metric
 
 CLIPS = [
@@ -89,6 +90,7 @@ def test_batch_size_follows_the_planner(
     server_factory,
     tiny_model: Path,
     data_dir: Path,
+    tmp_path: Path,
 ) -> None:
     """A host budget that fits one request's working memory at a time: requests wait for memory,
     batches stay at 1, and every request is still answered."""
@@ -104,15 +106,20 @@ def test_batch_size_follows_the_planner(
         + one.host_bytes(30)
         + (two.device_bytes - one.device_bytes) // 2
     )
-    server = server_factory(
+    settings = Settings(
         model=str(tiny_model),
+        models_dir=tmp_path,
+        port=free_port(),
         batching="on",
         batch_max_wait_ms=200,
         host_memory_limit=str(limit),
         max_memory_wait=120,  # requests queue for memory instead of being refused
     )
-    with cf.ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda c: _transcribe(server.url, data_dir / c), CLIPS))
+    with run_server(
+        settings, prepare=lambda app: pin_footprint_to_weights(app.state.engine)
+    ) as server:
+        with cf.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda c: _transcribe(server.url, data_dir / c), CLIPS))
+        (stats,) = server.engine.scheduler_stats()
     assert [r.status_code for r in results] == [200] * 4, [r.text for r in results]
-    (stats,) = server.engine.scheduler_stats()
     assert stats.batches >= 4 and set(stats.batch_sizes) == {1}, stats

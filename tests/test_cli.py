@@ -147,7 +147,7 @@ def test_calibrate_writes_profile_and_chart(tiny_model: Path, tmp_path: Path) ->
     png = folder / "memory_profile.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    from server.engine import ModelPool
+    from server.model_pool import ModelPool
     from server.model_store import ModelSource
 
     pool = ModelPool(Settings(model=str(folder), models_dir=tmp_path))

@@ -17,10 +17,18 @@ import requests
 
 from server.audio import decode_audio
 from server.config import Settings
-from server.engine import Engine, Job, LoadedModel, step_down
+from server.engine import Engine
 from server.errors import InsufficientMemoryError
+from server.job import Job
 from server.memory import Shape
-from tests.conftest import wer
+from server.model_pool import LoadedModel
+from tests.conftest import (
+    free_port,
+    out_of_memory_faults,
+    pin_footprint_to_weights,
+    run_server,
+    wer,
+)
 
 LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
 
@@ -28,6 +36,7 @@ LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
 def make_engine(tiny_model: Path, tmp_path: Path, **overrides: Any) -> Engine:
     settings = Settings(model=str(tiny_model), models_dir=tmp_path, **overrides)
     engine = Engine(settings)
+    pin_footprint_to_weights(engine)
     engine.start()
     assert engine.ready, engine.load_error
     return engine
@@ -133,31 +142,14 @@ def test_reservations_released_after_each_request(unconstrained: Engine, data_di
     assert unconstrained.reservations.snapshot() == []
 
 
-def test_step_down_order() -> None:
-    shape = Shape("cuda", "float16", batch_size=4, beam_size=5, word_timestamps=True)
-    ladder = ("batch", "chunk", "greedy", "word_timestamps", "wait", "cpu", "reject")
-    seen = [shape]
-    while (nxt := step_down(seen[-1], ladder)) != seen[-1]:
-        seen.append(nxt)
-    assert [(s.batch_size, s.chunk_length, s.beam_size, s.word_timestamps) for s in seen] == [
-        (4, 30, 5, True),
-        (2, 30, 5, True),
-        (1, 30, 5, True),
-        (1, 20, 5, True),
-        (1, 10, 5, True),
-        (1, 10, 1, True),
-        (1, 10, 1, False),
-    ]
-
-
 # ---- through HTTP: the header, the verbose_json field, recovery from a real OOM error ---------
 
 
 def test_degradation_is_reported_in_header_and_body(
-    server_factory,
     unconstrained: Engine,
     tiny_model: Path,
     data_dir: Path,
+    tmp_path: Path,
 ) -> None:
     job = job_for(unconstrained, data_dir, "jfk.flac", word_timestamps=True)
     smallest = replace(
@@ -167,44 +159,51 @@ def test_degradation_is_reported_in_header_and_body(
         word_timestamps=False,
     )
     limit = host_limit_for(unconstrained, smallest, 11.0)
-    server = server_factory(model=str(tiny_model), host_memory_limit=str(limit))
-    resp = requests.post(
-        server.url + "/v1/audio/transcriptions",
-        files={"file": ("seed.webm", (data_dir / "jfk.webm").read_bytes())},
-        data={
-            "model": "whisper-1",
-            "response_format": "verbose_json",
-            "timestamp_granularities[]": "word",
-        },
-        timeout=120,
+    settings = Settings(
+        model=str(tiny_model), models_dir=tmp_path, port=free_port(), host_memory_limit=str(limit)
     )
-    assert resp.status_code == 200, resp.text
-    assert "word_timestamps" in resp.headers["x-whisper-degraded"].split(",")
-    body = resp.json()
-    assert body["words"] == [] and body["segments"]
-    kinds = {d["kind"] for d in body["x_whisper_degraded"]}
-    assert "word_timestamps" in kinds
-    memory = requests.get(server.url + "/v1/memory", timeout=5).json()
-    assert memory["counters"]["degradations"]["word_timestamps"] >= 1
-    assert memory["recent_decisions"][-1]["word_timestamps"] is False
+    with run_server(
+        settings, prepare=lambda app: pin_footprint_to_weights(app.state.engine)
+    ) as server:
+        resp = requests.post(
+            server.url + "/v1/audio/transcriptions",
+            files={"file": ("seed.webm", (data_dir / "jfk.webm").read_bytes())},
+            data={
+                "model": "whisper-1",
+                "response_format": "verbose_json",
+                "timestamp_granularities[]": "word",
+            },
+            timeout=120,
+        )
+        assert resp.status_code == 200, resp.text
+        assert "word_timestamps" in resp.headers["x-whisper-degraded"].split(",")
+        body = resp.json()
+        assert body["words"] == [] and body["segments"]
+        kinds = {d["kind"] for d in body["x_whisper_degraded"]}
+        assert "word_timestamps" in kinds
+        memory = requests.get(server.url + "/v1/memory", timeout=5).json()
+        assert memory["counters"]["degradations"]["word_timestamps"] >= 1
+        assert memory["recent_decisions"][-1]["word_timestamps"] is False
 
 
-def test_out_of_memory_is_recovered(server_factory, tiny_model: Path, data_dir: Path) -> None:
-    """The fault hook makes the first inference call raise CTranslate2's own OOM message."""
-    server = server_factory(model=str(tiny_model), fault_oom_calls=1)
-    resp = requests.post(
-        server.url + "/v1/audio/transcriptions",
-        files={"file": ("a.flac", (data_dir / "jfk.flac").read_bytes())},
-        data={"model": "whisper-1", "response_format": "verbose_json"},
-        timeout=120,
-    )
+def test_out_of_memory_is_recovered(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
+    """The fault fixture makes the first inference call raise CTranslate2's own OOM message."""
+    settings = Settings(model=str(tiny_model), models_dir=tmp_path, port=free_port())
+    with run_server(settings) as server, out_of_memory_faults(server.engine, calls=1):
+        resp = requests.post(
+            server.url + "/v1/audio/transcriptions",
+            files={"file": ("a.flac", (data_dir / "jfk.flac").read_bytes())},
+            data={"model": "whisper-1", "response_format": "verbose_json"},
+            timeout=120,
+        )
+        memory = requests.get(server.url + "/v1/memory", timeout=5).json()
+        healthy = requests.get(server.url + "/health", timeout=5).status_code
     assert resp.status_code == 200, resp.text
     assert "oom_retry" in resp.headers["x-whisper-degraded"]
     assert "country" in resp.json()["text"].lower()
-    memory = requests.get(server.url + "/v1/memory", timeout=5).json()
     assert memory["counters"]["oom_recoveries"] == 1
     assert memory["reservations"] == []
-    assert requests.get(server.url + "/health", timeout=5).status_code == 200
+    assert healthy == 200
 
 
 def test_memory_endpoint(tiny_server) -> None:

@@ -19,13 +19,13 @@ import pytest
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 from server.audio import decode_audio
-from server.engine import is_out_of_memory
+from server.errors import RequestCancelledError
 from server.model_store import install_default_model
+from server.runners import is_out_of_memory
 from server.scheduler import (
     BatchFailedError,
     BatchKey,
     QueueFullError,
-    RequestCancelledError,
     Scheduler,
     Ticket,
     WindowOptions,
@@ -163,8 +163,10 @@ def test_per_request_prompts_in_one_batch(
     ]
     plain, hot, prompted = run_concurrently([lambda o=o: text(s.submit(clip, o)) for o in options])
 
-    assert "ComfyUI" not in plain
-    assert "ComfyUI" in hot
+    # Case-insensitive: the hotword's casing in the text varies with the CPU's int8 kernels
+    # ("comfyUI" on AMD EPYC, "ComfyUI" elsewhere); without it the model hears "comfy eye".
+    assert "comfyui" not in plain.lower()
+    assert "comfyui" in hot.lower()
     assert "comfyui" in prompted.lower()
     # hotwords and this prompt are the same number of tokens, so they could share a batch
     assert s.stats().mixed_batches >= 1

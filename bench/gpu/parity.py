@@ -11,7 +11,7 @@ OpenCC's traditional-to-simplified, when it is installed). A GPU run that is far
 one means the CUDA libraries are wrong (bench/gpu/setup.sh can link CUDA 13's cuBLAS in place of
 CUDA 12's: this is the check that it works). Nothing is asserted: it prints a table.
 
-The second table (GPU only) reads free memory through ``server.memory.NvmlProbe`` and through
+The second table (GPU only) reads free memory through ``server.memory.probes.NvmlProbe`` and through
 ``torch.cuda.mem_get_info`` before and after the model is loaded.
 """
 
@@ -80,7 +80,7 @@ def transcribe(model, audio, language: str) -> tuple[str, float]:  # type: ignor
 def nvml_vs_torch(load) -> list[str]:  # type: ignore[no-untyped-def]
     import torch
 
-    from server.memory import NvmlProbe
+    from server.memory.probes import NvmlProbe
 
     probe = NvmlProbe(cuda_index=0)
     rows = []

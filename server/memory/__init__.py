@@ -1,85 +1,47 @@
 """Memory: read what is free, estimate what a request needs, plan it to fit.
 
-The server's promise is that it never dies of an out-of-memory error. Before each request the
-engine takes a :class:`MemorySnapshot` from a probe (NVML for a GPU, psutil for host RAM), asks
-the :class:`CostModel` what the requested :class:`Shape` needs, and lets the pure
-:func:`plan_request` return a :class:`Plan`: run as asked, degrade (smaller batch, shorter
-windows, greedy, no word timestamps), wait, fall back to the CPU, or reject. Running requests
-hold :class:`Reservations` so concurrent plans do not count the same free memory twice.
+The server's promise is that it never dies of an out-of-memory error. Before each piece of
+work the engine takes a :class:`MemorySnapshot` from a probe (NVML for a GPU, psutil and cgroups
+for host RAM), asks the :class:`CostModel` what the requested :class:`Shape` needs, and lets the
+pure :func:`plan_request` return a :class:`Plan`: run as asked, step down the ladder of
+:class:`Step` (smaller batch, shorter windows, greedy, no word timestamps), wait, fall back to
+the CPU, or reject. Running work holds :class:`Reservations` so concurrent plans do not count
+the same free memory twice.
+
+The rooms: ``probes`` (with ``gpu_identity`` and ``cgroups``) read memory; ``model_file``
+reads a model's dimensions; ``cost`` estimates; ``planner`` decides (the ladder is defined
+there, once); ``reservations`` is the ledger; ``peaks`` measures, for calibration and benches;
+``sizes`` parses ``22GiB`` and ``90%``.
 """
 
-from server.memory.admission import Reservation, Reservations
-from server.memory.cost import (
-    KNOWN_DIMS,
-    CostEstimate,
-    CostModel,
-    ModelDims,
-    ModelHeader,
-    ModelVariable,
-    Profile,
-    ProfilePoint,
-    Shape,
-    dims_from_header,
-    read_model_dims,
-    read_model_header,
-    shapes_grid,
-    whisper_param_counts,
-)
+from server.memory.cost import CostEstimate, CostModel, Profile, ProfilePoint, Shape
+from server.memory.model_file import read_model_dims
 from server.memory.planner import (
-    CHUNK_LENGTHS,
-    DEFAULT_LADDER,
-    Budget,
-    Degradation,
     Plan,
     PlanRequest,
     Policy,
     Step,
-    choose_host_chunk,
-    memory_budget,
     plan_request,
+    step_down,
 )
 from server.memory.probes import (
-    CudaIdentity,
     DeviceMemory,
-    HostProbe,
     MemoryProbe,
     MemorySnapshot,
-    NvmlDeviceInfo,
-    NvmlMigInfo,
-    NvmlProbe,
-    PeakReading,
     ProbeUnavailable,
-    VisibleDevice,
     cuda_available,
-    match_cuda_identity,
     open_probe,
-    peak_sampler,
-    resolve_visible_devices,
-    sample_peak,
 )
+from server.memory.reservations import Reservation, Reservations
 from server.memory.sizes import MemoryAmount, format_bytes
 
 __all__ = [
-    "CHUNK_LENGTHS",
-    "DEFAULT_LADDER",
-    "KNOWN_DIMS",
-    "Budget",
     "CostEstimate",
     "CostModel",
-    "CudaIdentity",
-    "Degradation",
     "DeviceMemory",
-    "HostProbe",
     "MemoryAmount",
     "MemoryProbe",
     "MemorySnapshot",
-    "ModelDims",
-    "ModelHeader",
-    "ModelVariable",
-    "NvmlDeviceInfo",
-    "NvmlMigInfo",
-    "NvmlProbe",
-    "PeakReading",
     "Plan",
     "PlanRequest",
     "Policy",
@@ -90,20 +52,10 @@ __all__ = [
     "Reservations",
     "Shape",
     "Step",
-    "VisibleDevice",
-    "choose_host_chunk",
     "cuda_available",
-    "dims_from_header",
     "format_bytes",
-    "match_cuda_identity",
-    "memory_budget",
     "open_probe",
-    "peak_sampler",
     "plan_request",
     "read_model_dims",
-    "read_model_header",
-    "resolve_visible_devices",
-    "sample_peak",
-    "shapes_grid",
-    "whisper_param_counts",
+    "step_down",
 ]

@@ -24,19 +24,18 @@ raises the estimate of the shape that failed (:meth:`CostModel.with_correction`)
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import os
-import re
-import struct
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO, ClassVar, Literal
+from typing import Any, ClassVar, Literal
+
+from server.memory.model_file import ModelDims
 
 logger = logging.getLogger(__name__)
 
@@ -44,29 +43,41 @@ MiB = 2**20
 
 #: Decoded audio: 16 kHz mono float32.
 AUDIO_BYTES_PER_SECOND = 16_000 * 4
+#: Copies of a piece's samples alive at once: the reader's buffer and the piece cut from it.
+PIECE_AUDIO_COPIES = 2
 #: Peak host memory of faster-whisper's ``FeatureExtractor`` per second of audio, beyond the
 #: input: 400-sample frames copied and windowed (160 KB/s), a complex128 rFFT (322 KB/s) and its
 #: complex64 copy, magnitudes... Measured with numpy 2.4 / faster-whisper 1.2.1 at 80 and 128
-#: mels (1,026,440 B/s for both); it dwarfs the finished features (n_mels x 400 B/s), so a
-#: whole hour held at once is about 3.9 GB, not the 1.2 GB the features alone suggest.
+#: mels (1,026,440 B/s for both, by tracemalloc); it dwarfs the finished features
+#: (n_mels x 400 B/s). The sequential path extracts a whole piece at once; it is freed before
+#: the model runs.
 FEATURE_EXTRACTION_BYTES_PER_SECOND = 1_030_000
-#: Per-request host memory that does not grow with the audio (segments, tokens, buffers).
-HOST_FIXED_BYTES = 64 * MiB
+#: Silero VAD over a piece (the scheduler cuts its windows at speech): faster-whisper runs the
+#: ONNX model over up to 10,000 frames (320 s) at once. Measured by RSS on a warm process:
+#: 122 MiB for 300 s, 49 MiB for 120 s. Freed before the piece's batches run.
+VAD_BYTES_PER_SECOND = 420_000
+#: Of a transient freed on the CPU before the working memory is taken, what still counts beside
+#: it: blocks under glibc's mmap threshold (which grows to 32 MiB) stay in the heap until the
+#: piece ends and the heap is trimmed. Measured: a 30 s piece's feature extraction (31 MB in
+#: arrays of 5-10 MB) adds to the working memory; a 300 s piece's (arrays of 50-100 MB,
+#: mmapped) does not.
+HEAP_KEPT_BYTES = 32 * MiB
+#: Per-request host memory that does not grow with the audio: the demuxer and decoder, the
+#: resampler's queue, segments and tokens. Measured at 5 s (``bench/memory_truth.py``).
+HOST_FIXED_BYTES = 8 * MiB
 #: cuBLAS/cuDNN workspaces and allocator rounding on a GPU; oneDNN scratch on the CPU.
 CUDA_WORKSPACE_BYTES = 64 * MiB
-CPU_WORKSPACE_BYTES = 32 * MiB
+CPU_WORKSPACE_BYTES = 4 * MiB
+#: Float32 activations per encoder position and width beside the attention scores on the CPU
+#: (Q, K, V and the layer's output), fitted to measured peaks of tiny.en and base.
+CPU_ENCODER_ACTIVATIONS = 4
+#: The margin on CPU estimates: none, since their coefficients were fitted to measurements
+#: with a small upward bias (the GPU's first-principles estimate keeps ``CostModel.safety``).
+CPU_SAFETY = 1.0
 #: Estimates from a profile never fall below this share of the model's own estimate, so one
 #: lucky measurement cannot make a shape look nearly free.
 PROFILE_FLOOR = 0.5
 
-_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
-_DTYPE_SIZE = {"float32": 4, "int8": 1, "int16": 2, "int32": 4, "float16": 2, "bfloat16": 2}
-_SCALAR_FORMAT = {"float32": "<f", "int8": "<b", "int16": "<h", "int32": "<i"}
-# Item sizes of binary versions < 4, which stored a width instead of a type.
-_LEGACY_ITEM_DTYPE = {4: "float32", 2: "int16", 1: "int8"}
-_KNOWN_BINARY_VERSION = 6
-_PART_SUFFIX = re.compile(r"^model\.bin\.part(\d+)$")
-_LAYER = re.compile(r"^(encoder|decoder)/layer_(\d+)/")
 
 # compute_type -> (bytes per quantised weight, bytes per other float, bytes per activation).
 # "int8" on its own keeps float32 for everything that is not an int8 weight.
@@ -80,441 +91,6 @@ _COMPUTE_TYPES: dict[str, tuple[int, int, int]] = {
     "int8_bfloat16": (1, 2, 2),
     "int16": (2, 4, 4),
 }
-
-
-# ---- model.bin -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelVariable:
-    """One variable listed in ``model.bin``.
-
-    Attributes:
-        name: Scoped name (``decoder/layer_0/ffn/linear_0/weight``).
-        shape: Dimensions; ``()`` for scalars.
-        dtype: ``float32``, ``int8``, ``int16``, ``int32``, ``float16`` or ``bfloat16``.
-        nbytes: Size of its data in the file.
-        value: The value of a scalar (head counts, flags); None for tensors.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    nbytes: int
-    value: float | None = None
-
-    @property
-    def size(self) -> int:
-        """Number of elements."""
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class ModelHeader:
-    """Everything in ``model.bin`` except the weights themselves.
-
-    Attributes:
-        binary_version: Format version (6 for CTranslate2 4.x).
-        spec: Model specification (``WhisperSpec``).
-        spec_revision: Its revision.
-        variables: Every variable, in file order.
-        aliases: ``(alias, variable)`` pairs (Whisper ties the output projection to the
-            embeddings this way).
-        file_size: Total bytes of the file (or its parts).
-    """
-
-    binary_version: int
-    spec: str
-    spec_revision: int
-    variables: tuple[ModelVariable, ...]
-    aliases: tuple[tuple[str, str], ...]
-    file_size: int
-
-    def variable(self, name: str) -> ModelVariable | None:
-        """The variable called ``name``, if present."""
-        return next((v for v in self.variables if v.name == name), None)
-
-
-class _Parts(io.RawIOBase):
-    """Several files read as one, for models shipped as ``model.bin.part1``, ``.part2``, ..."""
-
-    def __init__(self, paths: list[Path]) -> None:
-        self._files = [open(path, "rb") for path in paths]  # closed in close()
-        self._sizes = [os.fstat(f.fileno()).st_size for f in self._files]
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: sum(self._sizes)}[whence]
-        self._pos = base + offset
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        view = memoryview(buffer).cast("B")
-        done = 0
-        start = 0
-        for f, size in zip(self._files, self._sizes, strict=True):
-            if done < len(view) and start <= self._pos < start + size:
-                f.seek(self._pos - start)
-                chunk = f.read(min(len(view) - done, start + size - self._pos))
-                view[done : done + len(chunk)] = chunk
-                done += len(chunk)
-                self._pos += len(chunk)
-            start += size
-        return done
-
-    def close(self) -> None:
-        for f in self._files:
-            f.close()
-        super().close()
-
-
-def _open_model_bin(model_dir: Path) -> tuple[BinaryIO, str]:
-    single = model_dir / "model.bin"
-    if single.is_file():
-        return open(single, "rb"), str(single)  # the caller closes it
-    parts = sorted(
-        (int(m.group(1)), p)
-        for p in model_dir.iterdir()
-        if (m := _PART_SUFFIX.match(p.name)) is not None
-    )
-    if not parts:
-        raise FileNotFoundError(f"no model.bin (or model.bin.partN files) in {model_dir}")
-    return io.BufferedReader(_Parts([p for _, p in parts])), f"{model_dir}/model.bin.part*"
-
-
-def read_model_header(model_dir: Path) -> ModelHeader:
-    """Read the variable list of a CTranslate2 model, seeking over every tensor's data.
-
-    The format (``ctranslate2/specs/model_spec.py``, little-endian): uint32 binary version;
-    from version 2 a string spec name and uint32 spec revision; uint32 variable count; per
-    variable a string name, uint8 rank, rank x uint32 dimensions, then (version >= 4) uint8
-    type id and uint32 byte count, or (older) uint8 item size and uint32 item count, then the
-    data; from version 3 a uint32 alias count and pairs of strings. A string is a uint16
-    length counting a trailing NUL, then the bytes and the NUL. Only scalars (a few bytes:
-    head counts, flags) are read; a large-v3 header costs a few hundred small reads.
-
-    Args:
-        model_dir: The model folder (``model.bin``, or ``model.bin.part1``, ``.part2``...).
-
-    Returns:
-        The header.
-
-    Raises:
-        FileNotFoundError: No model file in the folder.
-        ValueError: The file is truncated or not a CTranslate2 model this reader knows.
-    """
-    stream, label = _open_model_bin(model_dir)
-    with stream:
-        size = stream.seek(0, io.SEEK_END)
-        stream.seek(0)
-        try:
-            return _parse_header(stream, size)
-        except (struct.error, UnicodeDecodeError, EOFError) as exc:
-            raise ValueError(
-                f"{label} is not a readable CTranslate2 model (stopped at byte "
-                f"{stream.tell()} of {size}: {exc}); is the file complete?"
-            ) from exc
-
-
-def _parse_header(stream: BinaryIO, size: int) -> ModelHeader:
-    def take(fmt: str) -> tuple[Any, ...]:
-        width = struct.calcsize(fmt)
-        data = stream.read(width)
-        if len(data) != width:
-            raise EOFError(f"file ends inside a {width}-byte field")
-        return struct.unpack(fmt, data)
-
-    def string() -> str:
-        (length,) = take("<H")
-        data = stream.read(length)
-        if len(data) != length:
-            raise EOFError("file ends inside a string")
-        return data.rstrip(b"\0").decode("utf-8")
-
-    (version,) = take("<I")
-    if version == 0 or version > _KNOWN_BINARY_VERSION:
-        raise ValueError(
-            f"binary version {version} is not one this reader knows (1..{_KNOWN_BINARY_VERSION})"
-        )
-    spec, revision = ("", 1)
-    if version >= 2:
-        spec = string()
-        (revision,) = take("<I")
-    (count,) = take("<I")
-    variables: list[ModelVariable] = []
-    for _ in range(count):
-        name = string()
-        (rank,) = take("<B")
-        shape = tuple(int(d) for d in take(f"<{rank}I")) if rank else ()
-        if version >= 4:
-            (type_id,) = take("<B")
-            (nbytes,) = take("<I")
-            if type_id >= len(_DTYPES):
-                raise ValueError(f"variable {name!r} has unknown type id {type_id}")
-            dtype = _DTYPES[type_id]
-        else:
-            (item_size,) = take("<B")
-            (items,) = take("<I")
-            dtype, nbytes = _LEGACY_ITEM_DTYPE.get(item_size, "int8"), items * item_size
-        value: float | None = None
-        if not shape and dtype in _SCALAR_FORMAT and nbytes == _DTYPE_SIZE[dtype]:
-            (value,) = struct.unpack(_SCALAR_FORMAT[dtype], stream.read(nbytes))
-        else:
-            end = stream.tell() + nbytes
-            if end > size:
-                raise EOFError(f"variable {name!r} needs {nbytes} bytes past the end")
-            stream.seek(end)
-        variables.append(ModelVariable(name, shape, dtype, nbytes, value))
-    aliases: list[tuple[str, str]] = []
-    if version >= 3:
-        (alias_count,) = take("<I")
-        aliases = [(string(), string()) for _ in range(alias_count)]
-    return ModelHeader(version, spec, revision, tuple(variables), tuple(aliases), size)
-
-
-# ---- model dimensions ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The dimensions of a Whisper model that decide its memory use.
-
-    Attributes:
-        n_mels: Mel bins of the input (80, or 128 for large-v3).
-        n_audio_ctx: Encoder positions for 30 s (1500).
-        n_audio_state: Encoder width.
-        n_audio_layer: Encoder layers.
-        n_audio_head: Encoder attention heads.
-        n_text_ctx: Longest token sequence (448).
-        n_text_state: Decoder width.
-        n_text_layer: Decoder layers.
-        n_text_head: Decoder attention heads.
-        n_vocab: Vocabulary size.
-        n_alignment_heads: Cross-attention heads used for word timestamps.
-        weight_bytes: Size of the weights as stored.
-        weight_dtype: The stored compute type (``float16``, ``int8_float16``, ...).
-        quantizable_params: Elements of the weights CTranslate2 quantises (names ending in
-            ``weight``: linear layers, convolutions, embeddings).
-        quantizable_rows: Their output rows, one float32 scale each when quantised to int8.
-        other_params: Elements of every other float tensor (biases, norms, positions).
-    """
-
-    n_mels: int
-    n_audio_ctx: int
-    n_audio_state: int
-    n_audio_layer: int
-    n_audio_head: int
-    n_text_ctx: int
-    n_text_state: int
-    n_text_layer: int
-    n_text_head: int
-    n_vocab: int
-    n_alignment_heads: int
-    weight_bytes: int
-    weight_dtype: str
-    quantizable_params: int = 0
-    quantizable_rows: int = 0
-    other_params: int = 0
-
-
-def whisper_param_counts(
-    *,
-    n_mels: int,
-    n_audio_ctx: int,
-    n_audio_state: int,
-    n_audio_layer: int,
-    n_text_ctx: int,
-    n_text_state: int,
-    n_text_layer: int,
-    n_vocab: int,
-) -> tuple[int, int, int]:
-    """Parameter counts of a Whisper model as CTranslate2 lays it out.
-
-    CTranslate2 fuses the self-attention Q, K and V into one projection (with a bias for K that
-    Whisper lacks) and the cross-attention K and V into another.
-
-    Returns:
-        ``(quantizable_params, quantizable_rows, other_params)`` as in :class:`ModelDims`.
-    """
-    da, dt = n_audio_state, n_text_state
-    # Encoder layer: QKV 3d x d, out d x d, FFN 4d x d and d x 4d.
-    quantizable = n_mels * da * 3 + da * da * 3 + n_audio_layer * 12 * da * da
-    rows = 2 * da + n_audio_layer * 9 * da
-    other = 2 * da + n_audio_ctx * da + 2 * da + n_audio_layer * 13 * da
-    # Decoder layer: self QKV + out, cross Q + KV + out, FFN.
-    quantizable += n_vocab * dt + n_text_layer * 16 * dt * dt
-    rows += n_vocab + n_text_layer * 13 * dt
-    other += n_text_ctx * dt + 2 * dt + n_text_layer * 19 * dt
-    return quantizable, rows, other
-
-
-def _known(
-    n_mels: int, d: int, layers: int, heads: int, n_vocab: int, n_alignment_heads: int
-) -> ModelDims:
-    quantizable, rows, other = whisper_param_counts(
-        n_mels=n_mels,
-        n_audio_ctx=1500,
-        n_audio_state=d,
-        n_audio_layer=layers,
-        n_text_ctx=448,
-        n_text_state=d,
-        n_text_layer=layers,
-        n_vocab=n_vocab,
-    )
-    return ModelDims(
-        n_mels=n_mels,
-        n_audio_ctx=1500,
-        n_audio_state=d,
-        n_audio_layer=layers,
-        n_audio_head=heads,
-        n_text_ctx=448,
-        n_text_state=d,
-        n_text_layer=layers,
-        n_text_head=heads,
-        n_vocab=n_vocab,
-        n_alignment_heads=n_alignment_heads,
-        weight_bytes=2 * (quantizable + other),
-        weight_dtype="float16",
-        quantizable_params=quantizable,
-        quantizable_rows=rows,
-        other_params=other,
-    )
-
-
-def _default_alignment_heads(layers: int, heads: int) -> int:
-    # CTranslate2 uses every head of the second half of the decoder when config.json lists none.
-    return (layers - layers // 2) * heads
-
-
-#: Dimensions of the multilingual Whisper models at float16, for planning without the files.
-#: tiny and base list the alignment heads of the converted models shipped with this project;
-#: the others assume CTranslate2's default (all heads of the last half), which over-counts the
-#: word-timestamp cost, erring safe. ``read_model_dims`` reads the real list.
-KNOWN_DIMS: Mapping[str, ModelDims] = MappingProxyType(
-    {
-        "tiny": _known(80, 384, 4, 6, 51865, 8),
-        "base": _known(80, 512, 6, 8, 51865, 8),
-        "small": _known(80, 768, 12, 12, 51865, _default_alignment_heads(12, 12)),
-        "medium": _known(80, 1024, 24, 16, 51865, _default_alignment_heads(24, 16)),
-        "large-v3": _known(128, 1280, 32, 20, 51866, _default_alignment_heads(32, 20)),
-    }
-)
-
-
-def dims_from_header(header: ModelHeader, config: Mapping[str, Any] | None = None) -> ModelDims:
-    """Whisper dimensions from a model header and its ``config.json``.
-
-    Args:
-        header: From :func:`read_model_header`.
-        config: The model's ``config.json`` (for ``alignment_heads``), if any.
-
-    Returns:
-        The dimensions.
-
-    Raises:
-        ValueError: The model is not a Whisper model.
-    """
-    if header.spec and header.spec != "WhisperSpec":
-        raise ValueError(f"not a Whisper model: its specification is {header.spec!r}")
-
-    def need(name: str) -> ModelVariable:
-        variable = header.variable(name)
-        if variable is None:
-            raise ValueError(f"not a Whisper model: {name!r} is missing from model.bin")
-        return variable
-
-    conv1 = need("encoder/conv1/weight")
-    embeddings = need("decoder/embeddings/weight")
-    layers: dict[str, set[int]] = {"encoder": set(), "decoder": set()}
-    quantizable = rows = other = 0
-    weight_types: set[str] = set()
-    float_types: set[str] = set()
-    for variable in header.variables:
-        if (match := _LAYER.match(variable.name)) is not None:
-            layers[match.group(1)].add(int(match.group(2)))
-        if not variable.shape:
-            continue
-        if variable.name.endswith("weight"):
-            quantizable += variable.size
-            rows += variable.shape[0]
-            weight_types.add(variable.dtype)
-        elif not variable.name.endswith("_scale") and variable.dtype in (
-            "float32",
-            "float16",
-            "bfloat16",
-        ):
-            other += variable.size
-            float_types.add(variable.dtype)
-
-    text_layers = len(layers["decoder"])
-    text_heads = int(need("decoder/num_heads").value or 0)
-    heads = (config or {}).get("alignment_heads")
-    alignment = len(heads) if heads else _default_alignment_heads(text_layers, text_heads)
-    return ModelDims(
-        n_mels=conv1.shape[1],
-        n_audio_ctx=need("encoder/position_encodings/encodings").shape[0],
-        n_audio_state=conv1.shape[0],
-        n_audio_layer=len(layers["encoder"]),
-        n_audio_head=int(need("encoder/num_heads").value or 0),
-        n_text_ctx=need("decoder/position_encodings/encodings").shape[0],
-        n_text_state=embeddings.shape[1],
-        n_text_layer=text_layers,
-        n_text_head=text_heads,
-        n_vocab=embeddings.shape[0],
-        n_alignment_heads=alignment,
-        weight_bytes=sum(v.nbytes for v in header.variables),
-        weight_dtype=_stored_compute_type(weight_types, float_types),
-        quantizable_params=quantizable,
-        quantizable_rows=rows,
-        other_params=other,
-    )
-
-
-def _stored_compute_type(weight_types: set[str], float_types: set[str]) -> str:
-    # Mirrors CTranslate2's Model::infer_compute_type.
-    other = next((t for t in ("float16", "bfloat16") if t in float_types), "")
-    if "int8" in weight_types:
-        return f"int8_{other}" if other else "int8"
-    if "int16" in weight_types:
-        return "int16"
-    for dtype in ("float16", "bfloat16"):
-        if dtype in weight_types:
-            return dtype
-    return "float32"
-
-
-def read_model_dims(model_dir: Path) -> ModelDims:
-    """Dimensions of the Whisper model in a CTranslate2 folder, without loading its weights.
-
-    Args:
-        model_dir: Folder with ``model.bin`` (or ``model.bin.partN``) and ``config.json``.
-
-    Returns:
-        The dimensions.
-
-    Raises:
-        FileNotFoundError: No model file.
-        ValueError: Not a readable CTranslate2 Whisper model.
-    """
-    model_dir = Path(model_dir)
-    header = read_model_header(model_dir)
-    config: dict[str, Any] = {}
-    config_path = model_dir / "config.json"
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, ValueError) as exc:
-            logger.warning("ignoring unreadable %s: %s", config_path, exc)
-    return dims_from_header(header, config)
 
 
 # ---- shapes and estimates --------------------------------------------------------------------
@@ -532,6 +108,9 @@ class Shape:
         word_timestamps: Whether the alignment pass runs.
         chunk_length: Seconds of audio per window (30 is Whisper's own; shorter windows are
             accepted by CTranslate2's encoder: 100 frames and 50 positions a second).
+        batched: The path: the cross-request scheduler (windows cut at speech, features a
+            window at a time), or faster-whisper's sequential ``transcribe`` (features of the
+            whole piece at once). It changes host memory only.
     """
 
     device: str
@@ -540,6 +119,7 @@ class Shape:
     beam_size: int = 5
     word_timestamps: bool = False
     chunk_length: int = 30
+    batched: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
@@ -563,13 +143,22 @@ class CostEstimate:
     Attributes:
         device_bytes: Peak working memory on the device beyond the resident weights, margin
             included (on ``cpu`` this is host RAM).
-        host_bytes_per_audio_second: Host RAM per second of audio held at once: the decoded
-            samples plus feature extraction's peak.
+        host_bytes_per_audio_second: Host RAM per second of a piece: its samples, what is kept
+            per second until the piece is done (window copies, features), and the transient
+            peak of preparing it (feature extraction, VAD).
         host_fixed_bytes: Host RAM per request whatever the audio length.
         breakdown: The components, in bytes. ``device_bytes = encoder_output + workspace +
             max(encode, decode, align) + margin``; the ``encode.*``, ``decode.*`` and
-            ``align.*`` entries detail each phase. From a profile: ``profile`` and ``margin``.
+            ``align.*`` entries detail each phase; ``host.*`` the host terms per second. From
+            a profile: ``profile`` and ``margin``.
         source: ``model`` or ``profile``.
+        host_transient_per_audio_second: The part of ``host_bytes_per_audio_second`` that is
+            freed before the model's working memory is taken.
+        host_transient_fixed: The part of ``host_fixed_bytes`` freed the same way.
+        transient_shares_device: On the CPU the "device" is host RAM too, and the transient
+            host memory is freed before the working memory is taken: the request's peak is the
+            held memory plus the larger of the two, not their sum, except for what the heap
+            keeps of the transient until the piece ends (``HEAP_KEPT_BYTES``).
     """
 
     device_bytes: int
@@ -577,10 +166,23 @@ class CostEstimate:
     host_fixed_bytes: int
     breakdown: Mapping[str, int]
     source: Literal["model", "profile"]
+    host_transient_per_audio_second: float = 0.0
+    host_transient_fixed: int = 0
+    transient_shares_device: bool = False
 
     def host_bytes(self, audio_seconds: float) -> int:
-        """Host RAM to hold ``audio_seconds`` of audio at once (plus the fixed part)."""
-        return self.host_fixed_bytes + math.ceil(self.host_bytes_per_audio_second * audio_seconds)
+        """Host RAM of a piece of ``audio_seconds`` (plus the fixed part).
+
+        Where the transient part shares the device's memory (CPU), only what it needs beyond
+        the working memory counts, so that ``device_bytes + host_bytes(s)`` is the peak.
+        """
+        total = self.host_fixed_bytes + math.ceil(self.host_bytes_per_audio_second * audio_seconds)
+        if self.transient_shares_device:
+            transient = self.host_transient_fixed + math.ceil(
+                self.host_transient_per_audio_second * audio_seconds
+            )
+            total -= min(max(0, transient - HEAP_KEPT_BYTES), self.device_bytes)
+        return total
 
 
 # ---- measured profiles -----------------------------------------------------------------------
@@ -863,10 +465,6 @@ class CostModel:
         corrections[shape] = corrections.get(shape, 1.0) * observed_factor
         return replace(self, corrections=corrections)
 
-    def with_profile(self, profile: Profile | None) -> CostModel:
-        """A copy that uses ``profile`` (None: the model alone)."""
-        return replace(self, profile=profile)
-
     def estimate(self, shape: Shape) -> CostEstimate:
         """What ``shape`` needs, margin and corrections included.
 
@@ -882,34 +480,61 @@ class CostModel:
             + parts["workspace"]
             + max(parts["encode"], parts["decode"], parts["align"])
         )
-        factor = self.safety * self.correction(shape)
+        factor = (self.safety if shape.device == "cuda" else CPU_SAFETY) * self.correction(shape)
         measured = self.profile.lookup(shape) if self.profile is not None else None
-        host_rate = (
-            AUDIO_BYTES_PER_SECOND
-            + max(FEATURE_EXTRACTION_BYTES_PER_SECOND, self.dims.n_mels * 100 * 4)
-        ) * self.safety
         if measured is not None:
             base = max(measured, math.ceil(modelled * PROFILE_FLOOR))
             total = math.ceil(base * factor)
-            return CostEstimate(
-                device_bytes=total,
-                host_bytes_per_audio_second=host_rate,
-                host_fixed_bytes=HOST_FIXED_BYTES,
-                breakdown=MappingProxyType({"profile": base, "margin": total - base}),
-                source="profile",
+            return self._with_host(
+                shape, total, {"profile": base, "margin": total - base}, source="profile"
             )
         total = math.ceil(modelled * factor)
         breakdown = dict(parts)
         breakdown["margin"] = total - modelled
+        return self._with_host(shape, total, breakdown, source="model")
+
+    def _with_host(
+        self,
+        shape: Shape,
+        device_bytes: int,
+        breakdown: dict[str, int],
+        *,
+        source: Literal["model", "profile"],
+    ) -> CostEstimate:
+        """The estimate, with the host memory of a piece on the shape's path.
+
+        Both paths hold the piece's samples (twice while it is cut). The sequential path then
+        extracts the features of the whole piece at once (the transient peak, about 1 MB a
+        second) and keeps them. The scheduler runs Silero VAD over the piece (transient), copies
+        each window's audio out and keeps each window's features until its batch runs; a
+        window's feature extraction is its transient fixed part.
+        """
+        features = self.dims.n_mels * 100 * 4
+        held = PIECE_AUDIO_COPIES * AUDIO_BYTES_PER_SECOND + features
+        if shape.batched:
+            held += AUDIO_BYTES_PER_SECOND
+            transient = float(VAD_BYTES_PER_SECOND)
+            transient_fixed = math.ceil(30 * FEATURE_EXTRACTION_BYTES_PER_SECOND)
+        else:
+            transient = float(FEATURE_EXTRACTION_BYTES_PER_SECOND)
+            transient_fixed = 0
+        breakdown["host.held_per_second"] = held
+        breakdown["host.transient_per_second"] = math.ceil(transient)
+        breakdown["host.transient_fixed"] = transient_fixed
         return CostEstimate(
-            device_bytes=total,
-            host_bytes_per_audio_second=host_rate,
-            host_fixed_bytes=HOST_FIXED_BYTES,
+            device_bytes=device_bytes,
+            host_bytes_per_audio_second=held + transient,
+            host_fixed_bytes=HOST_FIXED_BYTES + transient_fixed,
             breakdown=MappingProxyType(breakdown),
-            source="model",
+            source=source,
+            host_transient_per_audio_second=transient,
+            host_transient_fixed=transient_fixed,
+            transient_shares_device=shape.device == "cpu",
         )
 
     def _model_breakdown(self, shape: Shape) -> dict[str, int]:
+        if shape.device == "cpu":
+            return self._cpu_breakdown(shape)
         d = self.dims
         _, _, act = _type_sizes(shape.compute_type, shape.device)
         batch, hyps = shape.batch_size, shape.batch_size * shape.beam_size
@@ -951,28 +576,42 @@ class CostModel:
             parts["align"] = sum(v for k, v in parts.items() if k.startswith("align."))
         else:
             parts["align"] = 0
-        parts["workspace"] = CUDA_WORKSPACE_BYTES if shape.device == "cuda" else CPU_WORKSPACE_BYTES
+        parts["workspace"] = CUDA_WORKSPACE_BYTES
         return parts
 
+    def _cpu_breakdown(self, shape: Shape) -> dict[str, int]:
+        """CTranslate2 on the CPU, fitted to measurements (``bench/memory_truth.py``).
 
-def shapes_grid(
-    device: str,
-    compute_type: str,
-    *,
-    batch_sizes: Iterable[int] = (1, 2, 4, 8),
-    beam_sizes: Iterable[int] = (1, 5),
-    word_timestamps: Iterable[bool] = (False, True),
-    chunk_lengths: Iterable[int] = (30,),
-) -> list[Shape]:
-    """Every combination of the given settings, for calibration and benchmarks.
-
-    Returns:
-        The shapes, smallest batch first.
-    """
-    return [
-        Shape(device, compute_type, b, k, w, c)
-        for c in chunk_lengths
-        for w in word_timestamps
-        for k in beam_sizes
-        for b in batch_sizes
-    ]
+        Activations are float32 whatever the weights. The peak is the encoder's: each layer
+        holds the attention scores of every head for every pair of positions at once,
+        ``batch x heads x positions^2`` floats (54 MiB a window for tiny, 72 MiB for base), and
+        the softmax runs in place. The decoder shares one cross-attention cache among a window's
+        beams and grows its self-attention cache with the text (about half the context for a
+        window of speech), and the alignment pass sees that text too, so on the models measured
+        both stay below the encoder.
+        """
+        d = self.dims
+        batch, hyps = shape.batch_size, shape.batch_size * shape.beam_size
+        frames = shape.chunk_length * 100
+        positions = min(d.n_audio_ctx, shape.chunk_length * 50)
+        da, dt = d.n_audio_state, d.n_text_state
+        text = d.n_text_ctx // 2
+        f32 = 4
+        parts: dict[str, int] = {}
+        parts["encode.features"] = batch * d.n_mels * frames * f32
+        parts["encode.attention"] = batch * d.n_audio_head * positions * positions * f32
+        parts["encode.activations"] = batch * positions * da * f32 * CPU_ENCODER_ACTIVATIONS
+        parts["encode"] = sum(v for k, v in parts.items() if k.startswith("encode."))
+        parts["encoder_output"] = batch * positions * da * f32
+        parts["decode.cross_attention_cache"] = batch * 2 * d.n_text_layer * positions * dt * f32
+        parts["decode.self_attention_cache"] = hyps * 2 * d.n_text_layer * text * dt * f32
+        parts["decode.logits"] = hyps * d.n_vocab * f32 * 2
+        parts["decode"] = sum(v for k, v in parts.items() if k.startswith("decode."))
+        if shape.word_timestamps:
+            parts["align.logits"] = batch * text * d.n_vocab * f32
+            parts["align.attention"] = batch * d.n_text_head * text * positions * f32
+            parts["align"] = parts["align.logits"] + parts["align.attention"]
+        else:
+            parts["align"] = 0
+        parts["workspace"] = CPU_WORKSPACE_BYTES
+        return parts

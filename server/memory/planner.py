@@ -23,6 +23,7 @@ Never is anything planned beyond ``free - headroom``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Literal
@@ -57,7 +58,91 @@ class Step(str, Enum):
 DEFAULT_LADDER: tuple[Step, ...] = tuple(Step)
 #: Window lengths the ``chunk`` step goes through, longest first.
 CHUNK_LENGTHS: tuple[int, ...] = (30, 20, 15, 10)
-_SHRINK_STEPS = (Step.BATCH, Step.CHUNK, Step.GREEDY, Step.WORD_TIMESTAMPS)
+#: The steps that change the shape (the others wait, move or refuse).
+SHRINK_STEPS: tuple[Step, ...] = (Step.BATCH, Step.CHUNK, Step.GREEDY, Step.WORD_TIMESTAMPS)
+MIN_CHUNK_LENGTH = 10
+
+
+def parse_ladder(steps: Iterable[str | Step]) -> tuple[Step, ...]:
+    """A ladder from its steps' names (``WHISPER_DEGRADE_LADDER``), in the order given.
+
+    Raises:
+        ValueError: An unknown step, or one named twice; the message lists the valid names.
+    """
+    ladder: list[Step] = []
+    for name in steps:
+        try:
+            step = Step(name)
+        except ValueError:
+            raise ValueError(
+                f"unknown step {name!r}; choose from {', '.join(s.value for s in Step)}"
+            ) from None
+        if step in ladder:
+            raise ValueError(f"a step appears twice in the ladder {[str(s) for s in steps]}")
+        ladder.append(step)
+    return tuple(ladder)
+
+
+def rungs(
+    step: Step, shape: Shape, *, min_batch: int = 1, min_chunk_length: int = MIN_CHUNK_LENGTH
+) -> list[Shape]:
+    """The shapes one shrinking step goes through from ``shape``, each smaller than the last.
+
+    This is the ladder's one definition of a rung: the planner tries them in order until one
+    fits, and :func:`step_down` takes the first after an out-of-memory error.
+
+    Args:
+        step: A shrinking step (the others have no rungs).
+        shape: Where it starts.
+        min_batch: The ``batch`` step stops here.
+        min_chunk_length: The ``chunk`` step stops here (a length in :data:`CHUNK_LENGTHS`).
+
+    Returns:
+        The candidate shapes, largest first; empty when the step can go no further.
+    """
+    if step is Step.BATCH:
+        floor, batch, out = max(1, min_batch), shape.batch_size, []
+        while batch > floor:
+            batch = max(floor, batch // 2)
+            out.append(replace(shape, batch_size=batch))
+        return out
+    if step is Step.CHUNK:
+        return [
+            replace(shape, chunk_length=length)
+            for length in CHUNK_LENGTHS
+            if min_chunk_length <= length < shape.chunk_length
+        ]
+    if step is Step.GREEDY and shape.beam_size > 1:
+        return [replace(shape, beam_size=1)]
+    if step is Step.WORD_TIMESTAMPS and shape.word_timestamps:
+        return [replace(shape, word_timestamps=False)]
+    return []
+
+
+def step_down(
+    shape: Shape, ladder: Iterable[str | Step], *, min_chunk_length: int = MIN_CHUNK_LENGTH
+) -> Shape:
+    """The shape one rung down the ladder, after an out-of-memory error.
+
+    The first shrinking step (in ladder order) that can still go further takes one rung: the
+    batch halves, the window gets the next shorter length, the beam goes greedy, or word
+    timestamps go. The planner's own search uses the same :func:`rungs`.
+
+    Args:
+        shape: The shape that ran out of memory.
+        ladder: The steps, in order (names or :class:`Step`).
+        min_chunk_length: The shortest window the ``chunk`` step may reach.
+
+    Returns:
+        The next shape; ``shape`` itself when every step is exhausted.
+    """
+    for step in parse_ladder(ladder):
+        candidates = rungs(step, shape, min_chunk_length=min_chunk_length)
+        if candidates:
+            return candidates[0]
+    return shape
+
+
 _HOST_PIECE_SECONDS = 30
 _DEVICE_HEADROOM = MemoryAmount(512, "MiB")
 _HOST_HEADROOM = MemoryAmount(1, "GiB")
@@ -96,7 +181,7 @@ class Policy:
     host_headroom: MemoryAmount = _HOST_HEADROOM
     max_wait: float = 10.0
     cpu_fallback: bool = False
-    min_chunk_length: int = 10
+    min_chunk_length: int = MIN_CHUNK_LENGTH
     retry_after: float = 5.0
     resident_bytes: int = 0
     host_resident_bytes: int = 0
@@ -104,12 +189,10 @@ class Policy:
     cpu_compute_type: str = "int8"
 
     def __post_init__(self) -> None:
-        # Accept plain strings (from settings) and store the enum.
-        object.__setattr__(self, "ladder", tuple(Step(step) for step in self.ladder))
+        # Accept plain strings and store the enum.
+        object.__setattr__(self, "ladder", parse_ladder(self.ladder))
         if self.mode not in ("adapt", "strict", "off"):
             raise ValueError(f"mode must be adapt, strict or off, not {self.mode!r}")
-        if len(set(self.ladder)) != len(self.ladder):
-            raise ValueError(f"a step appears twice in the ladder {list(self.ladder)}")
         if self.max_wait < 0 or self.poll_interval <= 0 or self.retry_after < 0:
             raise ValueError("max_wait and retry_after must be >= 0 and poll_interval > 0")
         if not 1 <= self.min_chunk_length <= 30:
@@ -183,11 +266,6 @@ class Plan:
         """Device memory to reserve while the plan runs: its estimate."""
         return self.estimate.device_bytes
 
-    @property
-    def degraded(self) -> bool:
-        """Whether anything differs from what was asked."""
-        return bool(self.degradations)
-
 
 @dataclass(frozen=True)
 class Budget:
@@ -244,27 +322,31 @@ def memory_budget(
 
 
 def choose_host_chunk(
-    audio_seconds: float, available: int, per_second: float, fixed: int
+    audio_seconds: float, available: int, host_bytes: Callable[[float], int]
 ) -> float | None:
-    """The longest piece of audio whose samples and features fit ``available`` bytes.
+    """The longest piece of audio whose host memory fits ``available`` bytes.
 
     Args:
         audio_seconds: Length of the whole audio.
         available: Host bytes the request may use for audio.
-        per_second: Host bytes per second of audio held.
-        fixed: Host bytes per request whatever the length.
+        host_bytes: Host bytes a piece of so many seconds needs (growing with its length).
 
     Returns:
         ``audio_seconds`` when it all fits, else the largest multiple of 30 s that does (at
         least 30); None when not even that fits.
     """
-    if fixed + per_second * audio_seconds <= available:
+    if host_bytes(audio_seconds) <= available:
         return audio_seconds
-    affordable = (available - fixed) / per_second if per_second > 0 else math.inf
-    piece = math.floor(affordable / _HOST_PIECE_SECONDS) * _HOST_PIECE_SECONDS
-    if piece < _HOST_PIECE_SECONDS:
+    if host_bytes(_HOST_PIECE_SECONDS) > available:
         return None
-    return float(min(piece, audio_seconds))
+    lo, hi = 1, max(1, math.ceil(audio_seconds / _HOST_PIECE_SECONDS))  # lo fits, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if host_bytes(mid * _HOST_PIECE_SECONDS) <= available:
+            lo = mid
+        else:
+            hi = mid
+    return float(min(lo * _HOST_PIECE_SECONDS, audio_seconds))
 
 
 @dataclass(frozen=True)
@@ -361,18 +443,11 @@ class _Planner:
             load = self.cpu_load_bytes if self.request.shape.device != "cpu" else 0
             budget = self.device_budget if self.request.shape.device == "cpu" else self.host_budget
             room = budget.amount - estimate.device_bytes - load
-            chunk = choose_host_chunk(
-                self.audio, room, estimate.host_bytes_per_audio_second, estimate.host_fixed_bytes
-            )
+            chunk = choose_host_chunk(self.audio, room, estimate.host_bytes)
             host = estimate.host_bytes(chunk if chunk is not None else 0) + load
             needs = estimate.device_bytes + estimate.host_bytes(min(self.audio, 30.0)) + load
             return _Check(shape, estimate, budget, needs <= budget.amount, chunk, host, needs)
-        chunk = choose_host_chunk(
-            self.audio,
-            self.host_budget.amount,
-            estimate.host_bytes_per_audio_second,
-            estimate.host_fixed_bytes,
-        )
+        chunk = choose_host_chunk(self.audio, self.host_budget.amount, estimate.host_bytes)
         host = estimate.host_bytes(chunk if chunk is not None else 0)
         ok = estimate.device_bytes <= self.device_budget.amount
         return _Check(shape, estimate, self.device_budget, ok, chunk, host, estimate.device_bytes)
@@ -437,32 +512,21 @@ class _Planner:
         """Apply one step as far as it goes (until the shape fits or the step is exhausted)."""
         shape = check.shape
         before = check
-        candidates: list[Shape] = []
-        if step is Step.BATCH:
-            floor = max(1, self.request.min_batch_size)
-            batch = shape.batch_size
-            while batch > floor:
-                batch = max(floor, batch // 2)
-                candidates.append(replace(shape, batch_size=batch))
-        elif step is Step.CHUNK:
-            candidates = [
-                replace(shape, chunk_length=length)
-                for length in CHUNK_LENGTHS
-                if self.policy.min_chunk_length <= length < shape.chunk_length
-            ]
-        elif step is Step.GREEDY and shape.beam_size > 1:
-            candidates = [replace(shape, beam_size=1)]
-        elif step is Step.WORD_TIMESTAMPS and shape.word_timestamps:
-            candidates = [replace(shape, word_timestamps=False)]
+        candidates = rungs(
+            step,
+            shape,
+            min_batch=self.request.min_batch_size,
+            min_chunk_length=self.policy.min_chunk_length,
+        )
         for candidate in candidates:
             check = self.check(candidate)
             if check.device_ok:
                 break
         if check.shape == shape:
             return check, None
-        return check, Degradation(step.value, self.describe(step, before, check.shape))
+        return check, Degradation(step.value, self.reason_for(step, before, check.shape))
 
-    def describe(self, step: Step, before: _Check, after: Shape) -> str:
+    def reason_for(self, step: Step, before: _Check, after: Shape) -> str:
         old, new = before.shape, after
         change = {
             Step.BATCH: f"batch {old.batch_size} -> {new.batch_size}",
@@ -562,7 +626,7 @@ def plan_request(
     current = asked
     degradations: list[Degradation] = []
     for step in policy.ladder:
-        if step in _SHRINK_STEPS:
+        if step in SHRINK_STEPS:
             if current.device_ok:
                 continue  # host RAM is short: a smaller device shape would not help
             current, note = planner.shrink(step, current)

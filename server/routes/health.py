@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
-from server.deps import Authorized, EngineDep, MetricsDep
+from server.deps import Authorized, EngineDep, MetricsAuthorized, MetricsDep
 from server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
@@ -38,8 +38,9 @@ async def memory(engine: EngineDep) -> dict[str, Any]:
     return engine.memory_report()
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[MetricsAuthorized])
 async def metrics(metrics: MetricsDep) -> Response:
     """Prometheus metrics: requests, audio seconds, real-time factor, queue depth, batch sizes,
-    degradations, OOM recoveries and memory per device."""
+    degradations, OOM recoveries and memory per device. Needs the API key when keys are set,
+    unless WHISPER_METRICS_PUBLIC."""
     return Response(metrics.render(), media_type=CONTENT_TYPE)

@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 
 from server.memory import (
-    KNOWN_DIMS,
     CostModel,
     MemoryAmount,
     MemorySnapshot,
@@ -18,9 +17,15 @@ from server.memory import (
     Policy,
     Shape,
     Step,
+    plan_request,
+)
+from server.memory.model_file import KNOWN_DIMS
+from server.memory.planner import (
+    CHUNK_LENGTHS,
     choose_host_chunk,
     memory_budget,
-    plan_request,
+    rungs,
+    step_down,
 )
 
 GiB = 2**30
@@ -294,7 +299,7 @@ def test_min_batch_size_and_min_chunk_length(snapshot: SnapshotFactory) -> None:
     ],
 )
 def test_choose_host_chunk(audio: float, available: int, expected: float | None) -> None:
-    assert choose_host_chunk(audio, available, 1_000_000, 64 * MiB) == expected
+    assert choose_host_chunk(audio, available, lambda s: 64 * MiB + int(1_000_000 * s)) == expected
 
 
 def test_long_audio_is_cut_to_fit_host_ram(snapshot: SnapshotFactory) -> None:
@@ -457,3 +462,81 @@ def test_no_run_plan_exceeds_its_budget(snapshot: SnapshotFactory) -> None:
         assert 0 < result.host_chunk_seconds
     # The grid reached every kind of decision.
     assert {("run", "cuda"), ("run", "cpu"), ("wait", "cuda"), ("reject", "cuda")} <= actions
+
+
+# ---- the step-down after an out-of-memory error: the same rungs as the planner's ladder ----
+
+FULL = ("batch", "chunk", "greedy", "word_timestamps", "wait", "cpu", "reject")
+
+
+def _walk(shape: Shape, ladder: tuple[str, ...], **kwargs: int) -> list[tuple[int, int, int, bool]]:
+    seen = [shape]
+    while (nxt := step_down(seen[-1], ladder, **kwargs)) != seen[-1]:
+        seen.append(nxt)
+    return [(s.batch_size, s.chunk_length, s.beam_size, s.word_timestamps) for s in seen]
+
+
+@pytest.mark.parametrize(
+    ("ladder", "kwargs", "expected"),
+    [
+        (
+            FULL,
+            {},
+            [
+                (4, 30, 5, True),
+                (2, 30, 5, True),
+                (1, 30, 5, True),
+                (1, 20, 5, True),
+                (1, 15, 5, True),
+                (1, 10, 5, True),
+                (1, 10, 1, True),
+                (1, 10, 1, False),
+            ],
+        ),
+        (
+            ("word_timestamps", "greedy", "batch", "reject"),
+            {},
+            [
+                (4, 30, 5, True),
+                (4, 30, 5, False),
+                (4, 30, 1, False),
+                (2, 30, 1, False),
+                (1, 30, 1, False),
+            ],
+        ),
+        (
+            FULL,
+            {"min_chunk_length": 20},
+            [
+                (4, 30, 5, True),
+                (2, 30, 5, True),
+                (1, 30, 5, True),
+                (1, 20, 5, True),
+                (1, 20, 1, True),
+                (1, 20, 1, False),
+            ],
+        ),
+        (("wait", "cpu", "reject"), {}, [(4, 30, 5, True)]),
+    ],
+)
+def test_step_down_table(
+    ladder: tuple[str, ...], kwargs: dict[str, int], expected: list[tuple[int, int, int, bool]]
+) -> None:
+    shape = Shape("cuda", "float16", batch_size=4, beam_size=5, word_timestamps=True)
+    assert _walk(shape, ladder, **kwargs) == expected
+
+
+def test_step_down_takes_the_planners_own_rungs(snapshot: SnapshotFactory) -> None:
+    """Every shape the OOM path steps to is one the planner's search visits on the way down."""
+    shape = Shape("cuda", "float16", batch_size=8, beam_size=5, word_timestamps=True)
+    visited = {shape}
+    current = shape
+    for step in Step:
+        for candidate in rungs(step, current):
+            visited.add(candidate)
+        current = next(iter(rungs(step, current)[-1:]), current)
+    walked = shape
+    while (nxt := step_down(walked, FULL)) != walked:
+        assert nxt in visited, nxt
+        walked = nxt
+    assert set(CHUNK_LENGTHS) >= {s.chunk_length for s in visited}

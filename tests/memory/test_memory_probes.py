@@ -11,22 +11,25 @@ from typing import Any
 
 import pytest
 
-from server.memory import (
+from server.memory.cgroups import read_cgroup_memory
+from server.memory.gpu_identity import (
     CudaIdentity,
+    NvmlDeviceInfo,
+    NvmlMigInfo,
+    match_cuda_identity,
+    parse_pci_bus_id,
+    resolve_visible_devices,
+)
+from server.memory.peaks import peak_sampler
+from server.memory.probes import (
     DeviceMemory,
     HostProbe,
     MemorySnapshot,
-    NvmlDeviceInfo,
-    NvmlMigInfo,
     NvmlProbe,
     ProbeUnavailable,
     cuda_available,
-    match_cuda_identity,
     open_probe,
-    peak_sampler,
-    resolve_visible_devices,
 )
-from server.memory.probes import parse_pci_bus_id, read_cgroup_memory
 
 GiB = 2**30
 

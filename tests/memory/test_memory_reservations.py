@@ -87,12 +87,12 @@ def test_a_release_between_reading_and_waiting_is_not_missed() -> None:
     assert ledger.wait_for_release(timeout=0, since=seen) is True
 
 
-def test_admission_makes_plan_and_reserve_one_step() -> None:
+def test_planning_makes_plan_and_reserve_one_step() -> None:
     ledger = Reservations()
     totals: list[int] = []
 
     def admit(owner: str) -> None:
-        with ledger.admission() as held:
+        with ledger.planning() as held:
             reserved = held.total("cuda")
             time.sleep(0.005)  # another thread planning now would see the same total
             totals.append(reserved)

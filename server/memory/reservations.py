@@ -4,10 +4,10 @@ NVML's free memory lags behind what a request will use (it allocates as it goes)
 request planned in that window would see memory the first is about to take. Each running
 request therefore reserves its estimate here, and the planner subtracts the total.
 
-Plan and reserve under :meth:`Reservations.admission` so that two requests never plan against
+Plan and reserve under :meth:`Reservations.planning` so that two requests never plan against
 the same free memory::
 
-    with ledger.admission() as held:
+    with ledger.planning() as held:
         plan = plan_request(..., reserved=held.total("cuda"), ...)
         reservation = ledger.reserve("cuda", plan.reserve_bytes, owner=request_id)
     with reservation:
@@ -77,7 +77,7 @@ class Reservations:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        # Re-entrant so that reserve() can be called inside admission().
+        # Re-entrant so that reserve() can be called inside planning().
         self._lock = threading.RLock()
         self._released = threading.Condition(self._lock)
         self._held: dict[int, Reservation] = {}
@@ -157,7 +157,7 @@ class Reservations:
             return self._released.wait_for(lambda: self._generation != start, timeout)
 
     @contextmanager
-    def admission(self) -> Iterator[Reservations]:
+    def planning(self) -> Iterator[Reservations]:
         """Hold the ledger while planning and reserving, so the two are one step.
 
         Planning is microseconds; everyone else waits only that long.

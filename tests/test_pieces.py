@@ -1,0 +1,143 @@
+"""Long audio in bounded memory: decoded piece by piece under the planner's reservations.
+
+Real audio and the real tiny.en model. The upload is opened as a stream and never decoded in
+one go: each piece is read (decoded) only once the planner has reserved its host memory, and
+the reservation is released when the piece is done.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from server.audio import ArraySource, AudioStream, PieceReader, decode_audio, split_on_silence
+from server.config import Settings
+from server.engine import HOST, Engine
+from server.errors import AudioError
+from server.job import Job
+from tests.conftest import pin_footprint_to_weights, wer
+
+LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    settings = Settings(
+        model=str(tiny_model),
+        models_dir=tmp_path_factory.mktemp("m"),
+        max_piece_duration=60,
+        batching="off",
+    )
+    engine = Engine(settings)
+    pin_footprint_to_weights(engine)
+    engine.start()
+    assert engine.ready, engine.load_error
+    return engine
+
+
+def test_streamed_pieces_are_cut_where_the_whole_file_would_be(data_dir: Path) -> None:
+    data = (data_dir / LONG).read_bytes()
+    whole = decode_audio(data, max_duration=3600).samples
+    spans = split_on_silence(whole, max_span_s=60.0)
+    with AudioStream(data, max_duration=3600) as stream:
+        reader = PieceReader(stream)
+        pieces = []
+        while (piece := reader.next(60.0)) is not None:
+            pieces.append(piece)
+    assert [(p.start, p.end) for p in pieces] == [(s.start, s.end) for s in spans]
+    np.testing.assert_array_equal(np.concatenate([p.samples for p in pieces]), whole)
+    assert pieces[-1].last and not any(p.last for p in pieces[:-1])
+
+
+def test_the_stream_is_decoded_a_piece_at_a_time(engine: Engine, data_dir: Path) -> None:
+    """No read asks for more than a piece (60 s here, plus the second the VAD hears past the
+    cut), and every piece's host reservation is sized for a piece, not for the file."""
+    data = (data_dir / LONG).read_bytes()
+    stream = AudioStream(data, max_duration=3600)
+    reads: list[int] = []
+    original = stream.read
+
+    def read(max_samples: int) -> Any:
+        reads.append(max_samples)
+        return original(max_samples)
+
+    stream.read = read  # type: ignore[method-assign]
+    host_peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.002):
+            host_peak[0] = max(host_peak[0], engine.reservations.total(HOST))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        transcript = engine.run(Job(request_id="pieces", audio=stream, source=engine.served))
+    finally:
+        done.set()
+        watcher.join()
+    assert transcript.duration == pytest.approx(231, abs=1)
+    assert len(reads) >= 4 and max(reads) <= 61 * 16000, reads
+    (model,) = engine.pool.loaded()
+    shape = engine.requested_shape(
+        model, Job(request_id="x", audio=np.zeros(16000 * 60), source=engine.served)
+    )
+    per_piece = model.cost.estimate(shape).host_bytes(61)
+    whole_file = model.cost.estimate(shape).host_bytes(231)
+    assert 0 < host_peak[0] <= per_piece < whole_file
+    assert engine.reservations.snapshot() == []
+
+    reference = decode_audio(data, max_duration=3600).samples
+    unchunked = engine.run(Job(request_id="ref", audio=reference, source=engine.served))
+    assert unchunked.duration == pytest.approx(transcript.duration, abs=0.01)
+    assert wer(unchunked.text, transcript.text) < 0.05
+
+
+def test_a_stream_that_fails_part_way_is_a_400(engine: Engine, data_dir: Path) -> None:
+    """An upload cut off in the middle: the header promises more than there is. The engine
+    stops with the audio error (the request's 400) and releases everything."""
+    data = (data_dir / LONG).read_bytes()
+    stream = AudioStream(data[: len(data) // 2], max_duration=3600)
+    with pytest.raises(AudioError) as info:
+        engine.run(Job(request_id="cut", audio=stream, source=engine.served))
+    assert info.value.code == "truncated_audio"
+    assert engine.reservations.snapshot() == []
+
+
+def test_an_array_source_reads_views() -> None:
+    samples = np.arange(10, dtype=np.float32)
+    source = ArraySource(samples)
+    first = source.read(4)
+    assert np.shares_memory(first, samples) and list(first) == [0, 1, 2, 3]
+    assert len(source.read(100)) == 6 and source.finished and not len(source.read(1))
+
+
+def test_streamed_events_start_before_a_long_file_is_done(
+    server_factory, tiny_model: Path, data_dir: Path
+) -> None:
+    """With several pieces, the first delta arrives long before the done event."""
+    server = server_factory(model=str(tiny_model), max_piece_duration=60)
+    started = time.perf_counter()
+    arrivals: list[tuple[float, str]] = []
+    with requests.post(
+        server.url + "/v1/audio/transcriptions",
+        files={"file": ("long.flac", (data_dir / LONG).read_bytes())},
+        data={"model": "whisper-1", "stream": "true"},
+        stream=True,
+        timeout=300,
+    ) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if line.startswith(b"data: "):
+                kind = "done" if b"transcript.text.done" in line else "delta"
+                arrivals.append((time.perf_counter() - started, kind))
+    deltas = [t for t, kind in arrivals if kind == "delta"]
+    done = [t for t, kind in arrivals if kind == "done"]
+    assert deltas and len(done) == 1
+    assert deltas[0] < done[0] / 2, arrivals
