@@ -3,7 +3,7 @@
 Starts ``python -m server serve`` (the default model unless ``--model``), warms it with a short
 clip and two minutes of speech (one request down each path), reads its warm idle RSS, then sends one long file (an hour of speech by
 default) and afterwards several 9-minute files one after another, sampling the process's RSS
-from outside every 20 ms. The table gives, for each request, the peak RSS while it ran and the
+from outside every 20 ms (verbose_json with word timestamps, the heaviest request). The table gives, for each request, the peak RSS while it ran and the
 RSS once it was answered, each against the warm idle figure. The targets: the hour-long file
 peaks under 1 GiB with the default model, RSS returns to within 15 % of warm idle after it, and
 the run of 9-minute files shows no growth beyond that.
@@ -93,7 +93,11 @@ def main() -> None:
             resp = requests.post(
                 url + "/v1/audio/transcriptions",
                 files={"file": ("audio", data)},
-                data={"model": "whisper-1", "response_format": "verbose_json"},
+                data={
+                    "model": "whisper-1",
+                    "response_format": "verbose_json",
+                    "timestamp_granularities[]": "word",
+                },
                 timeout=7200,
             )
             seconds = time.perf_counter() - started

@@ -20,6 +20,7 @@ from server.audio import decode_audio
 from server.config import Settings
 from server.engine import Engine
 from server.memory import Profile, ProfilePoint, Shape, format_bytes
+from server.memory.host_heap import release_freed_memory
 from server.memory.peaks import peak_sampler, sample_peak
 from server.model_pool import LoadedModel
 from server.runners import SAMPLE_RATE
@@ -63,6 +64,8 @@ def measure(model: LoadedModel, shape: Shape, engine: Engine, audio: np.ndarray)
             pass
 
     run()  # warm-up: allocator pools and kernels are set up outside the measurement
+    # What the warm-up freed would otherwise sit in the heap and hide the next run's peak.
+    release_freed_memory()
     if model.device == "cuda":
         sampler = peak_sampler(engine.probe("cuda"), interval_ms=2)
     else:
@@ -108,18 +111,28 @@ def calibrate(
     for word_ts in words:
         for beam in beams:
             for batch in batches:
-                shape = Shape(model.device, model.compute_type, batch, beam, word_ts, 30)
+                shape = Shape(model.device, model.compute_type, batch, beam, word_ts, 30, batch > 1)
                 started = time.perf_counter()
                 speech = calibration_audio(30.0 * batch, audio)
                 peak = measure(model, shape, engine, speech)
-                estimate = model.cost.estimate(shape).device_bytes
-                profile = profile.with_point(ProfilePoint(batch, beam, word_ts, 30, peak))
+                cost = model.cost.estimate(shape)
+                estimate = cost.device_bytes
+                working = peak
+                if model.device == "cpu":
+                    # RSS counts the host memory of the audio too: compare like with like, and
+                    # keep only the working memory in the profile (the host part is estimated
+                    # on its own).
+                    host = cost.host_bytes(len(speech) / SAMPLE_RATE)
+                    estimate += host
+                    working = max(0, peak - host)
+                profile = profile.with_point(ProfilePoint(batch, beam, word_ts, 30, working))
                 rows.append((shape, peak, estimate, time.perf_counter() - started))
                 logger.info(
                     "%s: peak %s, estimate %s", shape, format_bytes(peak), format_bytes(estimate)
                 )
     path = profile.save(folder / Profile.FILENAME)
-    print("| shape | measured peak | first-principles estimate | seconds |\n|---|---|---|---|")
+    what = "working memory" if model.device == "cuda" else "working + host memory"
+    print(f"| shape | measured peak | estimate ({what}) | seconds |\n|---|---|---|---|")
     for shape, peak, estimate, seconds in rows:
         print(f"| {shape} | {format_bytes(peak)} | {format_bytes(estimate)} | {seconds:.1f} |")
     print(f"profile written to {path}")

@@ -707,7 +707,10 @@ class Engine:
         The requests waiting in the scheduler have each reserved a window's working memory
         under the batched key; a batch spends those (one batch runs at a time per model), so it
         is planned against the memory left once everything else is counted, and reserves until
-        it ends only what it needs beyond them (:meth:`_around_batch` releases it). Only the
+        it ends only what it needs beyond them (:meth:`_around_batch` sizes that reservation to
+        the batch actually taken, and releases it). Until then it reserves for the windows
+        ready now, not for the largest batch: a piece of a sparse recording may hold one window
+        of speech, and other work must not be refused for the seven that never come. Only the
         batch step applies here, then a bounded wait or a 503: the other degradations were
         decided when each request was planned.
         """
@@ -715,17 +718,18 @@ class Engine:
             s for s in self.settings.degrade_ladder if s in (Step.BATCH, Step.WAIT, Step.REJECT)
         )
         shape = key.memory_shape(model.device, model.compute_type, self.batch_size)
+        ready = self._scheduler(model).ready(key)
 
         def reserve(plan: Plan) -> None:
-            queued = self.reservations.total(batched_key(model.device))
-            beyond = max(0, plan.reserve_bytes - queued)
+            size = max(1, min(plan.shape.batch_size, ready))
             self._batch_reservations[id(model)] = self.reservations.reserve(
-                model.device, beyond, "batch"
+                model.device, self._beyond_queued(model, key, size), "batch"
             )
 
         plan, _ = self._decide(
             model,
-            PlanRequest(shape=shape, audio_seconds=30.0),
+            # The requests hold their pieces' host memory: the batch plans its working memory.
+            PlanRequest(shape=shape, audio_seconds=30.0, host_held=True),
             steps or (Step.REJECT,),
             reserved_keys=(model.device,),
             cpu_load_bytes=0,
@@ -739,10 +743,23 @@ class Engine:
             )
         return plan.shape.batch_size
 
+    def _beyond_queued(self, model: LoadedModel, key: BatchKey, size: int) -> int:
+        """What a batch of ``size`` windows needs beyond the working memory its requests hold."""
+        needs = model.cost.estimate(key.memory_shape(model.device, model.compute_type, size))
+        queued = self.reservations.total(batched_key(model.device))
+        return max(0, needs.device_bytes - queued)
+
     @contextmanager
     def _around_batch(self, model: LoadedModel, key: BatchKey, size: int) -> Iterator[None]:
-        """Runs around every batch: releases the batch's reservation when it ends, and an
-        out-of-memory error raises the batch shape's estimate."""
+        """Runs around every batch: sizes the batch's reservation to the windows taken
+        (at most the planner's batch), releases it when the batch ends, and an out-of-memory
+        error raises the batch shape's estimate."""
+        held = self._batch_reservations.pop(id(model), None)
+        reservation = self.reservations.reserve(
+            model.device, self._beyond_queued(model, key, size), "batch"
+        )
+        if held is not None:
+            held.release()
         try:
             yield
         except Exception as exc:
@@ -751,9 +768,7 @@ class Engine:
                 model.cost = model.cost.with_correction(shape, 1.5)
             raise
         finally:
-            reservation = self._batch_reservations.pop(id(model), None)
-            if reservation is not None:
-                reservation.release()
+            reservation.release()
 
     # ---- reporting ------------------------------------------------------------------------
 
@@ -795,6 +810,7 @@ class Engine:
                 for m in self.pool.loaded()
             ],
             "reservations": self.reservations.snapshot(),
+            "idle_host_bytes": self.idle_host_bytes,
             "policy": {
                 "mode": s.memory_policy,
                 "ladder": [str(step) for step in s.degrade_ladder],

@@ -607,6 +607,11 @@ class Scheduler:
             self._wake.notify_all()
         return ticket
 
+    def ready(self, key: BatchKey) -> int:
+        """How many queued windows with ``key`` could join a batch now."""
+        with self._lock:
+            return sum(1 for r in self._requests for w in r.eligible() if w.key == key)
+
     def stats(self) -> SchedulerStats:
         """A snapshot of the counters."""
         with self._lock:

@@ -141,3 +141,37 @@ def test_streamed_events_start_before_a_long_file_is_done(
     done = [t for t, kind in arrivals if kind == "done"]
     assert deltas and len(done) == 1
     assert deltas[0] < done[0] / 2, arrivals
+
+
+def test_a_batch_reserves_for_the_windows_it_takes(
+    tiny_model: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    """A piece planned for a batch of 5 windows that holds one window of speech (a clip, then
+    two minutes of silence): the batch reserves for the one window it runs, which the request's
+    own reservation already covers, not for the four that never come."""
+    settings = Settings(model=str(tiny_model), models_dir=tmp_path, batching="on", batch_size=8)
+    engine = Engine(settings)
+    pin_footprint_to_weights(engine)
+    engine.start()
+    assert engine.ready, engine.load_error
+    reserved: list[tuple[str, int, str]] = []
+    original = engine.reservations.reserve
+
+    def reserve(device: str, nbytes: int, owner: str) -> Any:
+        reserved.append((device, nbytes, owner))
+        return original(device, nbytes, owner)
+
+    engine.reservations.reserve = reserve  # type: ignore[method-assign]
+    clip = decode_audio((data_dir / "jfk.flac").read_bytes(), max_duration=60).samples
+    audio = np.concatenate([clip, np.zeros(120 * 16000, dtype=np.float32)])
+    try:
+        transcript = engine.run(Job(request_id="sparse", audio=audio, source=engine.served))
+    finally:
+        engine.close()
+    assert "fellow Americans" in transcript.text
+    (model,) = engine.pool.loaded()
+    planned = engine.requested_shape(model, Job(request_id="x", audio=audio, source=engine.served))
+    assert planned.batch_size == 5  # what the piece was planned for
+    batches = [nbytes for _, nbytes, owner in reserved if owner == "batch"]
+    assert batches and set(batches) == {0}, reserved
+    assert engine.reservations.snapshot() == []

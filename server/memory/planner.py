@@ -207,11 +207,14 @@ class PlanRequest:
         shape: The shape as asked, on the preferred device.
         audio_seconds: Length of the audio.
         min_batch_size: The ``batch`` step stops here.
+        host_held: The host memory of the audio is reserved already (a batch of windows whose
+            requests hold their pieces): only the working memory is planned.
     """
 
     shape: Shape
     audio_seconds: float
     min_batch_size: int = 1
+    host_held: bool = False
 
 
 @dataclass(frozen=True)
@@ -437,18 +440,23 @@ class _Planner:
             ceiling = min(ceiling, limit.resolve(memory.total) - resident)
         return ceiling
 
+    def host_of(self, estimate: CostEstimate) -> Callable[[float], int]:
+        """Host RAM of a piece of so many seconds, as this request must plan it."""
+        return (lambda seconds: 0) if self.request.host_held else estimate.host_bytes
+
     def check(self, shape: Shape) -> _Check:
         estimate = self.cost.estimate(shape)
+        host_of = self.host_of(estimate)
         if shape.device == "cpu":
             load = self.cpu_load_bytes if self.request.shape.device != "cpu" else 0
             budget = self.device_budget if self.request.shape.device == "cpu" else self.host_budget
             room = budget.amount - estimate.device_bytes - load
-            chunk = choose_host_chunk(self.audio, room, estimate.host_bytes)
-            host = estimate.host_bytes(chunk if chunk is not None else 0) + load
-            needs = estimate.device_bytes + estimate.host_bytes(min(self.audio, 30.0)) + load
+            chunk = choose_host_chunk(self.audio, room, host_of)
+            host = host_of(chunk if chunk is not None else 0) + load
+            needs = estimate.device_bytes + host_of(min(self.audio, 30.0)) + load
             return _Check(shape, estimate, budget, needs <= budget.amount, chunk, host, needs)
-        chunk = choose_host_chunk(self.audio, self.host_budget.amount, estimate.host_bytes)
-        host = estimate.host_bytes(chunk if chunk is not None else 0)
+        chunk = choose_host_chunk(self.audio, self.host_budget.amount, host_of)
+        host = host_of(chunk if chunk is not None else 0)
         ok = estimate.device_bytes <= self.device_budget.amount
         return _Check(shape, estimate, self.device_budget, ok, chunk, host, estimate.device_bytes)
 
@@ -458,7 +466,7 @@ class _Planner:
             return check.needs <= self.host_ceiling
         if check.needs > self.device_ceiling:
             return False
-        min_host = check.estimate.host_bytes(min(self.audio, float(_HOST_PIECE_SECONDS)))
+        min_host = self.host_of(check.estimate)(min(self.audio, float(_HOST_PIECE_SECONDS)))
         return min_host <= self.host_ceiling
 
     # -- plans --
@@ -502,7 +510,7 @@ class _Planner:
             where = "host RAM" if check.shape.device == "cpu" else check.shape.device
             return f"{check.shape} needs {format_bytes(check.needs)} on {where}, {check.budget.why}"
         return (
-            f"{format_bytes(check.estimate.host_bytes(min(self.audio, 30.0)))} of host RAM is "
+            f"{format_bytes(self.host_of(check.estimate)(min(self.audio, 30.0)))} of host RAM is "
             f"needed for the audio, {self.host_budget.why}"
         )
 

@@ -335,6 +335,22 @@ def test_cpu_serving_plans_on_host_ram(snapshot: SnapshotFactory) -> None:
     assert smaller.estimate.device_bytes + smaller.host_bytes <= least - 1
 
 
+def test_a_batch_whose_requests_hold_the_audio_plans_working_memory_only(
+    snapshot: SnapshotFactory,
+) -> None:
+    """The scheduler's batch: each request reserved its own piece's host memory, so the batch
+    must not count the audio again (on the CPU that double count refused batches that fit)."""
+    shape = Shape("cpu", "int8", 1, 5, False, 30, batched=True)
+    estimate = COST.estimate(shape)
+    free = snapshot(kind="cpu", host_free=estimate.device_bytes + GiB)  # 1 GiB is headroom
+    counted = plan_request(PlanRequest(shape, 30.0), free, Policy(), reserved=0, cost=COST)
+    assert (counted.action, counted.shape) != ("run", shape)  # degraded or refused
+    held = plan_request(
+        PlanRequest(shape, 30.0, host_held=True), free, Policy(), reserved=0, cost=COST
+    )
+    assert (held.action, held.shape, held.host_bytes) == ("run", shape, 0)
+
+
 def test_memory_budget_explains_itself(snapshot: SnapshotFactory) -> None:
     device = snapshot(free=200 * MiB).device
     budget = memory_budget(
