@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,12 +28,10 @@ import wave
 from pathlib import Path
 
 import numpy as np
-import psutil
 import requests
+from harness import RATE, ROOT, served
 
-ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
-RATE = 16000
 
 
 def wav_bytes(samples: np.ndarray) -> bytes:
@@ -80,12 +75,6 @@ def inputs(long_minutes: float) -> list[tuple[str, bytes, float]]:
     return cases
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", type=Path, default=ROOT, help="checkout whose server to run")
@@ -93,33 +82,16 @@ def main() -> None:
     parser.add_argument("--long-minutes", type=float, default=10.0)
     args = parser.parse_args()
 
-    port = free_port()
     models = Path(tempfile.mkdtemp(prefix="bench-models-"))
     env = {
-        **os.environ,
-        "WHISPER_PORT": str(port),
         "WHISPER_MODELS_DIR": str(ROOT / "models") if args.model is None else str(models),
         "WHISPER_LOG_LEVEL": "warning",
         "PYTHONPATH": str(args.root),
     }
     if args.model:
         env["WHISPER_MODEL"] = args.model
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve"], cwd=args.root, env=env, stderr=subprocess.PIPE
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        else:
-            raise SystemExit("server did not become ready")
-        process = psutil.Process(server.pid)
+    with served(env, root=args.root) as server:
+        url, process = server.url, server.process
         cases = inputs(args.long_minutes)
         rows = []
         for name, data, seconds in cases:
@@ -148,9 +120,6 @@ def main() -> None:
                 f"| {name} | {seconds:g} | {wall:.1f} | {cpu:.1f} | {per:.2f} | "
                 f"{per / base:.1f}x | {status} | {text[:40]!r} |"
             )
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 if __name__ == "__main__":

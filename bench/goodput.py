@@ -22,9 +22,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,11 +32,15 @@ from pathlib import Path
 import numpy as np
 import psutil
 import requests
+from harness import RATE, ROOT, encode_opus, served
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from server.audio import decode_audio
+from server.memory import MemoryAmount
+from server.memory.peaks import sample_peak
+
 DATA = ROOT / "tests" / "data"
 RESULTS = ROOT / "bench" / "results"
-RATE = 16000
 SHORT = [
     "jfk.flac",
     "en_leopard_test.wav",
@@ -67,38 +68,15 @@ class Run:
     wall: float = 0.0
 
 
-def _encode_opus(samples: np.ndarray, path: Path) -> None:
-    import av
-
-    with av.open(str(path), "w", format="ogg") as out:
-        stream = out.add_stream("libopus", rate=48000)
-        stream.bit_rate = 32000
-        stream.layout = "mono"
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=48000)
-        step = RATE * 10
-        for start in range(0, len(samples), step):
-            block = (np.clip(samples[start : start + step], -1, 1) * 32767).astype(np.int16)
-            frame = av.AudioFrame.from_ndarray(block.reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate = RATE
-            for resampled in resampler.resample(frame):
-                for packet in stream.encode(resampled):
-                    out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-
-
 def long_speech(minutes: float) -> bytes:
     """Real speech (the LJSpeech concatenation) tiled to ``minutes``, Opus in Ogg."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"goodput_speech_{minutes:g}min.ogg"
     if not path.is_file():
-        sys.path.insert(0, str(ROOT))
-        from server.audio import decode_audio
-
         name = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
         speech = decode_audio((DATA / name).read_bytes(), max_duration=3600).samples
         n = int(minutes * 60 * RATE)
-        _encode_opus(np.tile(speech, n // len(speech) + 1)[:n], path)
+        encode_opus(np.tile(speech, n // len(speech) + 1)[:n], path)
     return path.read_bytes()
 
 
@@ -106,14 +84,8 @@ def silence(minutes: float) -> bytes:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"goodput_silence_{minutes:g}min.ogg"
     if not path.is_file():
-        _encode_opus(np.zeros(int(minutes * 60 * RATE), dtype=np.float32), path)
+        encode_opus(np.zeros(int(minutes * 60 * RATE), dtype=np.float32), path)
     return path.read_bytes()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(
@@ -133,10 +105,7 @@ def run(
     if silence_minutes:
         work.append((f"silence {silence_minutes:g} min", silence(silence_minutes)))
 
-    port = _free_port()
     env = {
-        **os.environ,
-        "WHISPER_PORT": str(port),
         "WHISPER_HOST_MEMORY_LIMIT": limit,
         "WHISPER_MAX_MEMORY_WAIT": str(max_wait),
         "WHISPER_LOG_LEVEL": "warning",
@@ -147,55 +116,30 @@ def run(
     }
     if model:
         env["WHISPER_MODEL"] = model
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+    result = Run(
+        limit, limit_bytes=MemoryAmount.parse(limit).resolve(psutil.virtual_memory().total)
     )
-    url = f"http://127.0.0.1:{port}"
-    result = Run(limit)
-    stop = threading.Event()
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if server.poll() is not None:
-                raise SystemExit(f"server exited: {server.stderr.read()[-2000:]}")
-            time.sleep(0.3)
-        process = psutil.Process(server.pid)
-        result.idle_rss = process.memory_info().rss
-        decisions: dict[str, float] = {}
+    decisions: dict[str, float] = {}
 
-        def watch() -> None:
-            while not stop.is_set():
-                try:
-                    result.peak_rss = max(result.peak_rss, process.memory_info().rss)
-                except psutil.Error:
-                    return
-                stop.wait(0.02)
+    def note_decisions(url: str) -> None:
+        memory = requests.get(url + "/v1/memory", timeout=5).json()
+        for d in memory.get("recent_decisions", []):
+            decisions[d["request_id"]] = max(decisions.get(d["request_id"], 0.0), d["waited_s"])
+
+    with served(env) as server:
+        stop = threading.Event()
 
         def decisions_poll() -> None:
             while not stop.wait(0.5):
                 try:
-                    memory = requests.get(url + "/v1/memory", timeout=5).json()
+                    note_decisions(server.url)
                 except (requests.RequestException, ValueError):
                     continue
-                for d in memory.get("recent_decisions", []):
-                    decisions[d["request_id"]] = max(
-                        decisions.get(d["request_id"], 0.0), d["waited_s"]
-                    )
 
         def post(kind: str, data: bytes) -> Outcome:
             started = time.perf_counter()
             resp = requests.post(
-                url + "/v1/audio/transcriptions",
+                server.url + "/v1/audio/transcriptions",
                 files={"file": ("audio", data)},
                 data={"model": "whisper-1"},
                 timeout=7200,
@@ -207,29 +151,21 @@ def run(
                 resp.headers.get("x-request-id", ""),
             )
 
-        threads = [threading.Thread(target=watch), threading.Thread(target=decisions_poll)]
-        for t in threads:
-            t.start()
-        started = time.perf_counter()
-        with cf.ThreadPoolExecutor(len(work)) as pool:
-            result.outcomes = list(pool.map(lambda w: post(*w), work))
-        result.wall = time.perf_counter() - started
-        stop.set()
-        for t in threads:
-            t.join()
-        memory = requests.get(url + "/v1/memory", timeout=5).json()
-        for d in memory.get("recent_decisions", []):
-            decisions[d["request_id"]] = max(decisions.get(d["request_id"], 0.0), d["waited_s"])
-        for outcome in result.outcomes:
-            outcome.waited = decisions.get(outcome.request_id, 0.0) > 0
-        sys.path.insert(0, str(ROOT))
-        from server.memory import MemoryAmount
-
-        result.limit_bytes = MemoryAmount.parse(limit).resolve(psutil.virtual_memory().total)
-    finally:
-        stop.set()
-        server.terminate()
-        server.wait(timeout=60)
+        poller = threading.Thread(target=decisions_poll)
+        poller.start()
+        try:
+            with sample_peak(lambda: server.process.memory_info().rss, interval_ms=20) as rss:
+                started = time.perf_counter()
+                with cf.ThreadPoolExecutor(len(work)) as pool:
+                    result.outcomes = list(pool.map(lambda w: post(*w), work))
+                result.wall = time.perf_counter() - started
+        finally:
+            stop.set()
+            poller.join()
+        result.idle_rss, result.peak_rss = rss.baseline, rss.peak
+        note_decisions(server.url)
+    for outcome in result.outcomes:
+        outcome.waited = decisions.get(outcome.request_id, 0.0) > 0
     return result
 
 

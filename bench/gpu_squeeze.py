@@ -10,25 +10,19 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import contextlib
 import io
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import requests
+from harness import ROOT, served
 
-ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.audio import decode_audio  # noqa: E402
-from server.memory.peaks import peak_sampler  # noqa: E402
-from server.memory.probes import NvmlProbe, ProbeUnavailable  # noqa: E402
+from server.audio import decode_audio
+from server.memory.peaks import peak_sampler
+from server.memory.probes import NvmlProbe, ProbeUnavailable
 
 MIB = 1 << 20
 
@@ -73,44 +67,6 @@ def occupy(free_target: int, probe: NvmlProbe) -> list:
         torch.cuda.synchronize()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def server(env: dict[str, str]):
-    port = free_port()
-    # The server's log goes to a file: a pipe nobody reads would block it once full.
-    log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", str(port)],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        ready = False
-        for _ in range(240):
-            with contextlib.suppress(requests.RequestException):
-                ready = requests.get(url + "/ready", timeout=1).status_code == 200
-            if ready or proc.poll() is not None:
-                break
-            time.sleep(0.5)
-        if not ready:
-            log.seek(0)
-            raise RuntimeError("the server did not become ready:\n" + log.read()[-4000:])
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
-
-
 def fire(url: str, webm: bytes) -> tuple[int, str, str]:
     resp = requests.post(
         url + "/v1/audio/transcriptions",
@@ -146,7 +102,8 @@ def main() -> None:
     if args.model:
         env["WHISPER_MODEL"] = args.model
     rows = []
-    with server(env) as url:
+    with served(env, ready_timeout=120) as running:
+        url = running.url
         for free_mib in args.free:
             blocks = occupy(free_mib * MIB, probe)
             try:

@@ -37,10 +37,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from harness import RATE, ROOT, encode_opus
 
-ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-RATE = 16000
 LJ = ROOT / "tests" / "data" / "en_ljspeech_LJ001-0001_to_0032_concat.flac"
 
 CHILD = r"""
@@ -102,27 +101,6 @@ def _speech() -> np.ndarray:
     return decode_audio(LJ.read_bytes(), max_duration=3600).samples
 
 
-def _encode_opus(samples: np.ndarray, path: Path) -> None:
-    """16 kHz mono float32 -> Opus 32 kbit/s in Ogg, as a browser or a phone would send."""
-    import av
-
-    with av.open(str(path), "w", format="ogg") as out:
-        stream = out.add_stream("libopus", rate=48000)
-        stream.bit_rate = 32000
-        stream.layout = "mono"
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=48000)
-        step = RATE * 10
-        for start in range(0, len(samples), step):
-            block = (np.clip(samples[start : start + step], -1, 1) * 32767).astype(np.int16)
-            frame = av.AudioFrame.from_ndarray(block.reshape(1, -1), format="s16", layout="mono")
-            frame.sample_rate = RATE
-            for resampled in resampler.resample(frame):
-                for packet in stream.encode(resampled):
-                    out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-
-
 def audio_file(seconds: float) -> Path:
     """The input of ``seconds``: speech tiled, or (from an hour) a mostly silent meeting."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -139,7 +117,7 @@ def audio_file(seconds: float) -> Path:
         burst = speech[: 30 * RATE]
         for start in range(0, n - len(burst), 300 * RATE):
             samples[start : start + len(burst)] = burst
-    _encode_opus(samples, path)
+    encode_opus(samples, path)
     return path
 
 

