@@ -226,26 +226,21 @@ def match_cuda_identity(
                     return VisibleDevice(gpu, mig)
         for gpu in devices:
             if _uuid_hex(gpu.uuid) == wanted:
-                if gpu.mig_enabled:
-                    # An old driver gave the parent's UUID for a slice; only one slice is safe.
-                    return (
-                        VisibleDevice(gpu, gpu.mig_devices[0])
-                        if len(gpu.mig_devices) == 1
-                        else None
-                    )
-                return VisibleDevice(gpu)
+                return _whole_or_only_slice(gpu)
     if identity.pci_bus_id:
         bus = parse_pci_bus_id(identity.pci_bus_id)
         for gpu in devices:
             if bus is not None and parse_pci_bus_id(gpu.pci_bus_id) == bus:
-                if gpu.mig_enabled:
-                    return (
-                        VisibleDevice(gpu, gpu.mig_devices[0])
-                        if len(gpu.mig_devices) == 1
-                        else None
-                    )
-                return VisibleDevice(gpu)
+                return _whole_or_only_slice(gpu)
     return None
+
+
+def _whole_or_only_slice(gpu: NvmlDeviceInfo) -> VisibleDevice | None:
+    """A GPU named as a whole: itself, or with MIG on its one slice. An old driver gave the
+    parent's UUID (or bus id) for a slice; with several slices which one is unknowable."""
+    if not gpu.mig_enabled:
+        return VisibleDevice(gpu)
+    return VisibleDevice(gpu, gpu.mig_devices[0]) if len(gpu.mig_devices) == 1 else None
 
 
 # ---- NVML and the driver --------------------------------------------------------------------
