@@ -434,11 +434,11 @@ class Engine:
         try:
             while not reader.finished:
                 shape = self._run_piece(model, job, reader, shape, run, on_segment, cancelled)
+                if shape is None or reader.finished:
+                    break  # the ``finally`` below gives the last piece's memory back
                 # The piece's samples, features and working memory are free now: give them back
                 # to the kernel, so that RSS (and the planner's next reading) shows it.
                 release_freed_memory()
-                if shape is None:
-                    break
                 if run.segments and job.temperature == 0:
                     # Carry the text across pieces, as sequential decoding does across windows.
                     run.prompt = _context(run.segments)

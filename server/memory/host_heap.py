@@ -22,7 +22,6 @@ import ctypes
 import ctypes.util
 import logging
 import threading
-import time
 from functools import cache
 from typing import Any
 
@@ -57,24 +56,14 @@ def configure() -> None:
         libc.mallopt(_M_ARENA_MAX, ARENAS)
 
 
-def available() -> bool:
-    """Whether this C library can give freed memory back (glibc)."""
-    return _libc() is not None
-
-
-def release_freed_memory() -> float:
-    """Give the free pages of every ``malloc`` heap back to the kernel.
-
-    Returns:
-        Seconds it took (milliseconds in practice); 0 where the C library cannot.
-    """
+def release_freed_memory() -> None:
+    """Give the free pages of every ``malloc`` heap back to the kernel (milliseconds; nothing
+    where the C library cannot)."""
     libc = _libc()
     if libc is None:
-        return 0.0
-    started = time.perf_counter()
+        return
     with _lock:  # one trim at a time; concurrent ones would only contend for the arenas
         libc.malloc_trim(0)
-    return time.perf_counter() - started
 
 
-__all__ = ["available", "configure", "release_freed_memory"]
+__all__ = ["configure", "release_freed_memory"]
