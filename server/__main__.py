@@ -71,9 +71,11 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     import uuid
 
     from server.audio import AudioStream
+    from server.chinese import convert_transcript, target
     from server.engine import Engine
     from server.formats import render
     from server.job import Job
+    from server.languages import parse_language
 
     settings = load_settings()
     configure_logging("warning")
@@ -81,6 +83,7 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     engine.start()
     if not engine.ready or engine.served is None:
         sys.exit(f"model not ready: {engine.load_error}")
+    tag = parse_language(args.language)
     with open(args.file, "rb") as fh:
         audio = AudioStream(fh.read(), max_duration=settings.max_audio_duration)
     job = Job(
@@ -88,11 +91,12 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
         audio=audio,
         source=engine.served,
         task=args.task,
-        language=args.language,
+        language=None if tag is None else tag.code,
         beam_size=settings.default_beam_size,
         word_timestamps=args.words,
+        chinese=target(tag, settings.chinese_script) if args.task == "transcribe" else None,
     )
-    transcript = engine.run(job)
+    transcript = convert_transcript(engine.run(job), job.chinese)
     body, _ = render(
         transcript, args.format, granularities=frozenset({"word"}) if args.words else frozenset()
     )

@@ -120,6 +120,13 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(2000, ge=0)
     """Longest `prompt` accepted, in characters (Whisper only uses the last 224 tokens)."""
 
+    chinese_script: Literal["simplified", "traditional", "model"] = "simplified"
+    """Script of Chinese transcripts when the request says `zh` or leaves the language to be
+    detected: `simplified`, `traditional`, or `model` (Whisper's output as it is, which mixes
+    both). Traditional is written in Taiwan's forms. Tags that name a script win: `zh-CN`,
+    `zh-SG`, `zh-Hans` give simplified; `zh-TW`, `zh-Hant` traditional in Taiwan's forms, `zh-HK`,
+    `zh-MO` in Hong Kong's."""
+
     upload_idle_timeout: float = Field(60.0, gt=0)
     """Seconds the server waits for the next part of an upload; a client that stalls mid-body
     longer than this gets 408 and its connection is freed."""
@@ -176,8 +183,9 @@ class Settings(BaseSettings):
     batching: Literal["auto", "on", "off"] = "auto"
     """Cross-request batching. `auto`: long files and requests that arrive while the sequential
     slots (WHISPER_MAX_CONCURRENCY) are busy are decoded in shared batches; a lone short request
-    runs sequentially, exactly as faster-whisper does. `on`: everything is batched. `off`: no
-    batching."""
+    is decoded in its slot by the same windowed procedure (so the text never depends on the
+    path). `on`: everything is batched. `off`: no batching; faster-whisper's sequential
+    `transcribe`, each window conditioned on the text before it."""
 
     batch_max_wait_ms: float = Field(20.0, ge=0, le=1000)
     """Longest time the first window of a batch waits for others to join it, in milliseconds."""

@@ -72,6 +72,7 @@ from server.scheduler import (
     SchedulerStats,
 )
 from server.transcript import Segment, Transcript
+from server.word_timing import fit_segments, speech_spans
 
 logger = logging.getLogger(__name__)
 
@@ -264,12 +265,8 @@ class Engine:
             compute_type=model.compute_type,
             batch_size=batch,
             chunk_length=self.settings.chunk_length,
+            windowed=self._windowed(job),
         )
-
-    def _ladder(self, *, scheduled: bool) -> tuple[Step, ...]:
-        """The ladder for a piece. Batched windows are padded to 30 s, so for a request headed
-        for the scheduler shorter windows would save nothing: ``chunk`` is left out."""
-        return tuple(s for s in self.settings.degrade_ladder if not (scheduled and s is Step.CHUNK))
 
     def _plan(
         self,
@@ -311,7 +308,7 @@ class Engine:
         plan, waited = self._decide(
             model,
             PlanRequest(shape=shape, audio_seconds=audio_seconds),
-            self._ladder(scheduled=scheduled),
+            self.settings.degrade_ladder,
             reserved_keys=(model.device, batched_key(model.device)),
             cpu_load_bytes=0 if cpu_copy or model.device == "cpu" else None,
             on_run=reserve,
@@ -395,7 +392,7 @@ class Engine:
         self,
         job: Job,
         *,
-        on_segment: Callable[[Segment], None] | None = None,
+        on_segment: Callable[[Segment, str | None], None] | None = None,
         cancelled: threading.Event | None = None,
         on_decoded: Callable[[], None] | None = None,
     ) -> Transcript:
@@ -409,7 +406,8 @@ class Engine:
 
         Args:
             job: The audio (samples or a stream) and the client's options.
-            on_segment: Called with each segment as soon as it is final (streaming).
+            on_segment: Called with each segment as soon as it is final (streaming), and the
+                language given or detected so far.
             cancelled: Set when the client has gone; the job stops at the next window.
             on_decoded: Called once, when the first piece has been decoded: the upload is
                 audio, and for a short one every check has passed.
@@ -468,7 +466,7 @@ class Engine:
         reader: PieceReader,
         shape: Shape | None,
         run: _Progress,
-        on_segment: Callable[[Segment], None] | None,
+        on_segment: Callable[[Segment, str | None], None] | None,
         cancelled: threading.Event | None,
     ) -> Shape | None:
         """Plan, read and transcribe the next piece, retrying down the ladder after an
@@ -491,9 +489,7 @@ class Engine:
             slot = self._sequential_slot(planned)
             scheduled = slot is None
             try:
-                plan, held = self._plan(
-                    model, replace(planned, batched=scheduled), seconds, job, scheduled=scheduled
-                )
+                plan, held = self._plan(model, planned, seconds, job, scheduled=scheduled)
             except BaseException:
                 if slot is not None:
                     slot.close()
@@ -524,7 +520,13 @@ class Engine:
             runner = (
                 model if plan.device == model.device else self.pool.get(job.source, plan.device)
             )
-            run_on = self._run_scheduled if scheduled else self._run_sequential
+            run_on = (
+                self._run_scheduled
+                if scheduled
+                else self._run_windowed
+                if plan.shape.batched
+                else self._run_sequential
+            )
             try:
                 with held:
                     produced = run_on(
@@ -542,7 +544,7 @@ class Engine:
                         run.language = run.language or detected
                         run.segments.append(segment)
                         if on_segment is not None:
-                            on_segment(segment)
+                            on_segment(segment, run.language)
                         resume = min(
                             len(piece.samples), round(segment.end * SAMPLE_RATE) - piece.start
                         )
@@ -554,7 +556,7 @@ class Engine:
                 self.stats.oom_recoveries += 1
                 failed = plan.shape
                 runner.cost = runner.cost.with_correction(failed, 1.5)
-                shape = replace(step_down(failed, self._ladder(scheduled=scheduled)), batched=False)
+                shape = step_down(failed, self.settings.degrade_ladder)
                 logger.warning(
                     "request %s: out of memory on %s with %s (%s); estimate raised, "
                     "retrying from %.1f s with %s",
@@ -602,6 +604,17 @@ class Engine:
         slot.callback(self._sequential.release)
         return slot
 
+    def _windowed(self, job: Job) -> bool:
+        """Whether a request that holds a sequential slot is decoded window by window, as the
+        scheduler does (in its own thread, a batch of one), rather than by faster-whisper's
+        ``transcribe``.
+
+        With batching on or ``auto`` it always is: a request then gets the same text whether it
+        ran alone or shared a batch, since both run one procedure. With batching off, only
+        requests for token log-probabilities are, since only that procedure scores tokens.
+        """
+        return self.settings.batching != "off" or job.logprobs
+
     def _note(self, degraded: dict[str, str], plan: Plan, job: Job) -> None:
         """Record each kind of degradation once per request, and log it once."""
         for d in plan.degradations:
@@ -636,8 +649,8 @@ class Engine:
             return
         options = job.transcribe_options(plan.shape, language=language, prompt=prompt)
         if not options["vad_filter"] and len(audio) > _SPARSE_CHECK_SAMPLES:
-            speech = speech_timestamps(audio, _SPEECH_GATE)
-            share = sum(s["end"] - s["start"] for s in speech) / len(audio)
+            gated = speech_timestamps(audio, _SPEECH_GATE)
+            share = sum(s["end"] - s["start"] for s in gated) / len(audio)
             if share < _SPARSE_SPEECH:
                 # Mostly pauses (a meeting, a recording left running): Whisper would decode
                 # every silent window, many of them at every temperature. Decode the speech
@@ -649,11 +662,37 @@ class Engine:
                     100 * share,
                     len(audio) / SAMPLE_RATE,
                 )
+        # Word edges are fitted to the speech, as on the windowed path (server.word_timing).
+        spans = speech_spans(audio) if options["word_timestamps"] else []
+        previous_end: float | None = None
         raw, detected = model.runner.transcribe(audio, options)
         for n, s in enumerate(raw):
             if cancelled is not None and cancelled.is_set():
                 raise RequestCancelledError("The client closed the request.")
+            if spans and s.words:
+                (s,) = fit_segments([s], spans, previous_end=previous_end)
+                previous_end = s.words[-1].end
             yield to_segment(s, offset, first_id + n), detected
+
+    def _run_windowed(
+        self,
+        model: LoadedModel,
+        job: Job,
+        plan: Plan,
+        audio: np.ndarray,
+        language: str | None,
+        prompt: str | list[int] | None,
+        *,
+        offset: float,
+        first_id: int,
+        cancelled: threading.Event | None,
+    ) -> Iterator[tuple[Segment, str]]:
+        if len(audio) < _MIN_PIECE_SAMPLES:
+            return
+        options = job.window_options(plan.shape, language=language)
+        ticket = self._scheduler(model).decode(audio, options, cancelled=cancelled)
+        for n, s in enumerate(ticket):
+            yield to_segment(s, offset, first_id + n), ticket.language or "en"
 
     def _run_scheduled(
         self,

@@ -11,7 +11,7 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 from server.languages import language_name
-from server.transcript import Segment, Transcript
+from server.transcript import Segment, TokenLogprob, Transcript
 
 JSON_MEDIA_TYPE = "application/json"
 # What OpenAI sends for text, srt and vtt.
@@ -44,6 +44,7 @@ def render(
     fmt: ResponseFormat | str,
     *,
     granularities: frozenset[str] = frozenset(),
+    logprobs: bool = False,
 ) -> Rendered:
     """Render a transcript in one response format.
 
@@ -52,6 +53,7 @@ def render(
         fmt: The requested ``response_format``.
         granularities: ``timestamp_granularities[]`` (``"segment"``, ``"word"``); only
             ``verbose_json`` reads it.
+        logprobs: ``include[]=logprobs``; only ``json`` reads it.
 
     Returns:
         The body and its media type.
@@ -62,7 +64,7 @@ def render(
     """
     match ResponseFormat(fmt):
         case ResponseFormat.JSON:
-            return Rendered(to_json(transcript), JSON_MEDIA_TYPE)
+            return Rendered(to_json(transcript, logprobs=logprobs), JSON_MEDIA_TYPE)
         case ResponseFormat.VERBOSE_JSON:
             return Rendered(to_verbose_json(transcript, granularities), JSON_MEDIA_TYPE)
         case ResponseFormat.TEXT:
@@ -79,9 +81,22 @@ def usage_seconds(duration: float) -> int:
     return max(0, math.ceil(round(duration, _TIME_DIGITS)))
 
 
-def to_json(transcript: Transcript) -> dict[str, Any]:
-    """``response_format=json``: ``{"text", "usage"}``."""
-    return {"text": transcript.text, "usage": _usage(transcript.duration)}
+def to_json(transcript: Transcript, *, logprobs: bool = False) -> dict[str, Any]:
+    """``response_format=json``: ``{"text", "usage"}``, and ``logprobs`` (``[{"token",
+    "logprob", "bytes"}]`` for every emitted token) when asked for."""
+    body: dict[str, Any] = {"text": transcript.text}
+    if logprobs:
+        body["logprobs"] = logprobs_body(transcript.logprobs)
+    body["usage"] = _usage(transcript.duration)
+    return body
+
+
+def logprobs_body(logprobs: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    """OpenAI's ``logprobs`` list."""
+    return [
+        {"token": t.token, "logprob": round(t.logprob, _STAT_DIGITS), "bytes": list(t.bytes)}
+        for t in logprobs
+    ]
 
 
 def to_text(transcript: Transcript) -> str:
@@ -158,19 +173,32 @@ def degradations_body(transcript: Transcript) -> list[dict[str, str]]:
 # ---- streaming -------------------------------------------------------------------------------
 
 
-def text_delta_event(delta: str) -> dict[str, Any]:
-    """OpenAI's ``transcript.text.delta`` event: a piece of text as it is decoded."""
-    return {"type": "transcript.text.delta", "delta": delta}
+def text_delta_event(
+    delta: str, logprobs: tuple[TokenLogprob, ...] | None = None
+) -> dict[str, Any]:
+    """OpenAI's ``transcript.text.delta`` event: a piece of text as it is decoded, with the
+    log-probabilities of its own tokens when they were asked for."""
+    event: dict[str, Any] = {"type": "transcript.text.delta", "delta": delta}
+    if logprobs is not None:
+        event["logprobs"] = logprobs_body(logprobs)
+    return event
 
 
-def text_done_event(text: str, duration: float) -> dict[str, Any]:
+def text_done_event(
+    text: str, duration: float, logprobs: tuple[TokenLogprob, ...] | None = None
+) -> dict[str, Any]:
     """OpenAI's ``transcript.text.done`` event: the whole text and the billed duration.
 
     Args:
         text: The full transcript text.
         duration: Length of the audio in seconds; rounded up to whole seconds in ``usage``.
+        logprobs: Every token's log-probability, when they were asked for.
     """
-    return {"type": "transcript.text.done", "text": text, "usage": _usage(duration)}
+    event: dict[str, Any] = {"type": "transcript.text.done", "text": text}
+    if logprobs is not None:
+        event["logprobs"] = logprobs_body(logprobs)
+    event["usage"] = _usage(duration)
+    return event
 
 
 def sse(event: dict[str, Any]) -> bytes:

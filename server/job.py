@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from server.audio import ArraySource, AudioSource
+from server.chinese import target
+from server.languages import ChineseScript
 from server.memory import Shape
 from server.model_store import ModelSource
 from server.runners import SAMPLE_RATE, TEMPERATURES
@@ -47,7 +49,10 @@ class Job:
         vad_filter: Drop silence before decoding (sequential path; the scheduler always cuts
             windows at speech).
         vad_parameters: Silero VAD options from ``chunking_strategy``.
-        hotwords: Words to favour.
+        hotwords: Words to favour (``hotwords`` and ``keywords[]``).
+        logprobs: Whether the client asked for the log-probability of each token.
+        chinese: The OpenCC configuration that puts Chinese output in the script the client
+            asked for (``"t2s"``, ``"s2tw"``, ...), or None to leave it as decoded.
     """
 
     request_id: str
@@ -62,6 +67,8 @@ class Job:
     vad_filter: bool = False
     vad_parameters: dict[str, Any] | None = None
     hotwords: str | None = None
+    logprobs: bool = False
+    chinese: str | None = None
 
     @classmethod
     def from_request(
@@ -72,6 +79,7 @@ class Job:
         audio: np.ndarray | AudioSource,
         source: ModelSource,
         default_beam_size: int,
+        chinese_script: ChineseScript = "simplified",
     ) -> Job:
         """The job for a parsed request; OpenAI's field names become faster-whisper's."""
         strategy = req.chunking_strategy
@@ -96,6 +104,8 @@ class Job:
             vad_filter=req.vad_filter or strategy is not None,
             vad_parameters=vad or None,
             hotwords=req.hotwords,
+            logprobs=req.logprobs,
+            chinese=target(req.language_tag, chinese_script) if req.task == "transcribe" else None,
         )
 
     @property
@@ -118,8 +128,21 @@ class Job:
         fallback schedule reaches a temperature above 0."""
         return self.beam_size if self.temperature == 0 else max(self.beam_size, BEST_OF)
 
-    def shape(self, *, device: str, compute_type: str, batch_size: int, chunk_length: int) -> Shape:
-        """The memory shape the client's options ask for, before any planning."""
+    def shape(
+        self,
+        *,
+        device: str,
+        compute_type: str,
+        batch_size: int,
+        chunk_length: int,
+        windowed: bool,
+    ) -> Shape:
+        """The memory shape the client's options ask for, before any planning.
+
+        Args:
+            windowed: Decoded window by window (the scheduler's procedure, in a batch or
+                alone), rather than by faster-whisper's sequential ``transcribe``.
+        """
         return Shape(
             device=device,
             compute_type=compute_type,
@@ -127,6 +150,8 @@ class Job:
             beam_size=self.hypotheses,
             word_timestamps=self.word_timestamps,
             chunk_length=chunk_length,
+            batched=windowed,
+            logprobs=self.logprobs,
         )
 
     def _decoding(self, shape: Shape) -> dict[str, Any]:
@@ -174,6 +199,7 @@ class Job:
             vad_filter=True,
             vad_parameters=self.vad_parameters,
             chunk_length=shape.chunk_length,
+            logprobs=self.logprobs,
         )
 
 

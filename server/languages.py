@@ -1,9 +1,11 @@
 """The languages Whisper knows: ISO codes, the English names OpenAI reports, and the one
-function that turns whatever a client sends in the ``language`` field into a code."""
+function that turns whatever a client sends in the ``language`` field into a code (and, for
+Chinese, the script the client asked for)."""
 
 from __future__ import annotations
 
-from typing import Final
+from dataclasses import dataclass
+from typing import Final, Literal
 
 from server.errors import InvalidRequestError
 
@@ -143,18 +145,55 @@ def language_name(code: str) -> str:
     return LANGUAGES.get(code.lower(), code)
 
 
-def normalize_language(value: str | None) -> str | None:
-    """Turn the request's ``language`` field into a Whisper language code.
+#: How Chinese text is written. ``model`` leaves Whisper's output as it is.
+ChineseScript = Literal["simplified", "traditional", "model"]
+
+# BCP-47 script and region subtags that say which script a Chinese reader expects. A script
+# subtag wins over a region (zh-Hant-CN is traditional); a region alone implies its script.
+_SCRIPT_SUBTAGS: Final[dict[str, ChineseScript]] = {"hans": "simplified", "hant": "traditional"}
+_REGION_SCRIPTS: Final[dict[str, ChineseScript]] = {
+    "cn": "simplified",
+    "sg": "simplified",
+    "my": "simplified",
+    "tw": "traditional",
+    "hk": "traditional",
+    "mo": "traditional",
+}
+
+
+@dataclass(frozen=True)
+class LanguageTag:
+    """The ``language`` field, understood.
+
+    Attributes:
+        code: Whisper's language code, e.g. ``"zh"``.
+        script: For Chinese, the script the tag names (``zh-CN`` simplified, ``zh-TW``
+            traditional); ``None`` when the tag names none (bare ``zh``), so the server's
+            default applies.
+        region: For Chinese, the region subtag (``"tw"``, ``"hk"``, ...), which picks the
+            regional form of traditional characters.
+    """
+
+    code: str
+    script: ChineseScript | None = None
+    region: str | None = None
+
+
+def parse_language(value: str | None) -> LanguageTag | None:
+    """Turn the request's ``language`` field into a Whisper language code and, for Chinese,
+    the script the client asked for.
 
     Accepts a code in any case (``"en"``, ``"EN"``), an English name (``"English"``), one of
-    openai-whisper's aliases (``"mandarin"``, ``"castilian"``), or a regional tag whose
-    primary subtag is a known code (``"en-US"``, ``"zh_TW"``).
+    openai-whisper's aliases (``"mandarin"``, ``"castilian"``), or a BCP-47 tag whose primary
+    subtag is a known code (``"en-US"``, ``"pt_BR"``, ``"zh-Hant-TW"``). For Chinese, a script
+    subtag (``Hans``, ``Hant``) or a region (``CN``, ``SG``, ``MY`` simplified; ``TW``,
+    ``HK``, ``MO`` traditional) sets :attr:`LanguageTag.script`.
 
     Args:
         value: The field as sent; ``None`` or blank means "detect the language".
 
     Returns:
-        The code, e.g. ``"zh"``, or ``None`` to detect the language.
+        The tag, or ``None`` to detect the language.
 
     Raises:
         InvalidRequestError: The value names no language Whisper knows
@@ -166,16 +205,37 @@ def normalize_language(value: str | None) -> str | None:
     if not key:
         return None
     if key in LANGUAGES:
-        return key
+        return LanguageTag(key)
     if key in TO_LANGUAGE_CODE:
-        return TO_LANGUAGE_CODE[key]
-    primary = key.split("-", 1)[0]
-    if "-" in key and primary in LANGUAGES:
-        return primary
+        return LanguageTag(TO_LANGUAGE_CODE[key])
+    primary, _, rest = key.partition("-")
+    subtags = rest.split("-")
+    if rest and primary in LANGUAGES and all(p.isalnum() for p in subtags):
+        if primary != "zh":
+            return LanguageTag(primary)
+        region = next((p for p in subtags if p in _REGION_SCRIPTS), None)
+        return LanguageTag(primary, _script(subtags), region)
     raise InvalidRequestError(
-        f"Unsupported language {value!r}. Send an ISO-639-1 code such as 'en' or 'zh', or an "
-        "English language name such as 'english', or leave 'language' out to detect it. "
+        f"Unsupported language {value!r}. Send an ISO-639-1 code such as 'en' or 'zh', a "
+        "BCP-47 tag such as 'zh-CN' or 'pt-BR', or an English language name such as "
+        "'english', or leave 'language' out to detect it. "
         f"Supported codes: {', '.join(sorted(LANGUAGES))}.",
         param="language",
         code="invalid_language",
     )
+
+
+def normalize_language(value: str | None) -> str | None:
+    """The Whisper language code of the ``language`` field (see :func:`parse_language`)."""
+    tag = parse_language(value)
+    return None if tag is None else tag.code
+
+
+def _script(subtags: list[str]) -> ChineseScript | None:
+    for subtag in subtags:
+        if subtag in _SCRIPT_SUBTAGS:
+            return _SCRIPT_SUBTAGS[subtag]
+    for subtag in subtags:
+        if subtag in _REGION_SCRIPTS:
+            return _REGION_SCRIPTS[subtag]
+    return None

@@ -20,10 +20,13 @@ from pydantic import BaseModel
 
 from server.errors import InvalidRequestError
 from server.formats import ResponseFormat
-from server.languages import normalize_language
+from server.languages import LanguageTag, parse_language
 
 Task = Literal["transcribe", "translate"]
 GRANULARITIES = ("word", "segment")
+INCLUDES = ("logprobs",)
+#: Most ``keywords[]`` entries accepted (they share the prompt's token budget anyway).
+MAX_KEYWORDS = 100
 
 
 @dataclass(frozen=True)
@@ -43,14 +46,15 @@ class TranscriptionRequest:
 
     Mirrors OpenAI's fields (``file``, ``model``, ``language``, ``prompt``,
     ``response_format``, ``temperature``, ``timestamp_granularities[]``, ``stream``,
-    ``chunking_strategy``) plus faster-whisper extras (``hotwords``, ``vad_filter``,
-    ``beam_size``).
+    ``chunking_strategy``, ``include[]``, ``keywords[]``) plus faster-whisper extras
+    (``hotwords``, ``vad_filter``, ``beam_size``). ``keywords[]`` and ``hotwords`` are one
+    mechanism: both end up in :attr:`hotwords`.
     """
 
     task: Task
     file: bytes
     model: str
-    language: str | None = None
+    language_tag: LanguageTag | None = None
     prompt: str | None = None
     response_format: ResponseFormat = ResponseFormat.JSON
     temperature: float = 0.0
@@ -60,10 +64,20 @@ class TranscriptionRequest:
     hotwords: str | None = None
     vad_filter: bool = False
     beam_size: int | None = None
+    include: frozenset[str] = frozenset()
+
+    @property
+    def language(self) -> str | None:
+        """Whisper's language code, or ``None`` to detect it."""
+        return None if self.language_tag is None else self.language_tag.code
 
     @property
     def word_timestamps(self) -> bool:
         return "word" in self.granularities
+
+    @property
+    def logprobs(self) -> bool:
+        return "logprobs" in self.include
 
 
 # ---- parsing -----------------------------------------------------------------------------------
@@ -123,15 +137,14 @@ def _number(
     return number
 
 
-def _granularities(form: Mapping[str, Sequence[Any]]) -> frozenset[str]:
+def _list(form: Mapping[str, Sequence[Any]], name: str) -> list[str]:
+    """A list field as OpenAI's clients send it: ``name[]`` or ``name`` repeated, and, in one
+    field, a JSON list or comma-separated values."""
     values: list[str] = []
-    for name in ("timestamp_granularities[]", "timestamp_granularities"):
-        for raw in form.get(name) or []:
+    for key in (f"{name}[]", name):
+        for raw in form.get(key) or []:
             if not isinstance(raw, str):
-                raise InvalidRequestError(
-                    "'timestamp_granularities[]' must be text.", param="timestamp_granularities"
-                )
-            # Some clients send a JSON list or a comma-separated string in one field.
+                raise InvalidRequestError(f"'{name}[]' must be text.", param=name)
             text = raw.strip()
             items: Any = text.split(",")
             if text.startswith("["):
@@ -141,18 +154,42 @@ def _granularities(form: Mapping[str, Sequence[Any]]) -> frozenset[str]:
                     items = None
                 if not isinstance(items, list):
                     raise InvalidRequestError(
-                        "'timestamp_granularities[]' must be 'word' or 'segment' (or a JSON "
-                        'list of them, such as ["word", "segment"]).',
-                        param="timestamp_granularities",
+                        f"'{name}[]' must be text, repeated, or a JSON list of strings such as "
+                        '["a", "b"].',
+                        param=name,
                     ) from None
             values.extend(str(item).strip() for item in items if str(item).strip())
-    unknown = sorted(set(values) - set(GRANULARITIES))
+    return values
+
+
+def _choices(
+    form: Mapping[str, Sequence[Any]], name: str, allowed: Sequence[str]
+) -> frozenset[str]:
+    values = _list(form, name)
+    unknown = sorted(set(values) - set(allowed))
     if unknown:
-        raise InvalidRequestError(
-            f"Unknown timestamp granularity {unknown}; use 'word' and/or 'segment'.",
-            param="timestamp_granularities",
-        )
+        options = " and/or ".join(repr(a) for a in allowed)
+        raise InvalidRequestError(f"Unknown {name} value {unknown}; use {options}.", param=name)
     return frozenset(values)
+
+
+def _keywords(
+    form: Mapping[str, Sequence[Any]], hotwords: str | None, max_chars: int
+) -> str | None:
+    """``keywords[]`` and ``hotwords`` as the one hotwords string faster-whisper prompts with."""
+    keywords = _list(form, "keywords")
+    if len(keywords) > MAX_KEYWORDS:
+        raise InvalidRequestError(
+            f"{len(keywords)} keywords were sent; the limit is {MAX_KEYWORDS}.", param="keywords"
+        )
+    joined = " ".join([*keywords, *([hotwords] if hotwords else [])])
+    if len(joined) > max_chars:
+        raise InvalidRequestError(
+            f"'keywords[]' and 'hotwords' are {len(joined)} characters together; the limit is "
+            f"{max_chars}.",
+            param="keywords",
+        )
+    return joined or None
 
 
 def _chunking(form: Mapping[str, Sequence[Any]]) -> ChunkingStrategy | None:
@@ -269,7 +306,7 @@ def parse_form(
             param="response_format",
         ) from None
 
-    granularities = _granularities(form)
+    granularities = _choices(form, "timestamp_granularities", GRANULARITIES)
     if granularities and fmt is not ResponseFormat.VERBOSE_JSON:
         raise InvalidRequestError(
             f"timestamp_granularities[] needs response_format=verbose_json (got {fmt.value!r}).",
@@ -278,12 +315,19 @@ def parse_form(
 
     language = None
     if task == "transcribe":
-        language = normalize_language(_text(form, "language"))
+        language = parse_language(_text(form, "language"))
     stream = bool(_bool(form, "stream"))
     if stream and fmt not in (ResponseFormat.JSON, ResponseFormat.TEXT):
         raise InvalidRequestError(
             "stream=true returns transcript.text.* events; use response_format json or text.",
             param="stream",
+        )
+    include = _choices(form, "include", INCLUDES)
+    if include and fmt is not ResponseFormat.JSON:
+        raise InvalidRequestError(
+            "include[]=logprobs works only with response_format json (streamed or not), not "
+            f"with {fmt.value!r}.",
+            param="include",
         )
 
     temperature = _number(form, "temperature", lo=0.0, hi=1.0)
@@ -292,16 +336,19 @@ def parse_form(
         task=task,
         file=bytes(upload.data),
         model=model,
-        language=language,
+        language_tag=language,
         prompt=_text(form, "prompt", max_len=max_prompt_chars) or None,
         response_format=fmt,
         temperature=0.0 if temperature is None else temperature,
         granularities=granularities,
         stream=stream,
         chunking_strategy=_chunking(form) if task == "transcribe" else None,
-        hotwords=_text(form, "hotwords", max_len=max_prompt_chars) or None,
+        hotwords=_keywords(
+            form, _text(form, "hotwords", max_len=max_prompt_chars), max_prompt_chars
+        ),
         vad_filter=bool(_bool(form, "vad_filter")),
         beam_size=None if beam is None else int(beam),
+        include=include,
     )
 
 
@@ -316,12 +363,21 @@ def form_schema(task: Task) -> dict[str, Any]:
     }
     if task == "transcribe":
         props |= {
-            "language": {"type": "string", "description": "ISO-639-1 code, e.g. en, zh."},
+            "language": {
+                "type": "string",
+                "description": "ISO-639-1 code or BCP-47 tag, e.g. en, zh, zh-CN, zh-TW.",
+            },
             "timestamp_granularities[]": {
                 "type": "array",
                 "items": {"type": "string", "enum": list(GRANULARITIES)},
             },
             "stream": {"type": "boolean"},
+            "include[]": {"type": "array", "items": {"type": "string", "enum": list(INCLUDES)}},
+            "keywords[]": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Words to favour (the same mechanism as hotwords).",
+            },
             "chunking_strategy": {"type": "string", "description": '"auto" or a JSON object.'},
             "hotwords": {"type": "string", "description": "faster-whisper: words to favour."},
             "vad_filter": {"type": "boolean", "description": "faster-whisper: drop silence."},

@@ -16,10 +16,13 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import ctranslate2
 import numpy as np
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 from faster_whisper.audio import pad_or_trim
@@ -37,7 +40,7 @@ from faster_whisper.transcribe import (
 )
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
 
-from server.transcript import Segment, Word
+from server.transcript import Segment, TokenLogprob, Word
 
 #: Whisper's input: 16 kHz mono.
 SAMPLE_RATE = 16000
@@ -96,6 +99,13 @@ def has_speech(audio: np.ndarray, options: Mapping[str, Any]) -> bool:
     return False
 
 
+@dataclass
+class ScoredSegment(WhisperSegment):
+    """faster-whisper's segment, with its tokens' log-probabilities when they were asked for."""
+
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
 def to_segment(s: Any, offset: float, segment_id: int) -> Segment:
     """A faster-whisper segment as ours, with times shifted by ``offset`` seconds."""
     words = None
@@ -116,6 +126,7 @@ def to_segment(s: Any, offset: float, segment_id: int) -> Segment:
         compression_ratio=float(s.compression_ratio),
         no_speech_prob=float(s.no_speech_prob),
         words=words,
+        logprobs=getattr(s, "logprobs", None),
     )
 
 
@@ -263,9 +274,11 @@ class WhisperRunner:
         """Log-Mel features of one window's audio (not padded to 30 s)."""
         return np.asarray(self.whisper.feature_extractor(chunk)[..., :-1])
 
-    def encode(self, features: Sequence[np.ndarray]) -> Any:
-        """The encoder over a batch of windows, each padded or trimmed to 30 s."""
-        return self.whisper.encode(np.stack([pad_or_trim(f) for f in features]))
+    def encode(self, features: Sequence[np.ndarray], *, chunk_length: int = 30) -> Any:
+        """The encoder over a batch of windows, each padded or trimmed to ``chunk_length``
+        seconds (Whisper's own 30, or less to save memory)."""
+        frames = chunk_length * self.frames_per_second
+        return self.whisper.encode(np.stack([pad_or_trim(f, frames) for f in features]))
 
     def detect_language(self, encoder_output: Any) -> list[tuple[str, float]]:
         """The most likely language of each item, as ``(code, probability)``."""
@@ -294,6 +307,70 @@ class WhisperRunner:
                 **options,
             )
         )
+
+    def score(
+        self,
+        encoder_output: Any,
+        prompts: list[list[int]],
+        sequences: list[list[int]],
+        *,
+        eot: int,
+        suppress_tokens: list[int],
+        blank: list[int] | None,
+    ) -> list[list[float]]:
+        """The log-probability of every token of each item's ``sequences`` and of the
+        end-of-text after it, given its prompt and audio: the text is forced through the decoder
+        once (one ``generate`` call for the batch) and every step's logits are normalized with
+        the decoding's own suppressions.
+
+        Args:
+            encoder_output: The batch's encoder output.
+            prompts: Each item's decoder prompt, as decoded.
+            sequences: Each item's emitted tokens.
+            eot: The end-of-text token.
+            suppress_tokens: Tokens the decoding suppressed at every step.
+            blank: Tokens suppressed at the first step (``suppress_blank``), or None.
+
+        Returns:
+            For each item, ``len(sequence) + 1`` log-probabilities (the last is end-of-text's).
+            Their sum is the sequence's cumulative log-probability as beam search scores it, up
+            to the compute type's rounding.
+        """
+        results = self.whisper.model.generate(
+            encoder_output,
+            [p + s for p, s in zip(prompts, sequences, strict=True)],
+            beam_size=1,
+            max_length=self.max_length,
+            return_logits_vocab=True,
+            # A forced prefix's first free step would count as the start; blank is handled below.
+            suppress_blank=False,
+            suppress_tokens=suppress_tokens,
+        )
+        scored: list[list[float]] = []
+        for result, sequence in zip(results, sequences, strict=True):
+            ids = list(result.sequences_ids[0])
+            steps = result.logits[0]
+            if ids[: len(sequence)] != sequence or len(steps) <= len(sequence):
+                raise RuntimeError("the forced scoring pass did not follow the emitted tokens")
+            logprobs = []
+            for i, token in enumerate([*sequence, eot]):
+                logits = _to_numpy(steps[i]).astype(np.float64)
+                if i == 0 and blank:
+                    logits[blank] = -np.inf
+                top = logits.max()
+                logprobs.append(float(logits[token] - top - np.log(np.exp(logits - top).sum())))
+            scored.append(logprobs)
+        return scored
+
+    def token_logprobs(
+        self, tokenizer: Tokenizer, tokens: Sequence[int], logprobs: Sequence[float]
+    ) -> tuple[TokenLogprob, ...]:
+        """Text tokens with their log-probabilities, as OpenAI returns them."""
+        out = []
+        for token, logprob in zip(tokens, logprobs, strict=True):
+            raw = token_bytes(tokenizer, token)
+            out.append(TokenLogprob(raw.decode("utf-8", errors="replace"), logprob, tuple(raw)))
+        return tuple(out)
 
     @staticmethod
     def compression_ratio(text: str) -> float:
@@ -366,7 +443,7 @@ class WhisperRunner:
         """Segment dicts as faster-whisper segments, with times mapped from the speech-only
         timeline back to the audio's."""
         built = [
-            WhisperSegment(
+            ScoredSegment(
                 id=first_id + n,
                 seek=s["seek"],
                 start=round(s["start"], 3),
@@ -378,10 +455,41 @@ class WhisperRunner:
                 no_speech_prob=s["no_speech_prob"],
                 words=[WhisperWord(**w) for w in s["words"]] if with_words else None,
                 temperature=temperature,
+                logprobs=s.get("logprobs"),
             )
             for n, s in enumerate(segments)
         ]
         return list(restore_speech_timestamps(built, clips, SAMPLE_RATE))
+
+
+def token_bytes(tokenizer: Tokenizer, token: int) -> bytes:
+    """The UTF-8 bytes of one token of Whisper's byte-level BPE vocabulary."""
+    piece = tokenizer.tokenizer.id_to_token(token)
+    if piece is None:
+        return b""
+    decoder = _byte_decoder()
+    return bytes(decoder[c] for c in piece if c in decoder)
+
+
+@cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, reversed: each printable stand-in to its byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    stand_ins = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            stand_ins.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, stand_ins, strict=True)}
+
+
+def _to_numpy(view: Any) -> np.ndarray:
+    """A CTranslate2 ``StorageView`` as a NumPy array (copied to the host from a GPU)."""
+    if view.device != "cpu":
+        view = view.to_device(ctranslate2.Device.cpu)
+    return np.asarray(view)
 
 
 __all__ = [

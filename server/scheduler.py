@@ -54,6 +54,7 @@ import numpy as np
 from server.errors import RequestCancelledError
 from server.memory import Shape
 from server.runners import SAMPLE_RATE, TEMPERATURES, WhisperRunner
+from server.word_timing import Span, fit_segments, speech_spans
 
 if TYPE_CHECKING:
     from faster_whisper.tokenizer import Tokenizer
@@ -130,6 +131,9 @@ class BatchKey:
             marker, hotwords and initial prompt; 0 without them). CTranslate2 needs that token
             at the same position in every item of a batch, so prompts of different lengths
             cannot share one; padding or cutting them would change the text.
+        chunk_length: Seconds each window is padded to for the encoder (30, or less when the
+            memory planner shortened the windows).
+        logprobs: Whether the batch's tokens are scored for their log-probabilities.
     """
 
     temperature: float = 0.0
@@ -143,6 +147,8 @@ class BatchKey:
     suppress_tokens: tuple[int, ...] = (-1,)
     word_timestamps: bool = False
     prefix_length: int = 0
+    chunk_length: int = 30
+    logprobs: bool = False
 
     @property
     def hypotheses(self) -> int:
@@ -151,15 +157,16 @@ class BatchKey:
 
     def memory_shape(self, device: str, compute_type: str, batch_size: int) -> Shape:
         """The memory planner's shape of a batch of ``batch_size`` windows with this key
-        (batched windows are padded to 30 s)."""
+        (batched windows are padded to ``chunk_length``)."""
         return Shape(
             device=device,
             compute_type=compute_type,
             batch_size=max(1, batch_size),
             beam_size=self.hypotheses,
             word_timestamps=self.word_timestamps,
-            chunk_length=30,
+            chunk_length=self.chunk_length,
             batched=True,
+            logprobs=self.logprobs,
         )
 
     def generate_options(self) -> dict[str, Any]:
@@ -204,7 +211,8 @@ class WindowOptions:
             does. Without it, audio is cut every ``chunk_length`` seconds.
         vad_parameters: Silero VAD options; ``max_speech_duration_s`` is set from
             ``chunk_length`` when a mapping is given.
-        chunk_length: The longest window, in seconds (at most 30).
+        chunk_length: The longest window, in seconds (at most 30); windows are padded to it.
+        logprobs: Score each window's tokens for their log-probabilities (``include[]``).
     """
 
     language: str | None = None
@@ -230,6 +238,7 @@ class WindowOptions:
     vad_filter: bool = True
     vad_parameters: Mapping[str, Any] | VadOptions | None = None
     chunk_length: int = 30
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -258,6 +267,8 @@ class WindowOptions:
             suppress_tokens=self.suppress_tokens,
             word_timestamps=self.word_timestamps,
             prefix_length=prefix_length,
+            chunk_length=self.chunk_length,
+            logprobs=self.logprobs,
         )
 
 
@@ -354,7 +365,10 @@ class _Request:
         self.released = 0  # windows handed to the ticket, in order
         self.segment_id = 0
         self.last_speech_timestamp = 0.0
+        self.speech: list[Span] = []  # fine-grained speech, to fit word edges to
+        self.last_word_end: float | None = None
         self.closed = False
+        self.inline = False  # decoded by Scheduler.decode in its caller's thread, never queued
 
     def eligible(self) -> list[_Window]:
         """Queued windows that may join a batch now. Until the language is known only the
@@ -397,6 +411,7 @@ class Ticket(Iterator["Segment"]):
         self._error: BaseException | None = None
         self._language = language
         self._language_probability = 1.0 if language is not None else 0.0
+        self._drive: Callable[[], None] | None = None
         self.cancelled = cancelled
         self.duration = duration
         self.windows = windows
@@ -426,8 +441,8 @@ class Ticket(Iterator["Segment"]):
         return self
 
     def __next__(self) -> Segment:
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 if self._segments:
                     return self._segments.popleft()
                 if self._error is not None:
@@ -436,8 +451,11 @@ class Ticket(Iterator["Segment"]):
                     raise StopIteration
                 if self.cancelled.is_set():
                     raise RequestCancelledError("The request was cancelled.")
-                # The timeout only bounds how late a cancellation set elsewhere is noticed.
-                self._cond.wait(timeout=0.25)
+                if self._drive is None:
+                    # The timeout only bounds how late a cancellation set elsewhere is noticed.
+                    self._cond.wait(timeout=0.25)
+                    continue
+            self._drive()  # decoded in this thread (Scheduler.decode), outside the lock
 
     # Called by the scheduler with the lock held.
     def _push(self, segments: list[Segment]) -> None:
@@ -541,12 +559,64 @@ class Scheduler:
             SchedulerClosedError: :meth:`close` was called.
             ValueError: an unknown language, or a prompt that leaves no room to decode.
         """
-        options = options or WindowOptions()
         with self._lock:
             self._check_open()
             if self._queued >= self._max_queued:  # refuse before spending time on VAD
                 self._rejected += 1
                 raise QueueFullError(self._queued, None, self._max_queued)
+        request = self._cut(audio, options or WindowOptions(), cancelled)
+        with self._lock:
+            self._check_open()
+            if self._queued + request.total > self._max_queued:
+                self._rejected += 1
+                raise QueueFullError(self._queued, request.total, self._max_queued)
+            if not request.total:
+                request.ticket._finish()
+                return request.ticket
+            self._queued += request.total
+            self._requests.append(request)
+            self._wake.notify_all()
+        return request.ticket
+
+    def decode(
+        self,
+        audio: np.ndarray,
+        options: WindowOptions | None = None,
+        *,
+        cancelled: threading.Event | None = None,
+    ) -> Ticket:
+        """Like :meth:`submit`, but the windows are decoded in the thread that iterates the
+        ticket, one at a time, and never queued: for a caller that holds a slot of its own.
+
+        Each window goes through the very steps a batch runs (a batch of one), so the segments
+        are those the request would get in any batch: the same input gives the same text
+        whichever path it took. Errors from the model are raised as they are.
+        """
+        request = self._cut(audio, options or WindowOptions(), cancelled)
+        request.inline = True
+        ticket = request.ticket
+        if not request.total:
+            with self._lock:
+                ticket._finish()
+            return ticket
+
+        def drive() -> None:
+            with self._lock:
+                self._check_open()
+                window = request.pending.pop(0) if request.pending else None
+                if window is not None:
+                    request.in_flight += 1
+            if window is None:
+                raise RuntimeError("no window left to decode for an unfinished request")
+            self._decode(window.key, [window])
+
+        ticket._drive = drive
+        return ticket
+
+    def _cut(
+        self, audio: np.ndarray, options: WindowOptions, cancelled: threading.Event | None
+    ) -> _Request:
+        """A request with its windows cut and their features computed, not yet queued."""
         runner = self._runner
         multilingual = runner.multilingual
         language = options.language
@@ -583,6 +653,8 @@ class Scheduler:
             language=language,
         )
         request = _Request(options, ticket, clips, initial)
+        if options.word_timestamps and speech:
+            request.speech = speech_spans(np.asarray(audio, dtype=np.float32))
         if language is not None:
             request.tokenizer, request.prompt = tokenizer, prompt
         # The language token comes after <|startoftranscript|>, so its position is known now.
@@ -594,18 +666,7 @@ class Scheduler:
             for i, (f, m) in enumerate(zip(features, metadata[: len(features)], strict=True))
         ]
         request.total = len(request.pending)
-        with self._lock:
-            self._check_open()
-            if self._queued + request.total > self._max_queued:
-                self._rejected += 1
-                raise QueueFullError(self._queued, request.total, self._max_queued)
-            if not request.total:
-                ticket._finish()
-                return ticket
-            self._queued += request.total
-            self._requests.append(request)
-            self._wake.notify_all()
-        return ticket
+        return request
 
     def ready(self, key: BatchKey) -> int:
         """How many queued windows with ``key`` could join a batch now."""
@@ -786,7 +847,7 @@ class Scheduler:
     def _decode(self, key: BatchKey, windows: list[_Window]) -> None:
         """Run one batch: encode, detect languages, generate, fall back, align, release."""
         runner = self._runner
-        encoder_output = runner.encode([w.features for w in windows])
+        encoder_output = runner.encode([w.features for w in windows], chunk_length=key.chunk_length)
 
         undetected = [i for i, w in enumerate(windows) if w.request.tokenizer is None]
         if undetected:
@@ -838,6 +899,8 @@ class Scheduler:
         alignments: dict[int, list[dict[str, Any]]] = {}
         if key.word_timestamps and finished:
             alignments = self._align(windows, finished, encoder_output)
+        if key.logprobs and finished:
+            self._score(key, windows, finished, encoder_output)
 
         with self._lock:
             for w in retry:
@@ -846,7 +909,7 @@ class Scheduler:
                 w.request.in_flight -= 1
                 if not w.request.closed:
                     bisect.insort(w.request.pending, w, key=lambda x: x.index)
-                    self._queued += 1
+                    self._queued += 0 if w.request.inline else 1
                     self._fallbacks += 1
             for w, chosen, segments, size in finished:
                 w.request.in_flight -= 1
@@ -908,6 +971,47 @@ class Scheduler:
                 aligned[id(windows[i])] = result[i]
         return aligned
 
+    def _score(
+        self,
+        key: BatchKey,
+        windows: list[_Window],
+        finished: list[tuple[_Window, _Attempt, list[dict[str, Any]], int]],
+        encoder_output: Any,
+    ) -> None:
+        """Set ``logprobs`` on the segments of the finished windows: every emitted token's
+        log-probability from one forced pass over the batch (windows re-queued for fallback are
+        scored with their current text, which is discarded)."""
+        runner = self._runner
+        chosen = {id(w): attempt for w, attempt, *_ in finished}
+        tokenizer = _tokenizer_of(windows[0])
+        sequences = [
+            chosen[id(w)].tokens if id(w) in chosen else w.attempts[-1].tokens for w in windows
+        ]
+        blank = [*tokenizer.encode(" "), tokenizer.eot] if key.suppress_blank else None
+        scores = runner.score(
+            encoder_output,
+            [w.request.prompt for w in windows],
+            sequences,
+            eot=tokenizer.eot,
+            suppress_tokens=runner.suppressed_tokens(tokenizer, key.suppress_tokens),
+            blank=blank,
+        )
+        by_window = {id(w): score for w, score in zip(windows, scores, strict=True)}
+        for w, attempt, segments, _ in finished:
+            pairs = list(zip(attempt.tokens, by_window[id(w)], strict=False))
+            position = 0
+            for segment in segments:
+                taken: list[tuple[int, float]] = []
+                for token in segment["tokens"]:
+                    while position < len(pairs) and pairs[position][0] != token:
+                        position += 1  # a timestamp token between segments
+                    if position < len(pairs):
+                        taken.append(pairs[position])
+                        position += 1
+                segment["logprobs"] = runner.token_logprobs(
+                    _tokenizer_of(w), [t for t, _ in taken], [lp for _, lp in taken]
+                )
+
     def _release(self, request: _Request) -> None:
         """Turn the request's finished windows into segments and hand them to its ticket,
         strictly in window order (word times depend on the window before)."""
@@ -954,6 +1058,11 @@ class Scheduler:
             with_words=options.word_timestamps,
             first_id=request.segment_id + 1,
         )
+        if options.word_timestamps and request.speech:
+            # Whisper's alignment hands pauses to words; move word edges onto the speech.
+            segments = fit_segments(segments, request.speech, previous_end=request.last_word_end)
+            if ends := [s.words[-1].end for s in segments if s.words]:
+                request.last_word_end = ends[-1]
         request.segment_id += len(segments)
         return segments
 

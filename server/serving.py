@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from server.audio import AudioStream
+from server.chinese import convert_segment, convert_transcript, is_chinese
 from server.config import Settings
 from server.engine import Engine
 from server.errors import (
@@ -116,6 +117,7 @@ class TranscriptionService:
                 audio=audio,
                 source=source,
                 default_beam_size=settings.default_beam_size,
+                chinese_script=settings.chinese_script,
             )
             if req.stream:
                 return await self._start_stream(job, req, slot.pop_all())
@@ -129,7 +131,7 @@ class TranscriptionService:
         finally:
             slot.close()
             engine.settle()
-        return self._render(transcript, req)
+        return self._render(convert_transcript(transcript, job.chinese), req)
 
     def _finished(
         self,
@@ -206,7 +208,9 @@ class TranscriptionService:
         if any(kind == "word_timestamps" for kind, _ in transcript.degradations):
             # Words were dropped to fit memory: the segments carry the timing instead.
             granularities = granularities | {"segment"}
-        body, media_type = render(transcript, req.response_format, granularities=granularities)
+        body, media_type = render(
+            transcript, req.response_format, granularities=granularities, logprobs=req.logprobs
+        )
         headers = {}
         if transcript.degradations:
             headers["X-Whisper-Degraded"] = ",".join(kind for kind, _ in transcript.degradations)
@@ -226,7 +230,9 @@ class TranscriptionService:
         cancelled = threading.Event()
         started = time.perf_counter()
 
-        def on_segment(segment: Segment) -> None:
+        def on_segment(segment: Segment, language: str | None) -> None:
+            if is_chinese(job.task, language):
+                segment = convert_segment(segment, job.chinese)
             loop.call_soon_threadsafe(queue.put_nowait, segment)
 
         def on_decoded() -> None:
@@ -262,6 +268,10 @@ class TranscriptionService:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
+    @staticmethod
+    def _delta(segment: Segment, req: TranscriptionRequest) -> dict[str, Any]:
+        return text_delta_event(segment.text, segment.logprobs or () if req.logprobs else None)
+
     async def _stream(
         self,
         job: Job,
@@ -280,14 +290,14 @@ class TranscriptionService:
                     waiting, timeout=_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
                 )
                 if getter in done:
-                    yield sse(text_delta_event(getter.result().text))
+                    yield sse(self._delta(getter.result(), req))
                     continue
                 getter.cancel()
                 if future in done:
                     break
                 yield b": keep-alive\n\n"
             while not queue.empty():
-                yield sse(text_delta_event(queue.get_nowait().text))
+                yield sse(self._delta(queue.get_nowait(), req))
             try:
                 transcript = future.result()
             except APIError as exc:
@@ -295,7 +305,12 @@ class TranscriptionService:
                 yield sse({"type": "error", **exc.body()})
                 return
             self._finished(job, req, started, transcript, None)
-            done_event: dict[str, Any] = text_done_event(transcript.text, transcript.duration)
+            transcript = convert_transcript(transcript, job.chinese)
+            done_event: dict[str, Any] = text_done_event(
+                transcript.text,
+                transcript.duration,
+                transcript.logprobs if req.logprobs else None,
+            )
             if transcript.degradations:
                 done_event["x_whisper_degraded"] = degradations_body(transcript)
             yield sse(done_event)

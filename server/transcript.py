@@ -15,6 +15,22 @@ class Word:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One emitted token and its log-probability under the model (OpenAI's ``logprobs``).
+
+    Attributes:
+        token: The token's text (a token that holds part of a UTF-8 character shows U+FFFD
+            there; ``bytes`` has it exactly).
+        logprob: Natural log of the token's probability, given the audio and the tokens before.
+        bytes: The token's UTF-8 bytes.
+    """
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Segment:
     id: int
     seek: int
@@ -27,6 +43,7 @@ class Segment:
     compression_ratio: float = 0.0
     no_speech_prob: float = 0.0
     words: tuple[Word, ...] | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -50,3 +67,8 @@ class Transcript:
     @property
     def text(self) -> str:
         return "".join(s.text for s in self.segments).strip()
+
+    @property
+    def logprobs(self) -> tuple[TokenLogprob, ...]:
+        """Every segment's token log-probabilities, in order (empty unless asked for)."""
+        return tuple(t for s in self.segments for t in s.logprobs or ())

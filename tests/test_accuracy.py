@@ -1,5 +1,7 @@
 """Through the API, the server gives the same text as faster-whisper run directly with the same
-model and options, on real English speech with human references beside it."""
+model and options, on real English speech with human references beside it: the batched pipeline's
+under WHISPER_BATCHING=auto (every request is decoded window by window, cut at speech), the
+sequential ``transcribe``'s with batching off."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from faster_whisper import WhisperModel, decode_audio
+from faster_whisper import BatchedInferencePipeline, WhisperModel, decode_audio
 
 from tests.conftest import LiveServer, wer
 
@@ -24,9 +26,27 @@ def direct_tiny(tiny_model: Path) -> WhisperModel:
     return WhisperModel(str(tiny_model), device="cpu", compute_type="int8")
 
 
-def _direct(model: WhisperModel, path: Path) -> str:
+def _windowed(model: WhisperModel, path: Path, **options: object) -> str:
+    segments, _ = BatchedInferencePipeline(model).transcribe(
+        decode_audio(str(path)), beam_size=5, **options
+    )
+    return "".join(s.text for s in segments).strip()
+
+
+def _sequential(model: WhisperModel, path: Path) -> str:
     segments, _ = model.transcribe(decode_audio(str(path)), beam_size=5)
     return "".join(s.text for s in segments).strip()
+
+
+def _served(server: LiveServer, path: Path, **fields: str) -> str:
+    resp = requests.post(
+        server.url + "/v1/audio/transcriptions",
+        data={"model": "whisper-1", **fields},
+        files={"file": ("upload", path.read_bytes())},
+        timeout=300,
+    )
+    assert resp.status_code == 200, resp.text
+    return str(resp.json()["text"])
 
 
 @pytest.mark.parametrize("clip", CLIPS)
@@ -34,17 +54,19 @@ def test_same_text_as_faster_whisper(
     tiny_server: LiveServer, direct_tiny: WhisperModel, data_dir: Path, clip: str
 ) -> None:
     path = data_dir / clip
-    resp = requests.post(
-        tiny_server.url + "/v1/audio/transcriptions",
-        data={"model": "whisper-1"},
-        files={"file": ("upload", path.read_bytes())},
-        timeout=120,
-    )
-    assert resp.status_code == 200, resp.text
-    served = resp.json()["text"]
-    assert served == _direct(direct_tiny, path)
+    served = _served(tiny_server, path)
+    assert served == _windowed(direct_tiny, path)
     reference = path.with_suffix(".txt").read_text()
     assert wer(reference, served) < 0.25, (reference, served)
+
+
+def test_batching_off_is_faster_whisper_sequential(
+    server_factory, tiny_model: Path, direct_tiny: WhisperModel, data_dir: Path
+) -> None:
+    server = server_factory(model=str(tiny_model), batching="off")
+    for clip in ("jfk.flac", "en_librivox_sense_and_sensibility_01_0870.wav"):
+        path = data_dir / clip
+        assert _served(server, path) == _sequential(direct_tiny, path)
 
 
 def test_default_model_matches_direct(server_factory, data_dir: Path) -> None:
@@ -55,12 +77,4 @@ def test_default_model_matches_direct(server_factory, data_dir: Path) -> None:
     assert folder is not None and (folder / "model.bin").is_file()
     direct = WhisperModel(str(folder), device="cpu", compute_type="int8")
     path = data_dir / "jfk.flac"
-    resp = requests.post(
-        server.url + "/v1/audio/transcriptions",
-        data={"model": "whisper-1", "language": "en"},
-        files={"file": ("upload", path.read_bytes())},
-        timeout=300,
-    )
-    assert resp.status_code == 200, resp.text
-    segments, _ = direct.transcribe(decode_audio(str(path)), beam_size=5, language="en")
-    assert resp.json()["text"] == "".join(s.text for s in segments).strip()
+    assert _served(server, path, language="en") == _windowed(direct, path, language="en")

@@ -73,7 +73,7 @@ def test_long_audio_is_chunked_under_a_host_budget(
 ) -> None:
     job = job_for(unconstrained, data_dir, LONG)
     reference = unconstrained.run(job)
-    assert len(reference.segments) > 10
+    assert len(reference.segments) >= 8  # one or more per window of speech (<= 30 s)
 
     shape = unconstrained.requested_shape(only_model(unconstrained), job)
     limit = host_limit_for(unconstrained, shape, 95.0)  # room for 90 s pieces, not 231 s

@@ -7,8 +7,10 @@ from server.errors import InvalidRequestError
 from server.languages import (
     LANGUAGES,
     TO_LANGUAGE_CODE,
+    LanguageTag,
     language_name,
     normalize_language,
+    parse_language,
 )
 
 
@@ -80,3 +82,36 @@ def test_unknown_language_is_a_client_error(value: str) -> None:
     assert err.code == "invalid_language"
     assert repr(value) in err.message
     assert "'en'" in err.message and "yue" in err.message
+
+
+@pytest.mark.parametrize(
+    ("value", "code", "script", "region"),
+    [
+        ("zh", "zh", None, None),
+        ("mandarin", "zh", None, None),
+        ("zh-CN", "zh", "simplified", "cn"),
+        ("zh-cn", "zh", "simplified", "cn"),
+        ("zh_SG", "zh", "simplified", "sg"),
+        ("zh-Hans", "zh", "simplified", None),
+        ("zh-TW", "zh", "traditional", "tw"),
+        ("zh-HK", "zh", "traditional", "hk"),
+        ("zh-MO", "zh", "traditional", "mo"),
+        ("zh-Hant", "zh", "traditional", None),
+        # a script subtag wins over the region
+        ("zh-Hant-CN", "zh", "traditional", "cn"),
+        ("zh-Hans-TW", "zh", "simplified", "tw"),
+        ("en-US", "en", None, None),
+        ("pt-BR", "pt", None, None),
+        ("sr-Latn-RS", "sr", None, None),
+    ],
+)
+def test_parse_language_tags(value: str, code: str, script: str | None, region: str | None) -> None:
+    assert parse_language(value) == LanguageTag(code, script, region)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["zh-", "zh--CN", "zh-C N", "xx-CN", "klingon-TW"])
+def test_malformed_or_unknown_tags_are_client_errors(value: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        parse_language(value)
+    assert info.value.param == "language"
+    assert info.value.code == "invalid_language"

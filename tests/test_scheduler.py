@@ -30,6 +30,7 @@ from server.scheduler import (
     Ticket,
     WindowOptions,
 )
+from server.word_timing import fit_segments, speech_spans
 from tests.conftest import wer
 
 SR = 16000
@@ -119,12 +120,19 @@ def test_long_file_matches_batched_pipeline(
     ticket = s.submit(samples, WindowOptions(beam_size=1, word_timestamps=True))
     got = list(ticket)
 
+    # The scheduler then fits word edges to the speech (server.word_timing), window by window.
+    speech, previous_end, fitted = speech_spans(samples), None, []
+    for segment in expected:
+        fitted += fit_segments([segment], speech, previous_end=previous_end)
+        previous_end = fitted[-1].words[-1].end if fitted[-1].words else previous_end
+
     assert ticket.language == "en"
     assert ticket.windows == len(expected) > 5
     assert [(x.id, x.text, x.start, x.end) for x in got] == [
-        (x.id, x.text, x.start, x.end) for x in expected
+        (x.id, x.text, x.start, x.end) for x in fitted
     ]
-    assert [x.words for x in got] == [x.words for x in expected]
+    assert [x.words for x in got] == [x.words for x in fitted]
+    assert [[w.word for w in x.words] for x in got] == [[w.word for w in x.words] for x in expected]
     assert got[-1].end > 200  # absolute times, VAD gaps restored
     assert s.stats().fallbacks == 0  # so the default schedule changed nothing here
 

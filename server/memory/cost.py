@@ -108,9 +108,12 @@ class Shape:
         word_timestamps: Whether the alignment pass runs.
         chunk_length: Seconds of audio per window (30 is Whisper's own; shorter windows are
             accepted by CTranslate2's encoder: 100 frames and 50 positions a second).
-        batched: The path: the cross-request scheduler (windows cut at speech, features a
-            window at a time), or faster-whisper's sequential ``transcribe`` (features of the
-            whole piece at once). It changes host memory only.
+        batched: The procedure: window by window as the cross-request scheduler decodes
+            (windows cut at speech, features a window at a time; in a shared batch or alone),
+            or faster-whisper's sequential ``transcribe`` (features of the whole piece at
+            once). It changes host memory only.
+        logprobs: Whether each window's tokens are scored again for their log-probabilities
+            (a forced pass that returns the logits of every step).
     """
 
     device: str
@@ -120,6 +123,7 @@ class Shape:
     word_timestamps: bool = False
     chunk_length: int = 30
     batched: bool = False
+    logprobs: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
@@ -478,23 +482,32 @@ class CostModel:
             The estimate; ``source`` says whether a measurement was used.
         """
         parts = self._model_breakdown(shape)
-        modelled = (
-            parts["encoder_output"]
-            + parts["workspace"]
-            + max(parts["encode"], parts["decode"], parts["align"])
-        )
+        phase = max(parts["encode"], parts["decode"], parts["align"])
+        # The log-probability pass runs after decoding, beside the encoder output; only what it
+        # needs beyond the largest other phase adds up (a measured profile does not include it).
+        scoring = max(0, self._logprobs_bytes(shape) - phase)
+        modelled = parts["encoder_output"] + parts["workspace"] + phase + scoring
         factor = (self.safety if shape.device == "cuda" else CPU_SAFETY) * self.correction(shape)
         measured = self.profile.lookup(shape) if self.profile is not None else None
         if measured is not None:
-            base = max(measured, math.ceil(modelled * PROFILE_FLOOR))
+            base = max(measured, math.ceil(modelled * PROFILE_FLOOR)) + scoring
             total = math.ceil(base * factor)
             return self._with_host(
                 shape, total, {"profile": base, "margin": total - base}, source="profile"
             )
         total = math.ceil(modelled * factor)
         breakdown = dict(parts)
+        if scoring:
+            breakdown["logprobs"] = scoring
         breakdown["margin"] = total - modelled
         return self._with_host(shape, total, breakdown, source="model")
+
+    def _logprobs_bytes(self, shape: Shape) -> int:
+        """The forced scoring pass: the float32 logits of every step of every window, for about
+        half the context of text (what a window of speech decodes to, as for alignment)."""
+        if not shape.logprobs:
+            return 0
+        return shape.batch_size * (self.dims.n_text_ctx // 2) * self.dims.n_vocab * 4
 
     def _with_host(
         self,
