@@ -2,8 +2,9 @@
 
 One request goes: the audio is cut into pieces that fit host RAM (at pauses) -> for every piece
 the planner reads the memory probe and returns a Plan -> the piece runs under a memory
-reservation, on faster-whisper's sequential path or in the cross-request scheduler's batches
--> an out-of-memory error raises the cost estimate for that shape, steps the plan one rung
+reservation, decoded window by window (alone in a sequential slot, or in the cross-request
+scheduler's batches: one procedure, so one text) or, with batching off, by faster-whisper's
+sequential ``transcribe`` -> an out-of-memory error raises the cost estimate for that shape, steps the plan one rung
 down the ladder and resumes from the last finished segment. All of this is blocking code run in
 worker threads; the serving layer calls :meth:`Engine.run` from the event loop.
 
@@ -61,6 +62,7 @@ from server.runners import (
     SAMPLE_RATE,
     has_speech,
     is_out_of_memory,
+    loud_for_vad,
     speech_timestamps,
     to_segment,
 )
@@ -649,7 +651,7 @@ class Engine:
             return
         options = job.transcribe_options(plan.shape, language=language, prompt=prompt)
         if not options["vad_filter"] and len(audio) > _SPARSE_CHECK_SAMPLES:
-            gated = speech_timestamps(audio, _SPEECH_GATE)
+            gated = speech_timestamps(loud_for_vad(audio), _SPEECH_GATE)
             share = sum(s["end"] - s["start"] for s in gated) / len(audio)
             if share < _SPARSE_SPEECH:
                 # Mostly pauses (a meeting, a recording left running): Whisper would decode

@@ -20,6 +20,15 @@ What may differ inside one batch, and what may not:
   suppressed tokens) and whether words are aligned. These make up the :class:`BatchKey`; only
   windows with equal keys share a batch.
 
+A request may also be decoded outside the queue, in the thread that iterates its ticket
+(:meth:`Scheduler.decode`, for a caller with a slot of its own): window by window through the
+same steps, a batch of one. On the CPUs measured a window's result does not depend on the batch
+it is in, so the text does not depend on the path.
+
+Two passes run after generation when a window asks for them: the word alignment, and the
+scoring pass for token log-probabilities (``logprobs``), which forces each window's final text
+through the decoder once more and keeps every step's logits.
+
 Trade-offs, and where they differ from ``BatchedInferencePipeline``:
 
 - No conditioning on previous text. Windows of one request are decoded in parallel, so window
