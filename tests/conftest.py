@@ -159,6 +159,22 @@ def out_of_memory_faults(engine: Any, calls: int) -> Iterator[None]:
             delattr(runner, name)  # the class's method shows through again
 
 
+@pytest.fixture
+def pipeline_hears_louder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """faster-whisper's own pipelines, with Silero VAD listening to the louder copy the server's
+    does (``server.runners.loud_for_vad``), so that both cut the same windows."""
+    import faster_whisper.transcribe
+
+    from server.runners import loud_for_vad
+
+    vad = faster_whisper.transcribe.get_speech_timestamps
+    monkeypatch.setattr(
+        faster_whisper.transcribe,
+        "get_speech_timestamps",
+        lambda audio, *args, **kwargs: vad(loud_for_vad(audio), *args, **kwargs),
+    )
+
+
 def pin_footprint_to_weights(engine: Any) -> None:
     """Count only the engine's model weights as what it holds outside reservations, instead of
     the process's resident memory: a test process holds every other test's servers and models

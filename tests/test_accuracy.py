@@ -1,7 +1,8 @@
 """Through the API, the server gives the same text as faster-whisper run directly with the same
 model and options, on real English speech with human references beside it: the batched pipeline's
-under WHISPER_BATCHING=auto (every request is decoded window by window, cut at speech), the
-sequential ``transcribe``'s with batching off."""
+under WHISPER_BATCHING=auto (every request is decoded window by window, cut at speech; the
+pipeline's VAD hears the same louder copy as the server's), the sequential ``transcribe``'s with
+batching off."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def _served(server: LiveServer, path: Path, **fields: str) -> str:
 
 
 @pytest.mark.parametrize("clip", CLIPS)
+@pytest.mark.usefixtures("pipeline_hears_louder")
 def test_same_text_as_faster_whisper(
     tiny_server: LiveServer, direct_tiny: WhisperModel, data_dir: Path, clip: str
 ) -> None:
@@ -69,6 +71,7 @@ def test_batching_off_is_faster_whisper_sequential(
         assert _served(server, path) == _sequential(direct_tiny, path)
 
 
+@pytest.mark.usefixtures("pipeline_hears_louder")
 def test_default_model_matches_direct(server_factory, data_dir: Path) -> None:
     """The embedded default (multilingual base) end to end, against faster-whisper on the
     folder the server installed."""

@@ -108,6 +108,7 @@ def recording_max_batch(size: int) -> tuple[list[BatchKey], Callable[[BatchKey],
     return keys, max_batch
 
 
+@pytest.mark.usefixtures("pipeline_hears_louder")
 def test_long_file_matches_batched_pipeline(
     tiny: WhisperModel, scheduler: Callable[..., Scheduler], audio: dict[str, np.ndarray]
 ) -> None:

@@ -20,6 +20,7 @@ from faster_whisper import WhisperModel, decode_audio
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
 from opencc import OpenCC
 
+from server.runners import loud_for_vad
 from tests.conftest import LiveServer, cer
 from tests.test_operations import _metric
 
@@ -160,11 +161,13 @@ def test_chinese_script_setting(server_factory, data_dir: Path) -> None:
 
 def _direct_greedy_logprobs(model_path: Path, audio: np.ndarray) -> tuple[list[int], list[float]]:
     """faster-whisper and CTranslate2 called directly, not through the server: the clip cut at
-    speech as the batched pipeline does, one greedy ``generate`` that returns every step's
-    logits, and each emitted token's log-softmax."""
+    speech as the batched pipeline does (its VAD hearing the server's louder copy), one greedy
+    ``generate`` that returns every step's logits, and each emitted token's log-softmax."""
     model = WhisperModel(str(model_path), device="cpu", compute_type="int8")
     vad = VadOptions(max_speech_duration_s=30, min_silence_duration_ms=160)
-    chunks, _ = collect_chunks(audio, get_speech_timestamps(audio, vad), max_duration=30)
+    # the server's cut: Silero VAD listening to a louder copy of the clip
+    spans = get_speech_timestamps(loud_for_vad(audio), vad)
+    chunks, _ = collect_chunks(audio, spans, max_duration=30)
     assert len(chunks) == 1
     features = model.feature_extractor(chunks[0])[..., :-1]
     padded = np.pad(features, ((0, 0), (0, 3000 - features.shape[-1])))
