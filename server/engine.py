@@ -4,9 +4,10 @@ One request goes: the audio is cut into pieces that fit host RAM (at pauses) -> 
 the planner reads the memory probe and returns a Plan -> the piece runs under a memory
 reservation, decoded window by window (alone in a sequential slot, or in the cross-request
 scheduler's batches: one procedure, so one text) or, with batching off, by faster-whisper's
-sequential ``transcribe`` -> an out-of-memory error raises the cost estimate for that shape, steps the plan one rung
-down the ladder and resumes from the last finished segment. All of this is blocking code run in
-worker threads; the serving layer calls :meth:`Engine.run` from the event loop.
+sequential ``transcribe`` -> an out-of-memory error raises the cost estimate for that shape,
+steps the plan one rung down the ladder and resumes from the last finished segment. All of this
+is blocking code run in worker threads; the serving layer calls :meth:`Engine.run` from the
+event loop.
 
 What lives elsewhere: the request's options (:mod:`server.job`), the queue and its 429s
 (:mod:`server.admission`), loaded models (:mod:`server.model_pool`), every call into

@@ -20,7 +20,7 @@ from server.formats import (
     to_vtt,
     usage_seconds,
 )
-from server.transcript import Segment, Transcript, Word
+from server.transcript import Segment, TokenLogprob, Transcript, Word
 
 ENGLISH = Transcript(
     task="transcribe",
@@ -342,3 +342,31 @@ def test_sse_frames_one_utf8_json_event() -> None:
         "type": "transcript.text.delta",
         "delta": "你好",
     }
+
+
+def test_logprobs_in_json_and_stream_events() -> None:
+    hello = TokenLogprob(" Hello", -0.1234567, tuple(b" Hello"))
+    world = TokenLogprob(" world", -2.0, tuple(b" world"))
+    transcript = Transcript(
+        "transcribe",
+        "en",
+        2.2,
+        (
+            Segment(0, 0, 0.0, 1.0, " Hello", logprobs=(hello,)),
+            Segment(1, 0, 1.0, 2.0, " world", logprobs=(world,)),
+        ),
+    )
+    expected = [
+        {"token": " Hello", "logprob": -0.123457, "bytes": [32, 72, 101, 108, 108, 111]},
+        {"token": " world", "logprob": -2.0, "bytes": [32, 119, 111, 114, 108, 100]},
+    ]
+    body, _ = render(transcript, "json", logprobs=True)
+    assert body == {
+        "text": "Hello world",
+        "logprobs": expected,
+        "usage": {"type": "duration", "seconds": 3},
+    }
+    assert "logprobs" not in render(transcript, "json")[0]
+    assert "logprobs" not in render(transcript, "verbose_json", logprobs=True)[0]
+    assert text_delta_event(" Hello", (hello,))["logprobs"] == expected[:1]
+    assert text_done_event("Hello world", 2.2, transcript.logprobs)["logprobs"] == expected

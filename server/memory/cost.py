@@ -504,11 +504,14 @@ class CostModel:
         return self._with_host(shape, total, breakdown, source="model")
 
     def _logprobs_bytes(self, shape: Shape) -> int:
-        """The forced scoring pass: the float32 logits of every step of every window, for about
-        half the context of text (what a window of speech decodes to, as for alignment)."""
+        """The forced scoring pass: a greedy decode of every window (one hypothesis each) that
+        keeps the float32 logits of every step, for about half the context of text (what a
+        window of speech decodes to, as for alignment)."""
         if not shape.logprobs:
             return 0
-        return shape.batch_size * (self.dims.n_text_ctx // 2) * self.dims.n_vocab * 4
+        logits = shape.batch_size * (self.dims.n_text_ctx // 2) * self.dims.n_vocab * 4
+        greedy = self._model_breakdown(replace(shape, beam_size=1, logprobs=False))["decode"]
+        return logits + greedy
 
     def _with_host(
         self,

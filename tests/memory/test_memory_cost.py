@@ -228,6 +228,31 @@ def test_word_timestamps_never_cost_less(beam_size: int, model: str) -> None:
         assert with_words > without
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+@pytest.mark.parametrize("model", ["tiny", "base", "large-v3"])
+def test_logprobs_count_their_pass_beside_the_largest_phase(device: str, model: str) -> None:
+    """The scoring pass (a greedy decode that keeps every step's logits, half the context of
+    text per window) runs after decoding: it adds only what it needs beyond the largest other
+    phase. On the CPU with base that was nothing measurable (peak RSS 388 and 695 MiB at batch
+    1 and 4, with and without logprobs); greedy batches of large-v3 pay for their logits."""
+    dims = KNOWN_DIMS[model]
+    cost = CostModel(dims)
+    compute = "float16" if device == "cuda" else "int8"
+    for beam in (1, 5):
+        added = []
+        for batch in (1, 4, 16):
+            shape = Shape(device, compute, batch, beam, False, 30, batched=True)
+            without = cost.estimate(shape)
+            scored = cost.estimate(replace(shape, logprobs=True)).device_bytes
+            logits = batch * (dims.n_text_ctx // 2) * dims.n_vocab * 4
+            greedy = cost.estimate(replace(shape, beam_size=1)).breakdown["decode"]
+            assert without.device_bytes <= scored <= without.device_bytes + 1.5 * (logits + greedy)
+            added.append(scored - without.device_bytes)
+        assert added == sorted(added)
+        if model == "large-v3" and beam == 1:
+            assert added[-1] > 0
+
+
 def test_estimate_breakdown_adds_up() -> None:
     cost = CostModel(LARGE)
     estimate = cost.estimate(Shape("cuda", "float16", 1, 5, True, 30))
