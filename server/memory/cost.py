@@ -164,9 +164,11 @@ class CostEstimate:
             host memory is freed before the working memory is taken: the request's peak is the
             held memory plus the larger of the two, not their sum, except for what the heap
             keeps of the transient until the piece ends (``HEAP_KEPT_BYTES``). This is the
-            working memory the transient shares: all of it on the sequential path on the CPU;
-            0 in the scheduler (measured: its VAD pass and window features are still there
-            when its batches run) and on a GPU (different memories).
+            working memory the transient shares: all of it on the CPU on the sequential path
+            and for windows decoded one at a time (``bench/memory_truth.py --quick``: 300 s at
+            batch 1 went from 1.50 and 1.28 of the measured peak to 1.09 and 1.06); 0 for
+            batches (measured: a piece's VAD pass and window features are still there when its
+            batches run) and on a GPU (different memories).
     """
 
     device_bytes: int
@@ -536,7 +538,10 @@ class CostModel:
         of their measured peak, and sharing one window's at 0.87-0.90 with base; the sum
         keeps every batch-8 cell of ``bench/memory_truth.py`` between 1.06 and 1.28.
         """
-        shared = 0 if shape.batched or shape.device != "cpu" else device_bytes
+        # A window decoded alone (batch 1) is decoded after its piece's VAD pass, in the same
+        # thread; a batch may run while another piece's VAD pass does.
+        alone = not shape.batched or shape.batch_size == 1
+        shared = device_bytes if shape.device == "cpu" and alone else 0
         features = self.dims.n_mels * 100 * 4
         held = PIECE_AUDIO_COPIES * AUDIO_BYTES_PER_SECOND + features
         if shape.batched:
