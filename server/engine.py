@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -524,10 +525,8 @@ class Engine:
                 model if plan.device == model.device else self.pool.get(job.source, plan.device)
             )
             run_on = (
-                self._run_scheduled
-                if scheduled
-                else self._run_windowed
-                if plan.shape.batched
+                partial(self._run_windowed, queued=scheduled)
+                if scheduled or plan.shape.batched
                 else self._run_sequential
             )
             try:
@@ -641,7 +640,8 @@ class Engine:
         first_id: int,
         cancelled: threading.Event | None,
     ) -> Iterator[tuple[Segment, str]]:
-        if len(audio) < _MIN_PIECE_SAMPLES or not has_speech(audio, _SPEECH_GATE):
+        heard = loud_for_vad(audio)  # what Silero VAD listens to (runners.loud_for_vad)
+        if len(audio) < _MIN_PIECE_SAMPLES or not has_speech(heard, _SPEECH_GATE):
             # Nothing the VAD hears as speech: Whisper would only fail its fallback tests at
             # every temperature over it, at many times the cost of speech, and at best return
             # nothing (at worst a hallucinated "you"). The scheduler's windows are cut at speech
@@ -652,7 +652,7 @@ class Engine:
             return
         options = job.transcribe_options(plan.shape, language=language, prompt=prompt)
         if not options["vad_filter"] and len(audio) > _SPARSE_CHECK_SAMPLES:
-            gated = speech_timestamps(loud_for_vad(audio), _SPEECH_GATE)
+            gated = speech_timestamps(heard, _SPEECH_GATE)
             share = sum(s["end"] - s["start"] for s in gated) / len(audio)
             if share < _SPARSE_SPEECH:
                 # Mostly pauses (a meeting, a recording left running): Whisper would decode
@@ -665,6 +665,7 @@ class Engine:
                     100 * share,
                     len(audio) / SAMPLE_RATE,
                 )
+        del heard  # the louder copy is the VAD's only: not held while the model runs
         # Word edges are fitted to the speech, as on the windowed path (server.word_timing).
         spans = speech_spans(audio) if options["word_timestamps"] else []
         previous_end: float | None = None
@@ -689,32 +690,19 @@ class Engine:
         offset: float,
         first_id: int,
         cancelled: threading.Event | None,
+        queued: bool,
     ) -> Iterator[tuple[Segment, str]]:
+        """Window by window: queued for the scheduler's shared batches, or decoded here, alone
+        (``queued=False``, a caller holding a sequential slot). The text before the piece is
+        not a prompt: windows are decoded in parallel."""
         if len(audio) < _MIN_PIECE_SAMPLES:
             return
         options = job.window_options(plan.shape, language=language)
-        ticket = self._scheduler(model).decode(audio, options, cancelled=cancelled)
-        for n, s in enumerate(ticket):
-            yield to_segment(s, offset, first_id + n), ticket.language or "en"
-
-    def _run_scheduled(
-        self,
-        model: LoadedModel,
-        job: Job,
-        plan: Plan,
-        audio: np.ndarray,
-        language: str | None,
-        prompt: str | list[int] | None,
-        *,
-        offset: float,
-        first_id: int,
-        cancelled: threading.Event | None,
-    ) -> Iterator[tuple[Segment, str]]:
-        if len(audio) < _MIN_PIECE_SAMPLES:
-            return
-        options = job.window_options(plan.shape, language=language)
+        scheduler = self._scheduler(model)
         try:
-            ticket = self._scheduler(model).submit(audio, options, cancelled=cancelled)
+            ticket = (scheduler.submit if queued else scheduler.decode)(
+                audio, options, cancelled=cancelled
+            )
             for n, s in enumerate(ticket):
                 yield to_segment(s, offset, first_id + n), ticket.language or "en"
         except QueueFullError as exc:

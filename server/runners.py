@@ -130,12 +130,11 @@ def speech_timestamps(
 
 
 def has_speech(audio: np.ndarray, options: Mapping[str, Any]) -> bool:
-    """Whether Silero VAD hears any speech in ``audio`` (made louder as for cutting windows),
-    listening to growing stretches (1 s, 2 s, 4 s...) and stopping at the first speech it hears.
-    Speech usually starts early, so on speech this costs milliseconds; silence and noise are
-    heard to the end (about 5 ms a second)."""
+    """Whether Silero VAD hears any speech in ``audio`` (give it :func:`loud_for_vad`'s copy,
+    as windows are cut), listening to growing stretches (1 s, 2 s, 4 s...) and stopping at the
+    first speech it hears. Speech usually starts early, so on speech this costs milliseconds;
+    silence and noise are heard to the end (about 5 ms a second)."""
     vad = VadOptions(**options)
-    audio = loud_for_vad(audio)
     start, block = 0, SAMPLE_RATE
     while start < len(audio):
         if get_speech_timestamps(audio[start : start + block], vad, sampling_rate=SAMPLE_RATE):

@@ -270,7 +270,7 @@ class TranscriptionService:
 
     @staticmethod
     def _delta(segment: Segment, req: TranscriptionRequest) -> dict[str, Any]:
-        return text_delta_event(segment.text, segment.logprobs or () if req.logprobs else None)
+        return text_delta_event(segment.text, (segment.logprobs or ()) if req.logprobs else None)
 
     async def _stream(
         self,
