@@ -1,13 +1,16 @@
-"""What the benches share: a server of their own in a subprocess, a free port, Opus inputs.
+"""What the benches share: a server of their own in a subprocess, a free port, Opus inputs,
+and the error rates transcripts are scored with (the tests score with the same functions).
 
 bench/ holds scripts, not a package: a script imports this module after putting its own folder
-on ``sys.path`` (``python bench/x.py`` does that already).
+on ``sys.path`` (``python bench/x.py`` does that already); the tests import it as
+``bench.harness``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -108,3 +111,35 @@ def encode_opus(samples: np.ndarray, path: Path) -> None:
                     out.mux(packet)
         for packet in stream.encode(None):
             out.mux(packet)
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words (letters, digits and apostrophes), as WER counts them."""
+    return re.findall(r"[\w']+", text.lower())
+
+
+def edit_distance(ref: list[str], hyp: list[str]) -> int:
+    """Levenshtein distance between two token lists."""
+    prev = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        cur = [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
+        prev = cur
+    return prev[-1]
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    """Word error rate (Levenshtein distance over words / reference length)."""
+    ref = words(reference)
+    return edit_distance(ref, words(hypothesis)) / max(1, len(ref))
+
+
+def cer(reference: str, hypothesis: str) -> float:
+    """Character error rate over letters and digits (for Chinese and Japanese)."""
+    keep = re.compile(r"\w")
+    ref = keep.findall(reference)
+    return edit_distance(ref, keep.findall(hypothesis)) / max(1, len(ref))

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from harness import edit_distance, words
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
@@ -244,20 +246,6 @@ def server_peak_rss(pid: int | None) -> int | None:
 # ---- the table -----------------------------------------------------------------------------
 
 
-def words(text: str) -> list[str]:
-    return re.findall(r"[\w']+", text.lower())
-
-
-def edits(ref: list[str], hyp: list[str]) -> int:
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1]
-
-
 def wer(results: list[tuple[str, str, float]], only: str | None = None) -> float | None:
     """Word error rate over ``results`` (or only the requests for file ``only``); None when
     there is nothing to score."""
@@ -266,7 +254,7 @@ def wer(results: list[tuple[str, str, float]], only: str | None = None) -> float
         if only is not None and name != only:
             continue
         ref = words((DATA / name).with_suffix(".txt").read_text())
-        errors += edits(ref, words(text))
+        errors += edit_distance(ref, words(text))
         total += len(ref)
     return errors / total if total else None
 

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+from harness import cer, wer, words
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -338,29 +339,6 @@ def mfa_references() -> tuple[str, str]:
 
 
 # ---- scoring --------------------------------------------------------------------------------
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[\w']+", text.lower())
-
-
-def edit_rate(ref: list[str], hyp: list[str]) -> float:
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1] / max(1, len(ref))
-
-
-def wer(ref: str, hyp: str) -> float:
-    return edit_rate(words(ref), words(hyp))
-
-
-def cer(ref: str, hyp: str) -> float:
-    keep = re.compile(r"\w")
-    return edit_rate(keep.findall(ref), keep.findall(hyp))
 
 
 def recalled(ref_a: str, ref_b: str, hyp: str) -> tuple[float, float]:

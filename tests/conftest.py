@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import re
 import socket
 import threading
 import time
@@ -22,6 +21,7 @@ import httpx
 import pytest
 import uvicorn
 
+from bench.harness import cer, wer, words  # noqa: F401  (the tests score with the benches' functions)
 from server.app import create_app
 from server.config import Settings
 from server.connections import uvicorn_options
@@ -180,29 +180,3 @@ def pin_footprint_to_weights(engine: Any) -> None:
     the process's resident memory: a test process holds every other test's servers and models
     too, and tests that set WHISPER_HOST_MEMORY_LIMIT need budgets that do not depend on them."""
     engine.footprint = lambda: engine.pool.resident_bytes("cpu")
-
-
-def words(text: str) -> list[str]:
-    """Lower-case words without punctuation, for WER."""
-    return re.findall(r"[\w']+", text.lower())
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    """Word error rate (Levenshtein distance over words / reference length)."""
-    return _edit_rate(words(reference), words(hypothesis))
-
-
-def cer(reference: str, hypothesis: str) -> float:
-    """Character error rate over letters and digits (for Chinese and Japanese)."""
-    keep = re.compile(r"\w")
-    return _edit_rate(keep.findall(reference), keep.findall(hypothesis))
-
-
-def _edit_rate(ref: list[str], hyp: list[str]) -> float:
-    prev = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        cur = [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r != h))
-        prev = cur
-    return prev[-1] / max(1, len(ref))
