@@ -90,7 +90,9 @@ class Settings(BaseSettings):
     """Allow downloading WHISPER_MODEL from Hugging Face. Off: the server never touches the network."""
 
     device: Literal["auto", "cuda", "cpu"] = "auto"
-    """Where the model runs. `auto`: the GPU when CUDA and a driver are present, else the CPU."""
+    """Where the model runs. `auto`: the GPU when CTranslate2 sees one, the cuBLAS it needs
+    loads, NVML reads it and a test window runs on it; else the CPU, with the reason in
+    `/ready`'s `device_reason`. `cuda`: the GPU or not ready."""
 
     device_index: int = Field(0, ge=0)
     """CUDA ordinal of the GPU to use (as the process sees it, after CUDA_VISIBLE_DEVICES)."""

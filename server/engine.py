@@ -158,15 +158,45 @@ class Engine:
             return
         self.device = "cuda" if ok else "cpu"
         self.device_reason = reason
-        logger.info("device: %s (%s)", self.device, reason)
         try:
             self.served = self.store.default_source()
-            self.pool.get(self.served, self.device)
+            self._load_served()
         except ModelNotReadyError as exc:
             self.load_error = exc.message
             logger.error("model not ready: %s", exc.message)
         release_freed_memory()  # loading parses files and converts weights; keep none of that
         self.settle()
+
+    def _load_served(self) -> None:
+        """Load the served model on the chosen device. On CUDA, one window must also run there
+        (counting devices and loading cuBLAS do not prove a kernel runs: a wrong cuBLAS, a driver
+        too old for the wheel's PTX); if it does not, ``auto`` falls back to the CPU and says
+        why in ``device_reason``, and ``cuda`` fails the start.
+
+        Raises:
+            ModelNotReadyError: the model cannot be loaded.
+        """
+        assert self.served is not None
+        if self.device == "cuda":
+            try:
+                self.pool.get(self.served, "cuda").runner.run_one_window()
+                logger.info("device: cuda (%s; a test window ran on it)", self.device_reason)
+                return
+            except ModelNotReadyError as exc:
+                if exc.__cause__ is None:  # not in the store: no device would help
+                    raise
+                failure = exc.message
+            except Exception as exc:  # CTranslate2 raises RuntimeError, ValueError, ...
+                failure = f"a test window failed on CUDA: {exc}"
+            self.pool.discard(self.served, "cuda")
+            if self.settings.device == "cuda":
+                raise ModelNotReadyError(f"WHISPER_DEVICE=cuda but {failure}")
+            self.device = "cpu"
+            self.device_reason = f"{self.device_reason}, but {failure}; running on the CPU"
+            logger.warning("device: cpu (%s)", self.device_reason)
+        else:
+            logger.info("device: %s (%s)", self.device, self.device_reason)
+        self.pool.get(self.served, self.device)
 
     def settle(self) -> None:
         """With nothing running, read the process's resident memory: what it holds outside

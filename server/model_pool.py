@@ -86,6 +86,12 @@ class ModelPool:
                 self._models[key] = model
             return model
 
+    def discard(self, source: ModelSource, device: str) -> None:
+        """Forget the copy of ``source`` on ``device`` (it failed its test window); CTranslate2
+        frees it when the last reference goes."""
+        with self._guard:
+            self._models.pop((source.load_target, device), None)
+
     def _download(self, source: ModelSource) -> Path:
         """Fetch a Hugging Face model into the store (only with WHISPER_ALLOW_DOWNLOADS)."""
         if not self._settings.allow_downloads:

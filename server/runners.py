@@ -211,6 +211,15 @@ class WhisperRunner:
             )
         )
 
+    def run_one_window(self) -> None:
+        """Encode one second of silence and decode a few tokens: every kind of kernel a request
+        uses runs once on the device, so a device that cannot run them fails here, and on a GPU
+        the driver's JIT compilation of the wheel's PTX is paid before the first request."""
+        features = self.features(np.zeros(SAMPLE_RATE, dtype=np.float32))
+        encoded = self.encode([features])
+        tokenizer = self.tokenizer("en", "transcribe")
+        self.whisper.model.generate(encoded, [list(tokenizer.sot_sequence)], max_length=4)
+
     @property
     def multilingual(self) -> bool:
         return bool(self.whisper.model.is_multilingual)

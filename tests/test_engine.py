@@ -213,3 +213,66 @@ def test_memory_endpoint(tiny_server) -> None:
     assert host["total_bytes"] > host["free_bytes"] > 0
     assert memory["models"][0]["weights_bytes"] > 10 << 20
     assert memory["policy"]["ladder"][0] == "batch"
+
+
+# ---- device detection tells the truth ----------------------------------------------------------
+# This host has no GPU and no cuBLAS; CTranslate2 is made to count one device, which is what a
+# GPU host without CUDA 12's cuBLAS looks like to it.
+
+
+def test_a_gpu_without_cublas_serves_on_the_cpu_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    import ctranslate2
+
+    monkeypatch.setattr(ctranslate2, "get_cuda_device_count", lambda: 1)
+    settings = Settings(model=str(tiny_model), models_dir=tmp_path, port=free_port())
+    with run_server(settings) as server:
+        ready = requests.get(server.url + "/ready", timeout=5).json()
+        assert ready["ready"] is True and ready["device"] == "cpu"
+        assert "libcublas.so.12 cannot be loaded" in ready["device_reason"]
+        with open(data_dir / "jfk.flac", "rb") as fh:
+            resp = requests.post(
+                server.url + "/v1/audio/transcriptions",
+                files={"file": ("jfk.flac", fh)},
+                data={"model": "whisper-1"},
+                timeout=120,
+            )
+        assert resp.status_code == 200 and "country" in resp.json()["text"]
+
+
+def test_cuda_required_without_cublas_is_not_ready(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, tmp_path: Path
+) -> None:
+    import ctranslate2
+
+    monkeypatch.setattr(ctranslate2, "get_cuda_device_count", lambda: 1)
+    engine = Engine(Settings(model=str(tiny_model), models_dir=tmp_path, device="cuda"))
+    engine.start()
+    assert not engine.ready
+    assert engine.load_error is not None and "libcublas.so.12" in engine.load_error
+
+
+@pytest.mark.parametrize("wanted", ["auto", "cuda"])
+def test_a_model_that_cannot_run_on_the_gpu_falls_back_or_fails(
+    monkeypatch: pytest.MonkeyPatch, tiny_model: Path, tmp_path: Path, wanted: str
+) -> None:
+    """Detection passes (as with a cuBLAS that loads), but loading on CUDA fails for real
+    here: ``auto`` serves on the CPU with the failure in ``device_reason``; ``cuda`` does not
+    start, naming it."""
+    monkeypatch.setattr(
+        "server.engine.cuda_available", lambda: (True, "1 CUDA device(s) visible to CTranslate2")
+    )
+    engine = Engine(Settings(model=str(tiny_model), models_dir=tmp_path, device=wanted))
+    pin_footprint_to_weights(engine)
+    engine.start()
+    if wanted == "auto":
+        assert engine.ready and engine.device == "cpu"
+        assert "could not be loaded on cuda" in engine.device_reason
+        assert engine.device_reason.endswith("running on the CPU")
+        assert [m.device for m in engine.pool.loaded()] == ["cpu"]
+    else:
+        assert not engine.ready
+        assert engine.load_error is not None
+        assert engine.load_error.startswith("WHISPER_DEVICE=cuda but Model")
+        assert not engine.pool.loaded()

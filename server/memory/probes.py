@@ -8,9 +8,12 @@ limit in :mod:`server.memory.cgroups`.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import logging
+import mmap
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -316,6 +319,62 @@ class NvmlProbe:
             self._handle = None
 
 
+#: What a CTranslate2 wheel dlopens at its first GEMM when its binary does not say (4.x wheels
+#: are CUDA 12 builds). Counting devices works without it, so a host lacking it looks ready.
+_DEFAULT_CUBLAS = ("libcublas.so.12",)
+#: A function every cuBLAS exports; a file of the right name without it is not cuBLAS.
+_CUBLAS_SYMBOL = "cublasCreate_v2"
+
+
+def cuda_libraries_needed() -> tuple[str, ...]:
+    """The cuBLAS sonames the installed CTranslate2 will dlopen on the GPU, read from its own
+    shared library (``libcublas.so.12`` for the 4.x wheels on PyPI).
+
+    Returns:
+        The names found in the library, or the 4.x wheels' name when it cannot be read.
+    """
+    try:
+        ctranslate2 = importlib.import_module("ctranslate2")
+        package = Path(str(ctranslate2.__file__)).resolve().parent
+        candidates = sorted(package.parent.glob("ctranslate2.libs/libctranslate2*.so*"))
+        candidates += sorted(package.glob("*.so*"))
+        found: set[str] = set()
+        for library in candidates:
+            with (
+                open(library, "rb") as fh,
+                mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data,
+            ):
+                found.update(m.decode() for m in re.findall(rb"libcublas\.so\.\d+", data))
+            if found:
+                return tuple(sorted(found))
+    except Exception:  # an odd install must not stop the server from starting on the CPU
+        logger.debug("could not read CTranslate2's library for its cuBLAS name", exc_info=True)
+    return _DEFAULT_CUBLAS
+
+
+def missing_cuda_library(names: Sequence[str]) -> str | None:
+    """Why the first of ``names`` that cannot serve as cuBLAS fails, or None if all load.
+
+    Loads each the way CTranslate2 will (``dlopen`` by soname, through ``LD_LIBRARY_PATH`` and
+    the loader cache) and looks up a cuBLAS function in it, so a missing library, a broken
+    link, a missing dependency (``libcublasLt``) and a file that is not cuBLAS are all caught.
+
+    Returns:
+        A sentence naming the library and the loader's error, or None.
+    """
+    for name in names:
+        try:
+            library = ctypes.CDLL(name)
+        except OSError as exc:
+            return (
+                f"{name} cannot be loaded ({exc}): install the cuBLAS of that CUDA version "
+                "(e.g. pip install nvidia-cublas-cu12) and put its folder on LD_LIBRARY_PATH"
+            )
+        if not hasattr(library, _CUBLAS_SYMBOL):
+            return f"{name} loads but has no {_CUBLAS_SYMBOL}, so it is not cuBLAS"
+    return None
+
+
 def cuda_available() -> tuple[bool, str]:
     """Whether this process can run on a GPU and read its memory.
 
@@ -331,6 +390,9 @@ def cuda_available() -> tuple[bool, str]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
         return False, f"CTranslate2 sees no CUDA device: no NVIDIA GPU or driver{hint}"
+    missing = missing_cuda_library(cuda_libraries_needed())
+    if missing is not None:
+        return False, f"{count} CUDA device(s), but {missing}"
     try:
         nvml = _load_nvml()
     except ProbeUnavailable as exc:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from server.memory import probes
 from server.memory.cgroups import read_cgroup_memory
 from server.memory.gpu_identity import (
     CudaIdentity,
@@ -378,3 +384,90 @@ def test_peak_sampler_stops_its_thread() -> None:
     with peak_sampler(RampProbe(1), interval_ms=1):
         pass
     assert threading.active_count() == before
+
+
+# ---- device detection: the cuBLAS CTranslate2 will dlopen --------------------------------------
+# The loader reads LD_LIBRARY_PATH when a process starts, so each case runs in a fresh Python
+# whose library path is a folder we fill: nothing, a file that is not a library, a real library
+# that is not cuBLAS, a cuBLAS stand-in whose libcublasLt dependency is missing, and one that
+# loads. The last two are compiled here from a few lines of C.
+
+_CHECK = (
+    "import sys; from server.memory.probes import missing_cuda_library as m; "
+    "print(m([sys.argv[1]]) or 'OK')"
+)
+
+
+def _check_with_library_path(folder: Path, name: str = "libcublas.so.12") -> str:
+    env = {**os.environ, "LD_LIBRARY_PATH": str(folder)}
+    done = subprocess.run(
+        [sys.executable, "-c", _CHECK, name],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def _compile_library(folder: Path, soname: str, source: str, *links: str) -> None:
+    (folder / "stub.c").write_text(source)
+    subprocess.run(
+        [
+            "cc",
+            "-shared",
+            "-fPIC",
+            "-o",
+            str(folder / soname),
+            f"-Wl,-soname,{soname}",
+            str(folder / "stub.c"),
+            f"-L{folder}",
+            *links,
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_cublas_check_names_what_is_missing(tmp_path: Path) -> None:
+    assert shutil.which("cc"), "the C compiler builds the stand-in libraries"
+    # nothing there
+    reason = _check_with_library_path(tmp_path)
+    assert reason.startswith("libcublas.so.12 cannot be loaded")
+    assert "LD_LIBRARY_PATH" in reason
+    # a file of that name that is not a library
+    (tmp_path / "libcublas.so.12").write_bytes(b"not an ELF file")
+    assert "cannot be loaded" in _check_with_library_path(tmp_path)
+    # a real library that is not cuBLAS
+    _compile_library(tmp_path, "libcublas.so.12", "int something_else(void) { return 0; }\n")
+    assert "has no cublasCreate_v2" in _check_with_library_path(tmp_path)
+    # cuBLAS whose own dependency is missing (the CUDA 13 link without libcublasLt beside it)
+    _compile_library(tmp_path, "libcublasLt.so.12", "int cublasLtCreate(void) { return 0; }\n")
+    _compile_library(
+        tmp_path,
+        "libcublas.so.12",
+        "int cublasLtCreate(void);\nint cublasCreate_v2(void) { return cublasLtCreate(); }\n",
+        "-l:libcublasLt.so.12",
+    )
+    assert _check_with_library_path(tmp_path) == "OK"
+    (tmp_path / "libcublasLt.so.12").unlink()
+    reason = _check_with_library_path(tmp_path)
+    assert "libcublasLt.so.12" in reason and "cannot be loaded" in reason
+
+
+def test_cuda_libraries_needed_are_read_from_ctranslate2() -> None:
+    names = probes.cuda_libraries_needed()
+    assert names and all(re.fullmatch(r"libcublas\.so\.\d+", n) for n in names)
+
+
+def test_a_gpu_without_cublas_is_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CTranslate2 counting a device is not enough: this host has no libcublas.so.12, so a
+    pretend device must still be refused, with the library named."""
+    import ctranslate2
+
+    monkeypatch.setattr(ctranslate2, "get_cuda_device_count", lambda: 1)
+    ok, reason = cuda_available()
+    assert not ok
+    assert reason.startswith("1 CUDA device(s), but libcublas.so.12 cannot be loaded")
