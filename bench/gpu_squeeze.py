@@ -3,7 +3,11 @@ start the server, and fire the seed's request (a long webm, verbose_json, word t
 alone and as 4 concurrent copies. Records status codes, what the planner degraded, and the NVML
 peak against the planner's estimate. Needs a CUDA GPU, torch and nvidia-ml-py.
 
-    python bench/gpu_squeeze.py --free 256 512 1024 2048 4096 [--model DIR] [--minutes 20]
+    python bench/gpu_squeeze.py --free 4096 1024 256 [--model DIR] [--minutes 20]
+
+Rows are printed as they finish, so a run cut short by a time limit keeps what it measured.
+"OOM log lines" counts the server's out-of-memory log lines during the row (each one an error
+it recovered from); "5xx" counts answers with a server-error status.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import io
+import re
 import sys
 import time
 
@@ -22,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from server.audio import decode_audio
 from server.memory.peaks import peak_sampler
-from server.memory.probes import NvmlProbe, ProbeUnavailable
+from server.memory.probes import HostProbe, NvmlProbe, ProbeUnavailable
 
 MIB = 1 << 20
 
@@ -51,7 +56,7 @@ def make_webm(minutes: float) -> bytes:
     return out.getvalue()
 
 
-def occupy(free_target: int, probe: NvmlProbe) -> list:
+def occupy(free_target: int, probe: NvmlProbe | HostProbe) -> list:
     """Allocate torch tensors until NVML reports about ``free_target`` bytes free."""
     import torch
 
@@ -85,68 +90,76 @@ def fire(url: str, webm: bytes) -> tuple[int, str, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--free", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--free", type=int, nargs="+", default=[4096, 1024, 256])
     parser.add_argument("--model", default=None, help="model folder (default: embedded base)")
     parser.add_argument("--minutes", type=float, default=20.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        help="cpu: a dry run of this script without a GPU (no filling; host RAM as the peak)",
+    )
     args = parser.parse_args()
 
-    probe = NvmlProbe(0)
-    try:
-        probe.snapshot()
-    except ProbeUnavailable as exc:
-        sys.exit(f"gpu_squeeze needs a CUDA GPU that NVML can read: {exc}")
+    gpu = args.device == "cuda"
+    probe: NvmlProbe | HostProbe
+    if gpu:
+        probe = NvmlProbe(0)
+        try:
+            probe.snapshot()
+        except ProbeUnavailable as exc:
+            sys.exit(f"gpu_squeeze needs a CUDA GPU that NVML can read: {exc}")
+    else:
+        probe = HostProbe()
     webm = make_webm(args.minutes)
     print(f"seed file: {len(webm) / MIB:.1f} MiB webm, {args.minutes:g} min", file=sys.stderr)
-    env = {"WHISPER_DEVICE": "cuda", "WHISPER_MAX_MEMORY_WAIT": "5"}
+    env = {"WHISPER_DEVICE": args.device, "WHISPER_MAX_MEMORY_WAIT": "5"}
     if args.model:
         env["WHISPER_MODEL"] = args.model
-    rows = []
-    with served(env, ready_timeout=120) as running:
+    print(
+        "| free MiB | clients | statuses | degraded | words kept | 5xx | OOM log lines "
+        "| peak extra MiB | planner estimate MiB | wall s |\n|---|---|---|---|---|---|---|---|---|---|",
+        flush=True,
+    )
+    with served(env, ready_timeout=180) as running:
         url = running.url
-        for free_mib in args.free:
-            blocks = occupy(free_mib * MIB, probe)
+        for free_mib in args.free if gpu else [0]:
+            blocks = occupy(free_mib * MIB, probe) if gpu else []
             try:
                 for n in args.concurrency:
+                    oom_before = count_oom_lines(running.log_text())
                     started = time.perf_counter()
                     with (
-                        peak_sampler(probe, interval_ms=5) as reading,
+                        peak_sampler(probe, interval_ms=5, host=not gpu) as reading,
                         cf.ThreadPoolExecutor(n) as pool,
                     ):
                         results = list(pool.map(lambda _: fire(url, webm), range(n)))
                     wall = time.perf_counter() - started
                     memory = requests.get(url + "/v1/memory", timeout=10).json()
                     estimates = [d["estimate_bytes"] for d in memory["recent_decisions"][-n:]]
-                    rows.append(
-                        (
-                            free_mib,
-                            n,
-                            results,
-                            reading.delta / MIB,
-                            max(estimates, default=0) / MIB,
-                            wall,
-                        )
+                    statuses = ",".join(str(r[0]) for r in results)
+                    degraded = ";".join(sorted({r[1] or "-" for r in results}))
+                    kept = sum(r[2] == "words" for r in results)
+                    errors = sum(r[0] >= 500 for r in results)
+                    ooms = count_oom_lines(running.log_text()) - oom_before
+                    alive = "" if running.process.is_running() else " (server died)"
+                    print(
+                        f"| {free_mib if gpu else 'n/a'} | {n} | {statuses} | {degraded} "
+                        f"| {kept}/{n} | {errors}{alive} | {ooms} | {reading.delta / MIB:.0f} "
+                        f"| {max(estimates, default=0) / MIB:.0f} | {wall:.1f} |",
+                        flush=True,
                     )
-                    print(".", end="", file=sys.stderr, flush=True)
             finally:
                 del blocks
-                import torch
+                if gpu:
+                    import torch
 
-                torch.cuda.empty_cache()
-    print(file=sys.stderr)
-    print(
-        "| free MiB | clients | statuses | degraded | words kept | NVML peak extra MiB "
-        "| planner estimate MiB | wall s |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for free_mib, n, results, peak, estimate, wall in rows:
-        statuses = ",".join(str(r[0]) for r in results)
-        degraded = ";".join(sorted({r[1] or "-" for r in results}))
-        kept = sum(r[2] == "words" for r in results)
-        print(
-            f"| {free_mib} | {n} | {statuses} | {degraded} | {kept}/{n} | {peak:.0f} "
-            f"| {estimate:.0f} | {wall:.1f} |"
-        )
+                    torch.cuda.empty_cache()
+
+
+def count_oom_lines(log: str) -> int:
+    """Lines where the server met an out-of-memory error (each is recovered, or a crash)."""
+    return len(re.findall(r"out of memory", log, flags=re.IGNORECASE))
 
 
 if __name__ == "__main__":

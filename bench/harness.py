@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import psutil
@@ -42,6 +43,13 @@ class Served:
 
     url: str
     process: psutil.Process
+    log: IO[str]
+
+    def log_text(self) -> str:
+        """Everything the server has logged so far."""
+        self.log.flush()
+        with open(self.log.name) as fh:
+            return fh.read()
 
 
 @contextlib.contextmanager
@@ -60,7 +68,7 @@ def served(
     """
     port = free_port()
     # The log goes to a file: a pipe nobody reads would block the server once full.
-    log = tempfile.TemporaryFile("w+")
+    log = tempfile.NamedTemporaryFile("w+", prefix="server-", suffix=".log")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "serve", "--port", str(port)],
         cwd=root,
@@ -81,7 +89,7 @@ def served(
         if not ready:
             log.seek(0)
             raise RuntimeError("the server did not become ready:\n" + log.read()[-4000:])
-        yield Served(url, psutil.Process(proc.pid))
+        yield Served(url, psutil.Process(proc.pid), log)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

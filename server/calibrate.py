@@ -107,6 +107,15 @@ def calibrate(
     folder = engine.served.path
     device_name = engine.probe(model.device).snapshot().device.name
     profile = Profile(engine.served.id, model.device, device_name, model.compute_type)
+    what = "working memory" if model.device == "cuda" else "working + host memory"
+    # Rows are printed (and the profile saved) as they are measured, so a run stopped by a
+    # time limit keeps what it measured.
+    print(
+        f"| shape | measured peak | estimate ({what}) | estimate / measured | seconds |\n"
+        "|---|---|---|---|---|",
+        flush=True,
+    )
+    path = folder / Profile.FILENAME
     rows = []
     for word_ts in words:
         for beam in beams:
@@ -126,15 +135,15 @@ def calibrate(
                     estimate += host
                     working = max(0, peak - host)
                 profile = profile.with_point(ProfilePoint(batch, beam, word_ts, 30, working))
-                rows.append((shape, peak, estimate, time.perf_counter() - started))
-                logger.info(
-                    "%s: peak %s, estimate %s", shape, format_bytes(peak), format_bytes(estimate)
+                seconds = time.perf_counter() - started
+                rows.append((shape, peak, estimate, seconds))
+                profile.save(path)
+                ratio = f"{estimate / peak:.2f}" if peak > 0 else "–"
+                print(
+                    f"| {shape} | {format_bytes(peak)} | {format_bytes(estimate)} | {ratio} "
+                    f"| {seconds:.1f} |",
+                    flush=True,
                 )
-    path = profile.save(folder / Profile.FILENAME)
-    what = "working memory" if model.device == "cuda" else "working + host memory"
-    print(f"| shape | measured peak | estimate ({what}) | seconds |\n|---|---|---|---|")
-    for shape, peak, estimate, seconds in rows:
-        print(f"| {shape} | {format_bytes(peak)} | {format_bytes(estimate)} | {seconds:.1f} |")
     print(f"profile written to {path}")
     if chart:
         png = draw_chart(

@@ -141,6 +141,10 @@ def test_calibrate_writes_profile_and_chart(tiny_model: Path, tmp_path: Path) ->
         timeout=300,
     )
     assert out.returncode == 0, out.stderr
+    table = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("|")]
+    assert "estimate / measured" in table[0][3]
+    ratios = [float(row[3]) for row in table[2:]]
+    assert len(ratios) == 2 and all(0.2 < r < 5 for r in ratios)
     profile = json.loads((folder / "memory_profile.json").read_text())
     assert profile["device"] == "cpu" and len(profile["points"]) == 2
     assert all(p["peak_bytes"] > 0 for p in profile["points"])

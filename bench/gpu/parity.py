@@ -1,32 +1,36 @@
-"""GPU against CPU: the same model on the same clips, transcribed on the GPU and on the CPU, and
-the server's NVML reading against the CUDA runtime's own.
+"""GPU against CPU: the same model on the same clips, transcribed on the GPU (float16) and on the
+CPU (int8), and the server's NVML reading against the CUDA runtime's own.
 
-    python bench/gpu/parity.py --model tiny.en=/path/to/tiny.en --model base=/path/to/base \
+    python bench/gpu/parity.py --model base=/path/to/base [--clips jfk.flac ...]
         [--device cuda --compute-type float16]
 
-The first table compares transcripts: for each clip with a reference in tests/data, the error
-rate of the GPU run and of the CPU run (int8) against the reference, and between the two runs.
-Words for languages written with spaces, characters for Chinese and Japanese (Chinese after
-OpenCC's traditional-to-simplified, when it is installed). A GPU run that is far from the CPU
-one means the CUDA libraries are wrong (bench/gpu/setup.sh can link CUDA 13's cuBLAS in place of
-CUDA 12's: this is the check that it works). Nothing is asserted: it prints a table.
+First a warm-up: one window on each device, timed. On a GPU the first run of every kernel is
+compiled by the driver from the wheel's PTX (the PyPI wheels carry machine code up to sm_86 only),
+so the first call is slow and later ones are not; the warm-up row shows how long that took.
 
-The second table (GPU only) reads free memory through ``server.memory.probes.NvmlProbe`` and through
-``torch.cuda.mem_get_info`` before and after the model is loaded.
+Then one row per clip (English, Chinese and Spanish by default, from tests/data): the error rate
+of the GPU run and of the CPU run against the reference, and between the two runs. Words for
+languages written with spaces, characters for Chinese and Japanese (both sides in simplified
+script first). A GPU run far from the CPU one means the CUDA libraries are wrong (a CUDA 13
+cuBLAS linked under CUDA 12's name is the suspect: this is the check that it works). Rows are
+printed as they finish. Nothing is asserted.
+
+The last table (GPU only) reads free memory through ``server.memory.probes.NvmlProbe`` and
+through ``torch.cuda.mem_get_info`` before and after a model is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from throughput import edits  # noqa: E402
+from harness import cer, wer  # noqa: E402
 
 from server.audio import decode_audio  # noqa: E402
 
@@ -34,50 +38,40 @@ DATA = ROOT / "tests/data"
 MIB = 1 << 20
 
 
-def clips(english_only: bool) -> list[tuple[Path, str]]:
-    """Clips with a single reference: (path, language)."""
-    out = []
-    for ref in sorted(DATA.glob("*.txt")):
-        if ref.name.startswith("stereo_"):  # per-channel references
-            continue
-        audio = sorted(
-            (p for p in DATA.glob(ref.stem + ".*") if p.suffix not in (".txt", ".tsv")),
-            key=lambda p: p.suffix != ".flac",  # jfk comes in every container: take the flac
-        )
-        if not audio:
-            continue
-        language = "en" if ref.stem == "jfk" else ref.stem.split("_")[0]
-        if english_only and language != "en":
-            continue
-        out.append((audio[0], language))
-    return out
+#: One or two clips per language the issue names (English, Chinese, Spanish), short enough for
+#: the CPU side of the comparison to keep up.
+DEFAULT_CLIPS = [
+    "jfk.flac",
+    "zh_aishell_BAC009S0724W0121.wav",
+    "es_mls_13697_11991_000000.opus",
+    "en_librispeech_61-70968-0000.flac",
+    "zh_paddlespeech_zh.wav",
+]
 
 
-def units(text: str, language: str) -> list[str]:
+def language_of(path: Path) -> str:
+    return "en" if path.stem == "jfk" else path.stem.split("_")[0]
+
+
+def error_rate(reference: str, hypothesis: str, language: str) -> float:
     if language in ("zh", "ja"):
         if language == "zh":
-            try:
-                import opencc
+            import opencc
 
-                text = opencc.OpenCC("t2s").convert(text)
-            except ImportError:
-                pass
-        return re.findall(r"\w", text)
-    return re.findall(r"[\w']+", text.lower())
+            simplify = opencc.OpenCC("tw2s").convert
+            reference, hypothesis = simplify(reference), simplify(hypothesis)
+        return cer(reference, hypothesis)
+    return wer(reference, hypothesis)
 
 
-def rate(ref: list[str], hyp: list[str]) -> float:
-    return edits(ref, hyp) / max(1, len(ref))
-
-
-def transcribe(model, audio, language: str) -> tuple[str, float]:  # type: ignore[no-untyped-def]
+def transcribe(model: Any, audio: Any, language: str) -> tuple[str, float]:
     started = time.perf_counter()
     segments, _ = model.transcribe(audio, language=language, beam_size=5)
     text = "".join(s.text for s in segments)
     return text, time.perf_counter() - started
 
 
-def nvml_vs_torch(load) -> list[str]:  # type: ignore[no-untyped-def]
+def nvml_vs_torch(load: Any) -> list[str]:
     import torch
 
     from server.memory.probes import NvmlProbe
@@ -112,34 +106,53 @@ def main() -> None:
     parser.add_argument("--model", action="append", required=True, help="NAME=DIR, repeatable")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--compute-type", default="float16")
+    parser.add_argument("--clips", nargs="+", default=DEFAULT_CLIPS, help="files in tests/data")
     args = parser.parse_args()
     from faster_whisper import WhisperModel
 
-    print(
-        f"| model | clip | language | error, {args.device} {args.compute_type} | error, cpu int8 "
-        f"| {args.device} against cpu | {args.device} s | cpu s |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    from server.runners import WhisperRunner
+
+    gpu_label = f"{args.device} {args.compute_type}"
     for spec in args.model:
         name, _, folder = spec.partition("=")
-        gpu = WhisperModel(folder, device=args.device, compute_type=args.compute_type)
-        cpu = WhisperModel(folder, device="cpu", compute_type="int8")
-        for path, language in clips(english_only=name.endswith(".en")):
+        print(f"\n{name}: warm-up, one window (includes the driver's JIT on a new GPU)\n")
+        print("| device | load (s) | first window (s) | second window (s) |\n|---|---|---|---|")
+        loaded = {}
+        for device, compute in ((args.device, args.compute_type), ("cpu", "int8")):
+            started = time.perf_counter()
+            model = WhisperModel(folder, device=device, compute_type=compute)
+            load_s = time.perf_counter() - started
+            runner = WhisperRunner(model)
+            times = []
+            for _ in range(2):
+                started = time.perf_counter()
+                runner.run_one_window()
+                times.append(time.perf_counter() - started)
+            print(f"| {device} {compute} | {load_s:.1f} | {times[0]:.2f} | {times[1]:.2f} |")
+            loaded[device] = model
+        print(
+            f"\n| model | clip | language | error, {gpu_label} | error, cpu int8 "
+            f"| {gpu_label} against cpu | {args.device} s | cpu s |\n|---|---|---|---|---|---|---|---|"
+        )
+        for path in (DATA / clip for clip in args.clips):
+            language = language_of(path)
+            if name.endswith(".en") and language != "en":
+                continue
             audio = decode_audio(path.read_bytes(), max_duration=600).samples
-            reference = units(path.with_suffix(".txt").read_text(), language)
-            gpu_text, gpu_s = transcribe(gpu, audio, language)
-            cpu_text, cpu_s = transcribe(cpu, audio, language)
-            g, c = units(gpu_text, language), units(cpu_text, language)
+            reference = path.with_suffix(".txt").read_text()
+            gpu_text, gpu_s = transcribe(loaded[args.device], audio, language)
+            cpu_text, cpu_s = transcribe(loaded["cpu"], audio, language)
             print(
-                f"| {name} | {path.name} | {language} | {rate(reference, g):.3f} "
-                f"| {rate(reference, c):.3f} | {rate(c, g):.3f} | {gpu_s:.2f} | {cpu_s:.2f} |"
+                f"| {name} | {path.name} | {language} "
+                f"| {error_rate(reference, gpu_text, language):.3f} "
+                f"| {error_rate(reference, cpu_text, language):.3f} "
+                f"| {error_rate(cpu_text, gpu_text, language):.3f} | {gpu_s:.2f} | {cpu_s:.2f} |",
+                flush=True,
             )
-        del gpu, cpu
+        del loaded
     if args.device == "cuda":
         name, _, folder = args.model[0].partition("=")
-        print()
-        print(f"NVML against the CUDA runtime ({name}, {args.compute_type}):")
-        print()
+        print(f"\nNVML against the CUDA runtime ({name}, {args.compute_type}):\n")
         load = lambda: WhisperModel(folder, device="cuda", compute_type=args.compute_type)  # noqa: E731
         print("\n".join(nvml_vs_torch(load)))
 

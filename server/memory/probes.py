@@ -319,50 +319,57 @@ class NvmlProbe:
             self._handle = None
 
 
-#: What a CTranslate2 wheel dlopens at its first GEMM when its binary does not say (4.x wheels
-#: are CUDA 12 builds). Counting devices works without it, so a host lacking it looks ready.
-_DEFAULT_CUBLAS = ("libcublas.so.12",)
-#: A function every cuBLAS exports; a file of the right name without it is not cuBLAS.
-_CUBLAS_SYMBOL = "cublasCreate_v2"
+@dataclass(frozen=True)
+class CublasNeeds:
+    """What CTranslate2 loads from cuBLAS on the GPU: the sonames it dlopens and the functions
+    it then resolves by name (nine for the 4.x wheels). Counting devices needs neither, so a
+    host without them looks ready until the first GEMM."""
+
+    libraries: tuple[str, ...] = ("libcublas.so.12",)
+    functions: tuple[str, ...] = ("cublasCreate_v2",)
 
 
-def cuda_libraries_needed() -> tuple[str, ...]:
-    """The cuBLAS sonames the installed CTranslate2 will dlopen on the GPU, read from its own
-    shared library (``libcublas.so.12`` for the 4.x wheels on PyPI).
+def cublas_needs() -> CublasNeeds:
+    """Read :class:`CublasNeeds` off the installed CTranslate2's own shared library.
 
     Returns:
-        The names found in the library, or the 4.x wheels' name when it cannot be read.
+        The sonames and function names its binary holds, or the 4.x wheels' soname and
+        ``cublasCreate_v2`` when it cannot be read.
     """
     try:
         ctranslate2 = importlib.import_module("ctranslate2")
         package = Path(str(ctranslate2.__file__)).resolve().parent
         candidates = sorted(package.parent.glob("ctranslate2.libs/libctranslate2*.so*"))
         candidates += sorted(package.glob("*.so*"))
-        found: set[str] = set()
         for library in candidates:
             with (
                 open(library, "rb") as fh,
                 mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data,
             ):
-                found.update(m.decode() for m in re.findall(rb"libcublas\.so\.\d+", data))
-            if found:
-                return tuple(sorted(found))
+                names = set(re.findall(rb"libcublas\.so\.\d+", data))
+                functions = set(re.findall(rb"(?<![A-Za-z0-9_])cublas[A-Z]\w+(?=\0)", data))
+            if names:
+                return CublasNeeds(
+                    tuple(sorted(n.decode() for n in names)),
+                    tuple(sorted(f.decode() for f in functions)) or CublasNeeds.functions,
+                )
     except Exception:  # an odd install must not stop the server from starting on the CPU
-        logger.debug("could not read CTranslate2's library for its cuBLAS name", exc_info=True)
-    return _DEFAULT_CUBLAS
+        logger.debug("could not read CTranslate2's library for its cuBLAS needs", exc_info=True)
+    return CublasNeeds()
 
 
-def missing_cuda_library(names: Sequence[str]) -> str | None:
-    """Why the first of ``names`` that cannot serve as cuBLAS fails, or None if all load.
+def missing_cuda_library(needs: CublasNeeds) -> str | None:
+    """Why cuBLAS cannot serve CTranslate2 here, or None if it can.
 
-    Loads each the way CTranslate2 will (``dlopen`` by soname, through ``LD_LIBRARY_PATH`` and
-    the loader cache) and looks up a cuBLAS function in it, so a missing library, a broken
-    link, a missing dependency (``libcublasLt``) and a file that is not cuBLAS are all caught.
+    Loads each library the way CTranslate2 will (``dlopen`` by soname, through
+    ``LD_LIBRARY_PATH`` and the loader cache) and looks up the functions it resolves, so a
+    missing library, a broken link, a missing dependency (``libcublasLt``), a file that is not
+    cuBLAS and a cuBLAS of another version are all caught.
 
     Returns:
-        A sentence naming the library and the loader's error, or None.
+        A sentence naming the library and what failed, or None.
     """
-    for name in names:
+    for name in needs.libraries:
         try:
             library = ctypes.CDLL(name)
         except OSError as exc:
@@ -370,8 +377,12 @@ def missing_cuda_library(names: Sequence[str]) -> str | None:
                 f"{name} cannot be loaded ({exc}): install the cuBLAS of that CUDA version "
                 "(e.g. pip install nvidia-cublas-cu12) and put its folder on LD_LIBRARY_PATH"
             )
-        if not hasattr(library, _CUBLAS_SYMBOL):
-            return f"{name} loads but has no {_CUBLAS_SYMBOL}, so it is not cuBLAS"
+        missing = [f for f in needs.functions if not hasattr(library, f)]
+        if missing:
+            return (
+                f"{name} loads but lacks {', '.join(missing)}: "
+                "not the cuBLAS this CTranslate2 was built for"
+            )
     return None
 
 
@@ -390,7 +401,7 @@ def cuda_available() -> tuple[bool, str]:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
         return False, f"CTranslate2 sees no CUDA device: no NVIDIA GPU or driver{hint}"
-    missing = missing_cuda_library(cuda_libraries_needed())
+    missing = missing_cuda_library(cublas_needs())
     if missing is not None:
         return False, f"{count} CUDA device(s), but {missing}"
     try:

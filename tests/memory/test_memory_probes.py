@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -388,20 +387,21 @@ def test_peak_sampler_stops_its_thread() -> None:
 
 # ---- device detection: the cuBLAS CTranslate2 will dlopen --------------------------------------
 # The loader reads LD_LIBRARY_PATH when a process starts, so each case runs in a fresh Python
-# whose library path is a folder we fill: nothing, a file that is not a library, a real library
-# that is not cuBLAS, a cuBLAS stand-in whose libcublasLt dependency is missing, and one that
-# loads. The last two are compiled here from a few lines of C.
+# whose library path is a folder we fill: nothing, a file that is not a library, a library that
+# is not cuBLAS, one with only some of the functions CTranslate2 resolves, one whose libcublasLt
+# dependency is missing, and one that passes. The libraries are compiled here from a few lines
+# of C; the names and functions checked are those read off the installed CTranslate2.
 
 _CHECK = (
-    "import sys; from server.memory.probes import missing_cuda_library as m; "
-    "print(m([sys.argv[1]]) or 'OK')"
+    "from server.memory.probes import cublas_needs, missing_cuda_library as m; "
+    "print(m(cublas_needs()) or 'OK')"
 )
 
 
-def _check_with_library_path(folder: Path, name: str = "libcublas.so.12") -> str:
+def _check_with_library_path(folder: Path) -> str:
     env = {**os.environ, "LD_LIBRARY_PATH": str(folder)}
     done = subprocess.run(
-        [sys.executable, "-c", _CHECK, name],
+        [sys.executable, "-c", _CHECK],
         env=env,
         capture_output=True,
         text=True,
@@ -412,8 +412,9 @@ def _check_with_library_path(folder: Path, name: str = "libcublas.so.12") -> str
     return done.stdout.strip()
 
 
-def _compile_library(folder: Path, soname: str, source: str, *links: str) -> None:
-    (folder / "stub.c").write_text(source)
+def _compile_library(folder: Path, soname: str, functions: list[str], *links: str) -> None:
+    calls = "".join(f"int {f}(void) {{ return 0; }}\n" for f in functions)
+    (folder / "stub.c").write_text(calls)
     subprocess.run(
         [
             "cc",
@@ -431,35 +432,34 @@ def _compile_library(folder: Path, soname: str, source: str, *links: str) -> Non
     )
 
 
+def test_cublas_needs_are_read_from_ctranslate2() -> None:
+    needs = probes.cublas_needs()
+    assert needs.libraries == ("libcublas.so.12",)  # the 4.x wheels on PyPI: CUDA 12 builds
+    assert {"cublasCreate_v2", "cublasGemmEx", "cublasSgemm_v2"} <= set(needs.functions)
+
+
 def test_cublas_check_names_what_is_missing(tmp_path: Path) -> None:
     assert shutil.which("cc"), "the C compiler builds the stand-in libraries"
-    # nothing there
+    needs = probes.cublas_needs()
+    name = needs.libraries[0]
+    reason = _check_with_library_path(tmp_path)  # nothing there
+    assert reason.startswith(f"{name} cannot be loaded") and "LD_LIBRARY_PATH" in reason
+    (tmp_path / name).write_bytes(b"not an ELF file")
+    assert _check_with_library_path(tmp_path).startswith(f"{name} cannot be loaded")
+    _compile_library(tmp_path, name, ["something_else"])  # a library, but not cuBLAS
+    assert _check_with_library_path(tmp_path).startswith(f"{name} loads but lacks cublasCreate_v2")
+    _compile_library(tmp_path, name, ["cublasCreate_v2"])  # cuBLAS of another version
     reason = _check_with_library_path(tmp_path)
-    assert reason.startswith("libcublas.so.12 cannot be loaded")
-    assert "LD_LIBRARY_PATH" in reason
-    # a file of that name that is not a library
-    (tmp_path / "libcublas.so.12").write_bytes(b"not an ELF file")
-    assert "cannot be loaded" in _check_with_library_path(tmp_path)
-    # a real library that is not cuBLAS
-    _compile_library(tmp_path, "libcublas.so.12", "int something_else(void) { return 0; }\n")
-    assert "has no cublasCreate_v2" in _check_with_library_path(tmp_path)
-    # cuBLAS whose own dependency is missing (the CUDA 13 link without libcublasLt beside it)
-    _compile_library(tmp_path, "libcublasLt.so.12", "int cublasLtCreate(void) { return 0; }\n")
+    assert "cublasGemmEx" in reason and "not the cuBLAS this CTranslate2 was built for" in reason
+    # everything, but through libcublasLt (as the CUDA 13 link without its Lt beside it)
+    _compile_library(tmp_path, "libcublasLt.so.12", ["cublasLtCreate"])
     _compile_library(
-        tmp_path,
-        "libcublas.so.12",
-        "int cublasLtCreate(void);\nint cublasCreate_v2(void) { return cublasLtCreate(); }\n",
-        "-l:libcublasLt.so.12",
+        tmp_path, name, list(needs.functions), "-Wl,--no-as-needed", "-l:libcublasLt.so.12"
     )
     assert _check_with_library_path(tmp_path) == "OK"
     (tmp_path / "libcublasLt.so.12").unlink()
     reason = _check_with_library_path(tmp_path)
-    assert "libcublasLt.so.12" in reason and "cannot be loaded" in reason
-
-
-def test_cuda_libraries_needed_are_read_from_ctranslate2() -> None:
-    names = probes.cuda_libraries_needed()
-    assert names and all(re.fullmatch(r"libcublas\.so\.\d+", n) for n in names)
+    assert reason.startswith(f"{name} cannot be loaded") and "libcublasLt.so.12" in reason
 
 
 def test_a_gpu_without_cublas_is_not_available(monkeypatch: pytest.MonkeyPatch) -> None:
