@@ -33,7 +33,8 @@ from server.errors import (
 )
 from server.memory import format_bytes, host_heap
 from server.metrics import Metrics
-from server.routes import audio, health, models
+from server.realtime import LiveSessions
+from server.routes import audio, health, models, realtime
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("server.access")
@@ -257,10 +258,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.realtime = LiveSessions(settings.realtime_max_sessions, metrics)
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(audio.router)
+    app.include_router(realtime.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -149,6 +149,32 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(2, ge=1, le=64)
     """Requests transcribed at the same time; the rest wait in the queue."""
 
+    # ---- realtime (WebSocket /v1/realtime) ------------------------------------------------------
+    realtime_max_sessions: int = Field(8, ge=0)
+    """Most live transcription sessions at once (each also holds one WHISPER_MAX_QUEUE slot while
+    it is open); one more is refused with an `error` event and closed. 0: the endpoint is off."""
+
+    realtime_max_item_seconds: float = Field(30.0, ge=1, le=600)
+    """Longest stretch of audio one item (one utterance) may hold, in seconds. With server VAD a
+    longer utterance is committed at this length and continues in a new item; without it, an
+    append past it gets an `error` event and its audio is dropped."""
+
+    realtime_delta_interval: float = Field(1.0, ge=0, le=30)
+    """Seconds of new audio after which the utterance in progress is decoded again for deltas
+    (only one decode per session runs at a time, so a busy server decodes less often). 0: no
+    deltas while speaking; the text comes when the item is committed."""
+
+    realtime_beam_size: int = Field(1, ge=1, le=16)
+    """Beam size of live decoding. 1 (greedy) decodes in about half the time of 5 on a CPU, and
+    deltas and the final text then come from the same search."""
+
+    realtime_idle_timeout: float = Field(120.0, gt=0)
+    """Seconds a session may go without any client event before the server closes it."""
+
+    realtime_max_session_duration: float = Field(3600.0, gt=0)
+    """Longest a session may stay open, in seconds; then it gets a `session_expired` error and is
+    closed."""
+
     # ---- memory planner ----------------------------------------------------------------------
     memory_policy: Literal["adapt", "strict", "off"] = "adapt"
     """`adapt`: degrade along WHISPER_DEGRADE_LADDER to fit; `strict`: run as asked or wait/reject;

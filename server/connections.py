@@ -60,7 +60,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         settings: ``header_timeout``, ``max_connections`` and ``retry_after`` are read.
 
     Returns:
-        ``{"http": protocol class}``.
+        ``{"http": protocol class, "ws": "websockets-sansio"}``.
     """
     limits = ConnectionLimits(
         header_timeout=settings.header_timeout,
@@ -68,7 +68,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         retry_after=settings.retry_after,
     )
     protocol = type("WhisperH11Protocol", (BoundedH11Protocol,), {"limits": limits})
-    return {"http": protocol}
+    # WebSockets (/v1/realtime) on the `websockets` library's sans-I/O protocol, named rather
+    # than `auto`, which would pick its legacy implementation.
+    return {"http": protocol, "ws": "websockets-sansio"}
 
 
 def _peer(client: tuple[str, int] | None) -> str:

@@ -34,21 +34,26 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    """Check ``Authorization: Bearer <key>`` when API keys are configured.
+def check_api_key(token: str | None, settings: Settings) -> str | None:
+    """Check a client's API key when API keys are configured.
 
     Every configured key is compared, each in constant time, so the response time does not
     tell which key (or how much of one) matched. Keys are never logged.
+
+    Args:
+        token: The key the client sent (the bearer token), or None.
+
+    Returns:
+        The key's id (``key-<n>``, its position in the list: per-key limits are keyed by it,
+        the key itself is never kept), or None when no keys are configured.
 
     Raises:
         AuthenticationError: no key, or no match.
     """
     keys = settings.key_values()
     if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    if token is None or not token.strip():
         raise AuthenticationError(
             "Missing API key: send it as 'Authorization: Bearer <key>'.",
             headers={"WWW-Authenticate": "Bearer"},
@@ -62,8 +67,25 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
         raise AuthenticationError(
             "Incorrect API key provided.", headers={"WWW-Authenticate": "Bearer"}
         )
-    # Per-key limits are keyed by the key's position in the list: the key itself is never kept.
-    request.state.api_key_id = f"key-{matched}"
+    return f"key-{matched}"
+
+
+def bearer_token(authorization: str) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    scheme, _, token = authorization.partition(" ")
+    return token if scheme.lower() == "bearer" else None
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """Check ``Authorization: Bearer <key>`` when API keys are configured (see
+    :func:`check_api_key`); the key's id goes on ``request.state.api_key_id``.
+
+    Raises:
+        AuthenticationError: no key, or no match.
+    """
+    key_id = check_api_key(bearer_token(request.headers.get("authorization", "")), settings)
+    if key_id is not None:
+        request.state.api_key_id = key_id
 
 
 Authorized = Depends(require_api_key)

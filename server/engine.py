@@ -287,7 +287,8 @@ class Engine:
         seconds = duration if duration is not None else job.duration
         if seconds is None:
             seconds = self.settings.max_piece_duration + self.settings.chunk_length
-        windows = math.ceil(seconds / self.settings.chunk_length)
+        chunk_length = min(self.settings.chunk_length, job.chunk_length or 30)
+        windows = math.ceil(seconds / chunk_length)
         # Long files decode their own windows in batches; short ones run sequentially so that
         # each window is conditioned on the text before it, exactly as faster-whisper does.
         mode = self.settings.batching
@@ -298,7 +299,7 @@ class Engine:
             device=model.device,
             compute_type=model.compute_type,
             batch_size=batch,
-            chunk_length=self.settings.chunk_length,
+            chunk_length=chunk_length,
             windowed=self._windowed(job),
         )
 

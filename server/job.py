@@ -53,6 +53,9 @@ class Job:
         logprobs: Whether the client asked for the log-probability of each token.
         chinese: The OpenCC configuration that puts Chinese output in the script the client
             asked for (``"t2s"``, ``"s2tw"``, ...), or None to leave it as decoded.
+        chunk_length: The longest window this audio needs, in seconds, when it is shorter
+            than WHISPER_CHUNK_LENGTH (a live utterance): the encoder's cost grows with the
+            window, and Whisper pads every window to its length. None: the server's.
     """
 
     request_id: str
@@ -69,6 +72,7 @@ class Job:
     hotwords: str | None = None
     logprobs: bool = False
     chinese: str | None = None
+    chunk_length: int | None = None
 
     @classmethod
     def from_request(

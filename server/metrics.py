@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -140,6 +140,35 @@ class Metrics:
             "whisper_batch_size",
             "Windows decoded together, per planned piece.",
             buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.realtime_sessions = Gauge(
+            "whisper_realtime_sessions_active",
+            "Live transcription sessions open now.",
+            registry=self.registry,
+        )
+        self.realtime_sessions_total = Counter(
+            "whisper_realtime_sessions_ended",
+            "Live transcription sessions ended, by how they ended.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.realtime_audio_seconds = Counter(
+            "whisper_realtime_audio_seconds",
+            "Seconds of audio received by live sessions.",
+            registry=self.registry,
+        )
+        self.realtime_completion_seconds = Histogram(
+            "whisper_realtime_completion_seconds",
+            "Seconds from the end of an utterance (speech stopped, or the commit) to its "
+            "completed transcript.",
+            buckets=(0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.realtime_first_delta_seconds = Histogram(
+            "whisper_realtime_first_delta_seconds",
+            "Seconds from the start of an utterance to its first delta.",
+            buckets=(0.5, 1, 1.5, 2, 3, 5, 10, 30),
             registry=self.registry,
         )
         self.registry.register(EngineCollector(engine))

@@ -38,7 +38,7 @@ from faster_whisper.transcribe import (
     get_suppressed_tokens,
     restore_speech_timestamps,
 )
-from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
+from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps, get_vad_model
 
 from server.transcript import Segment, TokenLogprob, Word
 
@@ -141,6 +141,49 @@ def has_speech(audio: np.ndarray, options: Mapping[str, Any]) -> bool:
             return True
         start, block = start + block, block * 2
     return False
+
+
+#: Samples Silero VAD scores at a time (32 ms), and the samples of the frame before it that it
+#: also hears (faster-whisper's ``SileroVADModel`` and ``get_speech_timestamps`` use the same).
+VAD_FRAME = 512
+_VAD_CONTEXT = 64
+
+
+class StreamingVad:
+    """Silero VAD's speech probability for each 32 ms frame of a stream, as it arrives.
+
+    faster-whisper scores a whole array at once; a live session scores each frame once, as its
+    samples arrive, carrying the model's recurrent state and the context samples from one call
+    to the next, so the probabilities are those of the stream scored in one go (a test checks
+    this against ``get_speech_timestamps``' model).
+    """
+
+    def __init__(self) -> None:
+        self._model = get_vad_model()
+        self._state = (np.zeros((1, 1, 128), np.float32), np.zeros((1, 1, 128), np.float32))
+        self._context = np.zeros(_VAD_CONTEXT, np.float32)
+        self._pending = np.zeros(0, np.float32)
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        """Score the frames ``samples`` completes (16 kHz float32); the rest waits for more.
+
+        Returns:
+            One probability per whole new frame, in order (possibly none).
+        """
+        audio = np.concatenate([self._pending, samples.astype(np.float32, copy=False)])
+        frames = len(audio) // VAD_FRAME
+        self._pending = audio[frames * VAD_FRAME :]
+        if frames == 0:
+            return np.zeros(0, np.float32)
+        batch = audio[: frames * VAD_FRAME].reshape(frames, VAD_FRAME)
+        contexts = np.concatenate([self._context[None], batch[:-1, -_VAD_CONTEXT:]])
+        self._context = batch[-1, -_VAD_CONTEXT:].copy()
+        h, c = self._state
+        out, h, c = self._model.session.run(
+            None, {"input": np.concatenate([contexts, batch], axis=1), "h": h, "c": c}
+        )
+        self._state = (h, c)
+        return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
 @dataclass
@@ -549,6 +592,8 @@ def _to_numpy(view: Any) -> np.ndarray:
 __all__ = [
     "SAMPLE_RATE",
     "TEMPERATURES",
+    "VAD_FRAME",
+    "StreamingVad",
     "WhisperRunner",
     "download_model",
     "has_speech",

@@ -1,0 +1,828 @@
+"""Live transcription sessions (OpenAI's Realtime API, ``intent=transcription``).
+
+One session is one WebSocket. The client appends audio; the session decodes it to 16 kHz
+(:mod:`server.realtime_audio`), cuts it into items (utterances) with server VAD (Silero, scored
+frame by frame as the audio arrives) or at the client's commits, and transcribes each item
+through the engine: a :class:`~server.job.Job` per decode, run by :meth:`Engine.run` like any
+request, so the memory planner plans and reserves each decode and the engine's slots and
+scheduler bound the work.
+
+Deltas while speaking: the item in progress is decoded again each time
+``WHISPER_REALTIME_DELTA_INTERVAL`` seconds of new audio have arrived (one decode per session at
+a time, and at most half of the session's time spent on them, so they cannot delay the final
+decode for long). A delta sends only text two consecutive decodes agree on
+(:class:`StablePrefix`), so later audio rarely contradicts it. When the item is committed it
+is decoded once more: if that text extends what was sent, the rest goes as a last delta and the
+deltas add up to ``completed.transcript`` exactly; if not, ``completed.transcript`` (the final
+decode) is the text to keep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Literal
+
+import numpy as np
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from server.chinese import convert_transcript, target
+from server.config import Settings
+from server.engine import Engine
+from server.errors import APIError, ModelNotReadyError, RateLimitError
+from server.formats import logprobs_body, usage_seconds
+from server.job import Job
+from server.languages import parse_language
+from server.metrics import Metrics
+from server.model_store import ModelSource
+from server.realtime_audio import InputDecoder
+from server.realtime_events import (
+    BufferAppend,
+    BufferClear,
+    BufferCommit,
+    Dialect,
+    EventError,
+    SessionConfig,
+    SessionUpdate,
+    TurnDetection,
+    apply_beta,
+    apply_ga,
+    error_event,
+    new_id,
+    parse_client_event,
+    server_event,
+    session_body,
+)
+from server.runners import SAMPLE_RATE, VAD_FRAME, StreamingVad
+from server.transcript import Transcript
+
+logger = logging.getLogger(__name__)
+
+#: OpenAI refuses to commit less than this.
+MIN_COMMIT_SAMPLES = SAMPLE_RATE // 10
+#: Window lengths a live item may be decoded in (the shortest that holds it is used).
+_WINDOWS = (10, 15, 20, 30)
+#: WebSocket close codes: policy violation (auth, bad intent) and "try again later" (limits).
+CLOSE_POLICY = 1008
+CLOSE_TRY_LATER = 1013
+
+
+# ---- turn detection (pure) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A change heard by the VAD: speech ``started`` or ``stopped`` at ``sample`` (16 kHz
+    samples from the start of the session's audio)."""
+
+    kind: Literal["started", "stopped"]
+    sample: int
+
+
+class TurnDetector:
+    """Server VAD's decisions from Silero's per-frame speech probabilities.
+
+    Speech starts at the first frame at or above ``threshold`` (the item then reaches back
+    ``prefix_padding_ms``); it stops once the frames have stayed below the lower threshold
+    (``threshold - 0.15``, as Silero's own segmentation uses) for ``silence_duration_ms``,
+    counted from the first such frame; a frame at or above ``threshold`` ends the silence.
+    """
+
+    def __init__(self, settings: TurnDetection, *, frame: int = VAD_FRAME) -> None:
+        self.settings = settings
+        self.frame = frame
+        self.frames = 0  # frames scored so far
+        self.speaking = False
+        self._silence_from: int | None = None
+
+    @property
+    def prefix_samples(self) -> int:
+        return self.settings.prefix_padding_ms * SAMPLE_RATE // 1000
+
+    def feed(self, probabilities: np.ndarray) -> list[Turn]:
+        """The turns the next frames' probabilities complete."""
+        turns: list[Turn] = []
+        on = self.settings.threshold
+        off = max(on - 0.15, 0.01)
+        silence = self.settings.silence_duration_ms * SAMPLE_RATE // 1000
+        for p in probabilities:
+            start, end = self.frames * self.frame, (self.frames + 1) * self.frame
+            self.frames += 1
+            if not self.speaking:
+                if p >= on:
+                    self.speaking = True
+                    self._silence_from = None
+                    turns.append(Turn("started", max(0, start - self.prefix_samples)))
+                continue
+            if p >= on:
+                self._silence_from = None
+            elif p < off and self._silence_from is None:
+                self._silence_from = start
+            if self._silence_from is not None and end - self._silence_from >= silence:
+                self.speaking = False
+                self._silence_from = None
+                turns.append(Turn("stopped", end))
+        return turns
+
+    def reset(self) -> None:
+        """Back to silence (the client committed or cleared the speech in progress)."""
+        self.speaking = False
+        self._silence_from = None
+
+
+# ---- the delta policy (pure) ------------------------------------------------------------------
+
+# A unit is a run of non-space characters, or one CJK/kana/hangul character (scripts written
+# without spaces), with the whitespace before it.
+_UNITS = re.compile(
+    r"\s*(?:[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]"
+    r"|[^\s\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]+)"
+)
+
+
+def _units(text: str) -> list[str]:
+    return _UNITS.findall(text.strip())
+
+
+class StablePrefix:
+    """Which text of an item in progress may be sent as deltas.
+
+    Each interim decode is a hypothesis of the whole item so far. Only the words (or, in
+    scripts without spaces, characters) that the last two hypotheses agree on are sent
+    ("local agreement": a word cut off at the end of the audio, or one the next second of
+    audio changes, differs between the two and waits), and only while they extend what was
+    sent. The deltas therefore always add up to a prefix of a decoded text.
+    """
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self._last: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """What the deltas sent add up to."""
+        return "".join(self.sent)
+
+    def interim(self, text: str) -> str | None:
+        """The delta an interim decode's ``text`` allows, if any."""
+        units = _units(text)
+        agreed = 0
+        for a, b in zip(self._last, units, strict=False):
+            if a != b:
+                break
+            agreed += 1
+        self._last = units
+        return self._extend(units[:agreed])
+
+    def final(self, text: str) -> str | None:
+        """The last delta, when the final ``text`` extends what was sent."""
+        return self._extend(_units(text))
+
+    def _extend(self, units: list[str]) -> str | None:
+        n = len(self.sent)
+        if len(units) <= n or units[:n] != self.sent:
+            return None
+        delta = "".join(units[n:])
+        if not self.sent:
+            delta = delta.lstrip()
+        self.sent = units
+        return delta
+
+
+# ---- audio held by a session -------------------------------------------------------------------
+
+
+class _Buffer:
+    """The session's 16 kHz audio not yet committed or dropped, indexed by samples from the
+    start of the session."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[np.ndarray] = deque()
+        self.start = 0  # session sample of the first sample held
+        self.end = 0  # session sample after the last one
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def append(self, samples: np.ndarray) -> None:
+        if len(samples):
+            self._chunks.append(samples)
+            self.end += len(samples)
+
+    def slice(self, a: int, b: int) -> np.ndarray:
+        """Samples ``a`` to ``b`` (clipped to what is held)."""
+        a, b = max(a, self.start), min(b, self.end)
+        if b <= a:
+            return np.zeros(0, np.float32)
+        held = np.concatenate(list(self._chunks)) if len(self._chunks) != 1 else self._chunks[0]
+        return np.array(held[a - self.start : b - self.start], dtype=np.float32)
+
+    def drop_before(self, sample: int) -> None:
+        """Forget everything before ``sample``."""
+        sample = min(max(sample, self.start), self.end)
+        while self._chunks and self.start + len(self._chunks[0]) <= sample:
+            self.start += len(self._chunks.popleft())
+        if self._chunks and sample > self.start:
+            self._chunks[0] = self._chunks[0][sample - self.start :]
+            self.start = sample
+
+    def clear(self) -> None:
+        self.drop_before(self.end)
+
+
+@dataclass(eq=False)
+class _Item:
+    """An utterance: in progress (speech heard, not committed) or committed."""
+
+    id: str
+    start: int  # session sample
+    heard_at: float  # monotonic time speech started (or the first audio of a manual item)
+    prefix: StablePrefix = field(default_factory=StablePrefix)
+    decoded_to: int = 0  # session sample the last interim decode reached
+    first_delta: bool = False
+    dropped: bool = False
+    # Set at commit:
+    samples: np.ndarray | None = None
+    previous_id: str | None = None
+    stopped_at: float = 0.0
+
+
+def window_for(samples: int) -> int | None:
+    """The shortest window that holds ``samples`` (None: longer than 30 s, the server's)."""
+    seconds = samples / SAMPLE_RATE
+    return next((w for w in _WINDOWS if seconds <= w), None)
+
+
+# ---- sessions ----------------------------------------------------------------------------------
+
+
+class LiveSessions:
+    """The count of open sessions and its limit (``WHISPER_REALTIME_MAX_SESSIONS``)."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self.metrics = metrics
+        self.active = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Hold one session's place for the block.
+
+        Raises:
+            RateLimitError: the limit is reached (or the endpoint is off).
+        """
+        with self._lock:
+            if self.active >= self.limit:
+                what = (
+                    "Live transcription is off on this server (WHISPER_REALTIME_MAX_SESSIONS=0)."
+                    if self.limit == 0
+                    else f"The server is at its limit of {self.limit} live sessions "
+                    "(WHISPER_REALTIME_MAX_SESSIONS); retry later."
+                )
+                raise RateLimitError(what, retry_after=5.0, code="session_limit_reached")
+            self.active += 1
+        self.metrics.realtime_sessions.inc()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.active -= 1
+            self.metrics.realtime_sessions.dec()
+
+
+class RealtimeSession:
+    """One live transcription session on an accepted WebSocket.
+
+    Args:
+        ws: The accepted WebSocket.
+        engine, settings, metrics: The app's.
+        dialect: ``ga`` or ``beta``: how ``*.created`` is sent. Each update is answered in the
+            dialect it came in.
+        model: The ``model`` query parameter, if any.
+    """
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        *,
+        engine: Engine,
+        settings: Settings,
+        metrics: Metrics,
+        dialect: Dialect,
+        model: str | None,
+    ) -> None:
+        self.ws = ws
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.dialect = dialect
+        self.id = new_id("sess")
+        self.config = SessionConfig(model=model)
+        self.source: ModelSource | None = None
+        self._input = InputDecoder(self.config.format)
+        self._buffer = _Buffer()
+        self._vad: StreamingVad | None = None
+        self._turns: TurnDetector | None = None
+        self._vad_origin = 0  # session sample where the VAD started listening
+        self._pending: _Item | None = None
+        self._finals: deque[_Item] = deque()
+        self._last_item: str | None = None
+        self._wake = asyncio.Event()
+        self._cancelled = threading.Event()
+        self._inflight: Future[Transcript] | None = None
+        self._send_lock = asyncio.Lock()
+        self._closed = False
+        self._interim_until = 0.0  # monotonic time before which no interim decode starts
+        self._max_item = int(settings.realtime_max_item_seconds * SAMPLE_RATE)
+        self._audio_s = 0.0
+        self._items = 0
+
+    # ---- lifecycle --------------------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run the session until the client leaves, the session expires or stays idle too
+        long; everything it holds is released on the way out."""
+        started = time.monotonic()
+        self.source = self._resolve(self.config)
+        self._configure(self.config)
+        await self._send(
+            server_event(
+                "session.created" if self.dialect == "ga" else "transcription_session.created",
+                session=self._session_body(self.dialect),
+            )
+        )
+        decoder = asyncio.create_task(self._decode_loop())
+        outcome = "closed"
+        try:
+            outcome = await self._receive_loop(started)
+        finally:
+            self._closed = True
+            self._cancelled.set()
+            decoder.cancel()
+            with contextlib.suppress(BaseException):
+                await decoder
+            if self._inflight is not None and not self._inflight.done():
+                # The worker stops at its next window; hold the session's slot until it has.
+                with contextlib.suppress(BaseException):
+                    await asyncio.wrap_future(self._inflight)
+            self._buffer.clear()
+            self.metrics.realtime_sessions_total.labels(outcome).inc()
+            logger.info(
+                "realtime %s ended (%s): %d items, %.1f s of audio in %.1f s",
+                self.id,
+                outcome,
+                self._items,
+                self._audio_s,
+                time.monotonic() - started,
+            )
+
+    async def _receive_loop(self, started: float) -> str:
+        """Read client events until the session ends; returns why it ended."""
+        settings = self.settings
+        deadline = started + settings.realtime_max_session_duration
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(
+                    self.ws.receive(), timeout=max(0.0, min(settings.realtime_idle_timeout, left))
+                )
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    minutes = settings.realtime_max_session_duration / 60
+                    await self.close_with(
+                        EventError(
+                            f"The session hit its maximum duration of {minutes:g} minutes "
+                            "(WHISPER_REALTIME_MAX_SESSION_DURATION); open a new one.",
+                            code="session_expired",
+                        ),
+                        1000,
+                    )
+                    return "expired"
+                await self.close_with(
+                    EventError(
+                        f"No event for {settings.realtime_idle_timeout:g} s "
+                        "(WHISPER_REALTIME_IDLE_TIMEOUT); the session was closed.",
+                        code="session_idle_timeout",
+                    ),
+                    1000,
+                )
+                return "idle"
+            except (WebSocketDisconnect, RuntimeError):
+                return "disconnected"
+            if message["type"] == "websocket.disconnect":
+                return "disconnected"
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes") or b""
+            try:
+                await self._handle(parse_client_event(data))
+            except EventError as exc:
+                await self._send(error_event(exc, exc.event_id))
+            except APIError as exc:
+                await self._send(error_event(exc))
+            if self._closed:
+                return "disconnected"
+
+    async def close_with(self, error: APIError, code: int) -> None:
+        """Send ``error`` as an ``error`` event, then close the socket with ``code``."""
+        await self._send(error_event(error))
+        self._closed = True
+        if self.ws.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await self.ws.close(code, error.message[:120])
+
+    async def _send(self, event: dict[str, Any]) -> None:
+        if self._closed:
+            return
+        text = json.dumps(event, ensure_ascii=False)
+        async with self._send_lock:
+            try:
+                await self.ws.send_text(text)
+            except Exception:  # the client is gone: the receive loop sees it next
+                logger.debug("realtime %s: send failed", self.id, exc_info=True)
+                self._closed = True
+
+    # ---- configuration ------------------------------------------------------------------------
+
+    def _resolve(self, config: SessionConfig) -> ModelSource:
+        """The model ``config`` names, and its language and prompt checked.
+
+        Raises:
+            ModelNotReadyError, ModelNotFoundError, InvalidRequestError.
+        """
+        engine = self.engine
+        if engine.served is None:
+            raise ModelNotReadyError(
+                f"The model is not loaded: {engine.load_error or 'still starting'}.",
+                retry_after=self.settings.retry_after,
+            )
+        source = engine.store.resolve(config.model, engine.served) if config.model else None
+        parse_language(config.language)
+        limit = self.settings.max_prompt_chars
+        if config.prompt is not None and len(config.prompt) > limit:
+            raise EventError(
+                f"The prompt is {len(config.prompt)} characters long; the limit is {limit} "
+                "(WHISPER_MAX_PROMPT_CHARS).",
+                param="prompt",
+                code="invalid_value",
+            )
+        return source or engine.served
+
+    def _configure(self, config: SessionConfig) -> None:
+        """Make ``config`` the session's: the input decoder, and the VAD when turned on."""
+        old = self.config
+        self.config = config
+        if config.format != old.format or self._input.format != config.format:
+            self._input = InputDecoder(config.format)
+        if config.turn_detection is None:
+            self._turns = None
+            return
+        if self._turns is None or self._vad is None:
+            self._vad = StreamingVad()
+            self._turns = TurnDetector(config.turn_detection)
+            # The VAD hears from here on: count its frames from the current sample.
+            self._vad_origin = self._buffer.end
+            if self._pending is not None:
+                # Speech the client was feeding by hand goes on as detected speech.
+                self._turns.speaking = True
+        else:
+            self._turns.settings = config.turn_detection
+
+    def _session_body(self, dialect: Dialect) -> dict[str, Any]:
+        served = self.engine.served.id if self.engine.served is not None else "whisper-1"
+        return session_body(self.config, dialect, session_id=self.id, served=served)
+
+    # ---- client events ------------------------------------------------------------------------
+
+    async def _handle(self, event: Any) -> None:
+        if isinstance(event, SessionUpdate):
+            config = apply_ga(self.config, event)
+            await self._update(config, "ga", event.event_id)
+        elif isinstance(event, BufferAppend):
+            await self._append(event)
+        elif isinstance(event, BufferCommit):
+            await self._commit(event.event_id)
+        elif isinstance(event, BufferClear):
+            if self._pending is not None:
+                self._pending.dropped = True
+                self._pending = None
+            if self._turns is not None:
+                self._turns.reset()
+            self._buffer.clear()
+            await self._send(server_event("input_audio_buffer.cleared"))
+        else:  # transcription_session.update
+            config = apply_beta(self.config, event)
+            await self._update(config, "beta", event.event_id)
+
+    async def _update(self, config: SessionConfig, dialect: Dialect, event_id: str | None) -> None:
+        try:
+            source = self._resolve(config)
+        except EventError as exc:
+            exc.event_id = event_id
+            exc.param = "session." + (exc.param or "")
+            raise
+        except APIError as exc:
+            raise EventError(
+                exc.message, event_id=event_id, param=exc.param, code=exc.code
+            ) from exc
+        self.source = source
+        self._configure(config)
+        kind = "session.updated" if dialect == "ga" else "transcription_session.updated"
+        await self._send(server_event(kind, session=self._session_body(dialect)))
+
+    async def _append(self, event: BufferAppend) -> None:
+        try:
+            data = base64.b64decode(event.audio, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise EventError(
+                "'audio' is not valid base64; send the audio bytes base64-encoded.",
+                event_id=event.event_id,
+                param="audio",
+                code="invalid_value",
+            ) from exc
+        samples = self._input(data)
+        if self._turns is None and len(self._buffer) + len(samples) > self._max_item:
+            limit = self.settings.realtime_max_item_seconds
+            raise EventError(
+                f"The input audio buffer would exceed {limit:g} s "
+                "(WHISPER_REALTIME_MAX_ITEM_SECONDS); commit it (or clear it) first. This "
+                "audio was dropped.",
+                event_id=event.event_id,
+                param="audio",
+                code="input_audio_buffer_full",
+            )
+        self._audio_s += len(samples) / SAMPLE_RATE
+        self.metrics.realtime_audio_seconds.inc(len(samples) / SAMPLE_RATE)
+        self._buffer.append(samples)
+        if self._turns is None:
+            if self._pending is None and len(samples):
+                self._pending = _Item(new_id("item"), self._buffer.start, time.monotonic())
+        else:
+            await self._detect(samples)
+        self._maybe_interim()
+
+    async def _detect(self, samples: np.ndarray) -> None:
+        """Feed the VAD; send and act on the turns it completes."""
+        assert self._vad is not None and self._turns is not None
+        for turn in self._turns.feed(self._vad(samples)):
+            at = turn.sample + self._vad_origin
+            if turn.kind == "started":
+                item = _Item(new_id("item"), max(at, self._buffer.start), time.monotonic())
+                self._pending = item
+                await self._send(
+                    server_event(
+                        "input_audio_buffer.speech_started",
+                        audio_start_ms=_ms(item.start),
+                        item_id=item.id,
+                    )
+                )
+            elif self._pending is not None:
+                await self._send(
+                    server_event(
+                        "input_audio_buffer.speech_stopped",
+                        audio_end_ms=_ms(at),
+                        item_id=self._pending.id,
+                    )
+                )
+                await self._commit_pending(at)
+        pending = self._pending
+        if pending is not None and self._buffer.end - pending.start >= self._max_item:
+            # Past the longest item: commit here and go on in a new item.
+            at = self._buffer.end
+            await self._send(
+                server_event(
+                    "input_audio_buffer.speech_stopped", audio_end_ms=_ms(at), item_id=pending.id
+                )
+            )
+            await self._commit_pending(at)
+            item = _Item(new_id("item"), at, time.monotonic())
+            self._pending = item
+            await self._send(
+                server_event(
+                    "input_audio_buffer.speech_started",
+                    audio_start_ms=_ms(at),
+                    item_id=item.id,
+                )
+            )
+        elif pending is None:
+            # Silence: keep only what a start of speech would reach back to.
+            keep = self._turns.prefix_samples + 2 * VAD_FRAME
+            self._buffer.drop_before(self._buffer.end - keep)
+
+    async def _commit(self, event_id: str | None) -> None:
+        """The client's commit: the item in progress, or whatever the buffer holds."""
+        start = self._pending.start if self._pending is not None else self._buffer.start
+        held = self._buffer.end - start
+        if held < MIN_COMMIT_SAMPLES:
+            raise EventError(
+                "Error committing input audio buffer: buffer too small. Expected at least "
+                f"100ms of audio, but buffer only has {held * 1000 / SAMPLE_RATE:.2f}ms of audio.",
+                event_id=event_id,
+                code="input_audio_buffer_commit_empty",
+            )
+        if self._pending is None:
+            self._pending = _Item(new_id("item"), start, time.monotonic())
+        if self._turns is not None:
+            self._turns.reset()
+        await self._commit_pending(self._buffer.end)
+
+    async def _commit_pending(self, end: int) -> None:
+        """Commit the item in progress up to session sample ``end`` and queue its final
+        decode."""
+        item = self._pending
+        assert item is not None
+        self._pending = None
+        item.samples = self._buffer.slice(item.start, end)
+        item.previous_id = self._last_item
+        item.stopped_at = time.monotonic()
+        self._buffer.drop_before(end)
+        self._last_item = item.id
+        self._items += 1
+        await self._send(
+            server_event(
+                "input_audio_buffer.committed", item_id=item.id, previous_item_id=item.previous_id
+            )
+        )
+        self._finals.append(item)
+        self._wake.set()
+
+    def _maybe_interim(self) -> None:
+        pending = self._pending
+        interval = self.settings.realtime_delta_interval
+        if pending is None or interval <= 0:
+            return
+        new = self._buffer.end - max(pending.decoded_to, pending.start)
+        if new >= interval * SAMPLE_RATE and time.monotonic() >= self._interim_until:
+            self._wake.set()
+
+    # ---- decoding -----------------------------------------------------------------------------
+
+    async def _decode_loop(self) -> None:
+        """Final decodes first, in commit order; then, if due, one interim decode."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._finals:
+                await self._complete(self._finals.popleft())
+            pending = self._pending
+            interval = self.settings.realtime_delta_interval
+            if pending is None or interval <= 0 or time.monotonic() < self._interim_until:
+                continue
+            end = self._buffer.end
+            if end - max(pending.decoded_to, pending.start) < interval * SAMPLE_RATE:
+                continue
+            await self._interim(pending, end)
+            self._maybe_interim()
+            if self._finals:
+                self._wake.set()
+
+    async def _interim(self, item: _Item, end: int) -> None:
+        samples = self._buffer.slice(item.start, end)
+        item.decoded_to = end
+        began = time.monotonic()
+        try:
+            transcript = await self._transcribe(samples, item.id, final=False)
+        except APIError as exc:
+            logger.info("realtime %s: interim decode of %s failed: %s", self.id, item.id, exc)
+            return
+        finally:
+            # At most half of the session's time goes to interim decodes.
+            now = time.monotonic()
+            self._interim_until = now + (now - began)
+        if item.dropped:
+            return
+        delta = item.prefix.interim(transcript.text)
+        if delta:
+            await self._send_delta(item, delta)
+
+    async def _complete(self, item: _Item) -> None:
+        assert item.samples is not None
+        try:
+            transcript = await self._transcribe(item.samples, item.id, final=True)
+        except APIError as exc:
+            logger.warning("realtime %s: item %s failed: %s", self.id, item.id, exc.message)
+            body = exc.body()["error"]
+            await self._send(
+                server_event(
+                    "conversation.item.input_audio_transcription.failed",
+                    item_id=item.id,
+                    content_index=0,
+                    error=body,
+                )
+            )
+            return
+        text = transcript.text
+        delta = item.prefix.final(text)
+        if delta:
+            await self._send_delta(item, delta)
+        fields: dict[str, Any] = {
+            "item_id": item.id,
+            "content_index": 0,
+            "transcript": text,
+            "usage": {
+                "type": "duration",
+                "seconds": usage_seconds(len(item.samples) / SAMPLE_RATE),
+            },
+        }
+        if self.config.logprobs:
+            fields["logprobs"] = logprobs_body(transcript.logprobs)
+        await self._send(
+            server_event("conversation.item.input_audio_transcription.completed", **fields)
+        )
+        latency = time.monotonic() - item.stopped_at
+        self.metrics.realtime_completion_seconds.observe(latency)
+        logger.debug(
+            "realtime %s: %s completed %.1f s of audio %.3f s after it stopped",
+            self.id,
+            item.id,
+            len(item.samples) / SAMPLE_RATE,
+            latency,
+        )
+
+    async def _send_delta(self, item: _Item, delta: str) -> None:
+        if not item.first_delta:
+            item.first_delta = True
+            self.metrics.realtime_first_delta_seconds.observe(time.monotonic() - item.heard_at)
+        await self._send(
+            server_event(
+                "conversation.item.input_audio_transcription.delta",
+                item_id=item.id,
+                content_index=0,
+                delta=delta,
+            )
+        )
+
+    async def _transcribe(self, samples: np.ndarray, item_id: str, *, final: bool) -> Transcript:
+        """One decode of ``samples`` through the engine (planned and reserved like any request),
+        in the engine's worker threads."""
+        config = self.config
+        assert self.source is not None
+        tag = parse_language(config.language)
+        hotwords = " ".join(config.keywords) or None
+        job = Job(
+            request_id=f"{self.id}/{item_id}",
+            audio=samples,
+            source=self.source,
+            language=tag.code if tag is not None else None,
+            prompt=config.prompt,
+            beam_size=self.settings.realtime_beam_size,
+            hotwords=hotwords,
+            logprobs=config.logprobs and final,
+            chinese=target(tag, self.settings.chinese_script),
+            chunk_length=window_for(len(samples)),
+        )
+        future = self.engine.executor.submit(
+            partial(self.engine.run, job, cancelled=self._cancelled)
+        )
+        self._inflight = future
+        transcript = await asyncio.wrap_future(future)
+        return convert_transcript(transcript, job.chinese)
+
+
+def _ms(sample: int) -> int:
+    return sample * 1000 // SAMPLE_RATE
+
+
+@contextmanager
+def admitted(
+    sessions: LiveSessions, engine: Engine, key: str | None, session_bytes: int, owner: str
+) -> Iterator[None]:
+    """Everything a session holds while it is open: its place among the live sessions, a slot
+    in the request queue (and the key's share of it), and its audio buffers counted against
+    host RAM.
+
+    Raises:
+        RateLimitError: too many sessions, or the queue (or the key's share) is full.
+    """
+    with ExitStack() as stack:
+        stack.enter_context(sessions.admit())
+        stack.enter_context(engine.admission.admit(key))
+        stack.enter_context(engine.hold_upload(session_bytes, owner))
+        yield
+
+
+__all__ = [
+    "CLOSE_POLICY",
+    "CLOSE_TRY_LATER",
+    "LiveSessions",
+    "RealtimeSession",
+    "StablePrefix",
+    "Turn",
+    "TurnDetector",
+    "admitted",
+    "window_for",
+]
