@@ -89,6 +89,16 @@ class Settings(BaseSettings):
     allow_downloads: bool = False
     """Allow downloading WHISPER_MODEL from Hugging Face. Off: the server never touches the network."""
 
+    model_ttl: float = Field(300.0, ge=-1)
+    """Seconds a model stays loaded after its last request: then it is unloaded, and loaded
+    again on the next request that names it. `-1`: never unloaded; `0`: right after each
+    request. Models that are not loaded cost nothing; loading is planned against the memory
+    free, and idle models are unloaded first when a request does not fit."""
+
+    pin_default_model: bool = True
+    """Keep the served model (WHISPER_MODEL) loaded whatever WHISPER_MODEL_TTL says, and never
+    unload it to make room."""
+
     device: Literal["auto", "cuda", "cpu"] = "auto"
     """Where the model runs. `auto`: the GPU when CTranslate2 sees one, the cuBLAS it needs
     loads, NVML reads it and a test window runs on it; else the CPU, with the reason in

@@ -37,13 +37,17 @@ from server.audio import Piece, PieceReader
 from server.config import Settings
 from server.errors import (
     APIError,
+    ConflictError,
     InsufficientMemoryError,
     ModelNotReadyError,
+    NotFoundError,
     RateLimitError,
     RequestCancelledError,
 )
 from server.job import Job
 from server.memory import (
+    Budget,
+    Degradation,
     MemoryProbe,
     Plan,
     PlanRequest,
@@ -53,6 +57,8 @@ from server.memory import (
     Shape,
     Step,
     cuda_available,
+    format_bytes,
+    memory_budget,
     open_probe,
     plan_request,
     step_down,
@@ -101,6 +107,7 @@ class EngineStats:
     degradations: Counter[str] = field(default_factory=Counter)
     oom_recoveries: int = 0
     rejected: int = 0
+    unloads: int = 0
     waits: int = 0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
 
@@ -116,7 +123,7 @@ class Engine:
     def __init__(self, settings: Settings, store: ModelStore | None = None) -> None:
         self.settings = settings
         self.store = store or ModelStore.from_settings(settings)
-        self.pool = ModelPool(settings)
+        self.pool = ModelPool(settings, gate=self._room_for_load)
         self.admission = Admission(
             settings.max_queue, settings.max_requests_per_key, settings.retry_after
         )
@@ -138,6 +145,10 @@ class Engine:
         # The running batch's reservation, per model (each model's scheduler runs one at a time).
         self._batch_reservations: dict[int, Reservation] = {}
         self.on_plan: Callable[[Plan], None] | None = None  # metrics hook
+        self._started = False
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
         #: Reads what this process holds on the host outside any reservation; by default its
         #: resident memory. Counted against WHISPER_HOST_MEMORY_LIMIT (see :meth:`settle`).
         self.footprint: Callable[[], int] = _process_rss
@@ -166,6 +177,12 @@ class Engine:
             logger.error("model not ready: %s", exc.message)
         release_freed_memory()  # loading parses files and converts weights; keep none of that
         self.settle()
+        self._started = True
+        if self.settings.model_ttl > 0:
+            self._reaper = threading.Thread(
+                target=self._unload_expired, name="whisper-model-ttl", daemon=True
+            )
+            self._reaper.start()
 
     def _load_served(self) -> None:
         """Load the served model on the chosen device. On CUDA, one window must also run there
@@ -179,7 +196,7 @@ class Engine:
         assert self.served is not None
         if self.device == "cuda":
             try:
-                self.pool.get(self.served, "cuda").runner.run_one_window()
+                self.pool.get(self.served, "cuda", pinned=self._pin).runner.run_one_window()
                 logger.info("device: cuda (%s; a test window ran on it)", self.device_reason)
                 return
             except ModelNotReadyError as exc:
@@ -196,7 +213,11 @@ class Engine:
             logger.warning("device: cpu (%s)", self.device_reason)
         else:
             logger.info("device: %s (%s)", self.device, self.device_reason)
-        self.pool.get(self.served, self.device)
+        self.pool.get(self.served, self.device, pinned=self._pin)
+
+    @property
+    def _pin(self) -> bool:
+        return self.settings.pin_default_model
 
     def settle(self) -> None:
         """With nothing running, read the process's resident memory: what it holds outside
@@ -208,9 +229,14 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self.served is not None and self.load_error is None and bool(self.pool.loaded())
+        """The served model loaded at start-up (it may be unloaded since, when not pinned, and
+        is loaded again by the next request)."""
+        return self.served is not None and self.load_error is None and self._started
 
     def close(self) -> None:
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=10)
         self._executor.shutdown(wait=True, cancel_futures=False)
         with self._scheduler_lock:
             for scheduler in self._schedulers.values():
@@ -247,6 +273,188 @@ class Engine:
         """Memory reserved on ``device`` now: by sequential requests, by requests waiting in the
         scheduler, and by the batch running beyond what those requests hold."""
         return self.reservations.total(device) + self.reservations.total(batched_key(device))
+
+    # ---- models: loaded under the planner, held while used, unloaded when idle -------------
+
+    @contextmanager
+    def use_model(
+        self, source: ModelSource, device: str | None = None, *, planned: bool = False
+    ) -> Iterator[LoadedModel]:
+        """Hold ``source`` on ``device`` (the serving device by default) for the block,
+        loading it first if needed (planned like a request: see :meth:`_room_for_load`). A
+        held model is never unloaded. ``planned``: the caller's plan already reserved room to
+        load it (the CPU fallback's plan counts its CPU copy).
+
+        Raises:
+            ModelNotReadyError: it cannot be loaded.
+            InsufficientMemoryError: there is no room to load it, even after unloading idle
+                models and waiting (WHISPER_MAX_MEMORY_WAIT).
+        """
+        model = self.pool.checkout(
+            source, device or self.device, pinned=self._pinned(source), planned=planned
+        )
+        try:
+            yield model
+        finally:
+            self.pool.release(model)
+            if model.unload_requested:
+                self.unload(model, "unload requested")
+            elif self.settings.model_ttl == 0:
+                self.unload(model, "WHISPER_MODEL_TTL=0")
+
+    def load(self, source: ModelSource) -> LoadedModel:
+        """Load ``source`` on the serving device now (``POST /v1/models/{id}``), planned like
+        a request's load; its idle time starts now.
+
+        Raises:
+            ModelNotReadyError, InsufficientMemoryError: as :meth:`use_model`.
+        """
+        with self.use_model(source) as model:
+            return model
+
+    def unload_source(self, source: ModelSource) -> list[LoadedModel]:
+        """Unload every copy of ``source`` (``DELETE /v1/models/{id}``); a copy in use is
+        unloaded as soon as its last request ends.
+
+        Returns:
+            The copies still held (to be unloaded when they are let go).
+
+        Raises:
+            NotFoundError: it is not loaded.
+            ConflictError: it is the pinned served model.
+        """
+        copies = [m for m in self.pool.loaded() if m.source.load_target == source.load_target]
+        if not copies:
+            raise NotFoundError(f"The model {source.id!r} is not loaded.", param="model")
+        if any(m.pinned for m in copies):
+            raise ConflictError(
+                f"The model {source.id!r} is the served model and is pinned; set "
+                "WHISPER_PIN_DEFAULT_MODEL=false to let it be unloaded.",
+                param="model",
+            )
+        held = []
+        for model in copies:
+            model.unload_requested = True
+            if not self.unload(model, "unload requested"):
+                held.append(model)
+        return held
+
+    def _pinned(self, source: ModelSource) -> bool:
+        served = self.served
+        return self._pin and served is not None and source.load_target == served.load_target
+
+    def unload(self, model: LoadedModel, reason: str) -> bool:
+        """Unload ``model`` now if nothing holds it and it is not pinned.
+
+        Returns:
+            Whether it was unloaded.
+        """
+        if not self.pool.take_idle(model):
+            return False
+        with self._scheduler_lock:
+            scheduler = self._schedulers.pop(id(model), None)
+        if scheduler is not None:
+            scheduler.close(timeout=30)
+        model.runner.whisper.model.unload_model()
+        if model.device == "cpu":
+            # What the process holds drops by the weights; settle() reads the exact figure
+            # when nothing is reserved, which may not be now.
+            with self.reservations.planning():
+                self.idle_host_bytes = max(0, self.idle_host_bytes - model.weights_bytes)
+        release_freed_memory()
+        self.settle()
+        self.stats.unloads += 1
+        logger.info(
+            "unloaded model %s from %s (%s of weights): %s",
+            model.source.id,
+            model.device,
+            format_bytes(model.weights_bytes),
+            reason,
+        )
+        return True
+
+    def _unload_expired(self) -> None:
+        """Unload models idle for WHISPER_MODEL_TTL seconds (a daemon thread, until close)."""
+        ttl = self.settings.model_ttl
+        while not self._stop.wait(min(max(ttl / 4, 0.2), 10.0)):
+            now = time.monotonic()
+            for model in self.pool.idle():
+                idle = now - model.last_used
+                if idle >= ttl:
+                    self.unload(model, f"idle for {idle:.0f} s (WHISPER_MODEL_TTL={ttl:g})")
+
+    def _load_budget(self, device: str) -> Budget:
+        """What a model load may use on ``device`` now (call under the ledger's lock)."""
+        policy = self.policy(device)
+        snapshot = self.probe(device).snapshot()
+        if device == "cuda":
+            return memory_budget(
+                snapshot.device,
+                headroom=policy.device_headroom,
+                limit=policy.device_limit,
+                resident=policy.resident_bytes,
+                reserved=self.reserved_bytes(device),
+            )
+        return memory_budget(
+            snapshot.host,
+            headroom=policy.host_headroom,
+            limit=policy.host_limit,
+            resident=policy.host_resident_bytes,
+            reserved=self.reservations.total(HOST) + self.reserved_bytes(device),
+        )
+
+    @contextmanager
+    def _room_for_load(self, device: str, model_id: str, need: int, weights: int) -> Iterator[None]:
+        """Plan a model load as a request is planned: ``need`` (its weights and one window's
+        work) must fit what is free on ``device``. When it does not, idle models there are
+        unloaded first (least recently used first), then it waits (bounded by
+        WHISPER_MAX_MEMORY_WAIT), then it is refused. The weights stay reserved while they
+        load, so concurrent plans do not spend the same memory. Loads at start-up (the served
+        model) and under WHISPER_MEMORY_POLICY=off are not planned.
+
+        Raises:
+            InsufficientMemoryError: no room, after unloading and waiting.
+        """
+        if not self._started or self.settings.memory_policy == "off":
+            yield
+            return
+        waited = 0.0
+        while True:
+            since = self.reservations.generation
+            with self.reservations.planning():
+                budget = self._load_budget(device)
+                reservation = (
+                    self.reservations.reserve(device, weights, f"load:{model_id}")
+                    if need <= budget.amount
+                    else None
+                )
+            if reservation is not None:
+                break
+            idle = self.pool.idle(device)
+            if idle:
+                self.unload(
+                    idle[0],
+                    f"to make room for {model_id} ({format_bytes(need)} needed, {budget.why})",
+                )
+                continue
+            if waited >= self.settings.max_memory_wait:
+                raise InsufficientMemoryError(
+                    f"Not enough memory to load model {model_id!r} on {device}: it needs about "
+                    f"{format_bytes(need)} and {budget.why}; retry after the delay in "
+                    "Retry-After.",
+                    retry_after=self.settings.retry_after,
+                )
+            started = time.monotonic()
+            self.reservations.wait_for_release(timeout=0.5, since=since)
+            waited += time.monotonic() - started
+        with reservation:
+            yield
+        if device == "cpu":
+            # The weights are now part of what the process holds outside reservations; count
+            # them at once, as settle() would if nothing else were running.
+            with self.reservations.planning():
+                self.idle_host_bytes += weights
+        release_freed_memory()  # loading parses files and converts weights; keep none of that
 
     # ---- memory ---------------------------------------------------------------------------
 
@@ -398,8 +606,10 @@ class Engine:
             The final plan (``run`` or ``reject``) and the seconds spent waiting.
         """
         waited = 0.0
+        evicted: list[Degradation] = []
         while True:
             since = self.reservations.generation
+            evict: LoadedModel | None = None
             with self.reservations.planning():
                 snapshot = self.probe(model.device).snapshot()
                 plan = plan_request(
@@ -412,9 +622,26 @@ class Engine:
                     waited=waited,
                     cpu_load_bytes=cpu_load_bytes,
                 )
-                if plan.action == "run" and on_run is not None:
+                if plan.action != "run" or plan.degradations:
+                    # The first rung: an idle model's memory, before anything is degraded.
+                    idle = self.pool.idle(model.device, exclude=model)
+                    evict = idle[0] if idle and self.settings.memory_policy != "off" else None
+                if evict is None and plan.action == "run" and on_run is not None:
                     on_run(plan)
+            if evict is not None:
+                why = plan.reason or "; ".join(d.reason for d in plan.degradations)
+                if self.unload(evict, f"to make room for a request: {why}"):
+                    evicted.append(
+                        Degradation(
+                            "evict",
+                            f"unloaded idle model {evict.source.id} from {evict.device} "
+                            f"({format_bytes(evict.weights_bytes)}) to make room: {why}",
+                        )
+                    )
+                continue
             if plan.action != "wait":
+                if evicted:
+                    plan = replace(plan, degradations=(*evicted, *plan.degradations))
                 return plan, waited
             self.stats.waits += 1
             started = time.monotonic()
@@ -460,7 +687,17 @@ class Engine:
                 f"The model is not loaded: {self.load_error or 'still starting'}.",
                 retry_after=self.settings.retry_after,
             )
-        model = self.pool.get(job.source, self.device)
+        with self.use_model(job.source) as model:
+            return self._run(model, job, on_segment, cancelled, on_decoded)
+
+    def _run(
+        self,
+        model: LoadedModel,
+        job: Job,
+        on_segment: Callable[[Segment, str | None], None] | None,
+        cancelled: threading.Event | None,
+        on_decoded: Callable[[], None] | None,
+    ) -> Transcript:
         reader = PieceReader(job.reader())
         run = _Progress(job.language, job.prompt, on_decoded)
         shape: Shape | None = None  # known once the first piece shows how long the audio is
@@ -552,9 +789,10 @@ class Engine:
                         held.close()  # the audio turned out short (or long): plan it as such
                         continue
             self._note(run.degraded, plan, job)
-            runner = (
-                model if plan.device == model.device else self.pool.get(job.source, plan.device)
-            )
+            if plan.device == model.device:
+                runner = model
+            else:  # the CPU fallback: its copy is held for the piece, like the request's own
+                runner = held.enter_context(self.use_model(job.source, plan.device, planned=True))
             run_on = (
                 partial(self._run_windowed, queued=scheduled)
                 if scheduled or plan.shape.batched
@@ -833,6 +1071,26 @@ class Engine:
 
     # ---- reporting ------------------------------------------------------------------------
 
+    def model_status(self, model: LoadedModel) -> dict[str, Any]:
+        """One loaded model: where, how big, whether in use, and when it would be unloaded."""
+        ttl = self.settings.model_ttl
+        idle = 0.0 if model.in_use else time.monotonic() - model.last_used
+        unloads_in = None
+        if not model.pinned and not model.in_use and ttl >= 0:
+            unloads_in = round(max(0.0, ttl - idle), 1)
+        return {
+            "id": model.source.id,
+            "device": model.device,
+            "compute_type": model.compute_type,
+            "weights_bytes": model.weights_bytes,
+            "cost_source": "profile" if model.cost.profile is not None else "model",
+            "loaded_at": int(model.loaded_at),
+            "in_use": model.in_use,
+            "pinned": model.pinned,
+            "idle_s": round(idle, 1),
+            "unloads_in_s": unloads_in,
+        }
+
     def memory_report(self) -> dict[str, Any]:
         """Devices, resident models, reservations and recent decisions (GET /v1/memory)."""
         devices: list[dict[str, Any]] = []
@@ -860,16 +1118,8 @@ class Engine:
             "device": self.device,
             "device_reason": self.device_reason,
             "devices": devices,
-            "models": [
-                {
-                    "id": m.source.id,
-                    "device": m.device,
-                    "compute_type": m.compute_type,
-                    "weights_bytes": m.weights_bytes,
-                    "cost_source": "profile" if m.cost.profile is not None else "model",
-                }
-                for m in self.pool.loaded()
-            ],
+            "models": [self.model_status(m) for m in self.pool.loaded()],
+            "model_ttl_s": s.model_ttl,
             "reservations": self.reservations.snapshot(),
             "idle_host_bytes": self.idle_host_bytes,
             "policy": {
@@ -885,6 +1135,7 @@ class Engine:
             "counters": {
                 "degradations": dict(self.stats.degradations),
                 "oom_recoveries": self.stats.oom_recoveries,
+                "unloads": self.stats.unloads,
                 "rejected": self.stats.rejected,
                 "waits": self.stats.waits,
             },

@@ -96,6 +96,13 @@ class ModelNotFoundError(NotFoundError):
     code = "model_not_found"
 
 
+class ConflictError(ClientError):
+    """The request conflicts with the server's state (unloading a pinned model)."""
+
+    status = 409
+    code = "conflict"
+
+
 class MethodNotAllowedError(ClientError):
     status = 405
     code = "method_not_allowed"

@@ -1,23 +1,31 @@
-"""Models loaded on demand, one copy per (model, device), each with its cost model."""
+"""Models loaded on demand, one copy per (model, device), each with its cost model, held by
+the requests using them and unloaded when idle."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.config import Settings
 from server.errors import ModelNotReadyError
-from server.memory import CostModel, Profile, format_bytes, read_model_dims
+from server.memory import CostModel, Profile, Shape, format_bytes, read_model_dims
 from server.model_store import ModelSource
 from server.runners import WhisperRunner, download_model
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+#: Called around a load with (device, source id, bytes the load needs, bytes of its weights);
+#: returns what to hold while the load runs (the engine plans and reserves it).
+LoadGate = Callable[[str, str, int, int], AbstractContextManager[object]]
+
+
+@dataclass(eq=False)
 class LoadedModel:
     """A faster-whisper model resident on one device, with its cost model.
 
@@ -29,6 +37,10 @@ class LoadedModel:
         cost: Its memory cost model; replaced (never mutated) when an out-of-memory error
             raises an estimate.
         weights_bytes: Resident size of the weights, counted against the device's budget.
+        pinned: Never unloaded (the served model under WHISPER_PIN_DEFAULT_MODEL).
+        in_use: Requests holding it now (see :meth:`ModelPool.checkout`); guarded by the pool.
+        last_used: ``time.monotonic()`` when the last of them let go.
+        unload_requested: Unload it once nothing holds it (``DELETE /v1/models/{id}``).
     """
 
     source: ModelSource
@@ -38,6 +50,10 @@ class LoadedModel:
     cost: CostModel
     weights_bytes: int
     loaded_at: float = field(default_factory=time.time)
+    pinned: bool = False
+    in_use: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    unload_requested: bool = False
 
     @property
     def multilingual(self) -> bool:
@@ -45,10 +61,19 @@ class LoadedModel:
 
 
 class ModelPool:
-    """Loads models on first use and keeps them; concurrent first uses load once."""
+    """Models loaded on demand, one copy per (model, device), until they are unloaded.
 
-    def __init__(self, settings: Settings) -> None:
+    Concurrent first uses of a model load it once. Each use holds the model through
+    :meth:`checkout` / :meth:`release`, so a model in use is never unloaded.
+
+    Args:
+        settings: Compute type, threads and the model store.
+        gate: Plans and reserves each load (see :data:`LoadGate`); none: loads are not planned.
+    """
+
+    def __init__(self, settings: Settings, gate: LoadGate | None = None) -> None:
         self._settings = settings
+        self._gate = gate
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
@@ -66,25 +91,83 @@ class ModelPool:
         with self._guard:
             return self._models.get((source.load_target, device))
 
-    def get(self, source: ModelSource, device: str) -> LoadedModel:
-        """The model ``source`` on ``device``, loading it if needed.
+    def get(self, source: ModelSource, device: str, *, pinned: bool = False) -> LoadedModel:
+        """The model ``source`` on ``device``, loading it if needed (not held: see
+        :meth:`checkout` for a use that must not see it unloaded).
 
         Raises:
             ModelNotReadyError: the model cannot be loaded.
+            InsufficientMemoryError: the gate found no room for it.
+        """
+        model = self.checkout(source, device, pinned=pinned)
+        self.release(model)
+        return model
+
+    def checkout(
+        self, source: ModelSource, device: str, *, pinned: bool = False, planned: bool = False
+    ) -> LoadedModel:
+        """Hold the model ``source`` on ``device`` (loading it if needed) until
+        :meth:`release`; it is not unloaded while held. ``planned``: the caller's plan already
+        holds room for loading it, so the gate is not asked again.
+
+        Raises:
+            ModelNotReadyError: the model cannot be loaded.
+            InsufficientMemoryError: the gate found no room for it.
         """
         key = (source.load_target, device)
         with self._guard:
-            if key in self._models:
-                return self._models[key]
+            model = self._models.get(key)
+            if model is not None:
+                model.in_use += 1
+                return model
             lock = self._locks.setdefault(key, threading.Lock())
         with lock:
             with self._guard:
-                if key in self._models:
-                    return self._models[key]
-            model = self._load(source, device)
+                model = self._models.get(key)
+                if model is not None:
+                    model.in_use += 1
+                    return model
+            model = self._load(source, device, planned=planned)
+            model.pinned = pinned
+            model.in_use = 1
             with self._guard:
                 self._models[key] = model
             return model
+
+    def release(self, model: LoadedModel) -> None:
+        """Let go of a model held by :meth:`checkout`."""
+        with self._guard:
+            model.in_use -= 1
+            model.last_used = time.monotonic()
+
+    def take_idle(self, model: LoadedModel) -> bool:
+        """Remove ``model`` from the pool if nothing holds it and it is not pinned (the caller
+        then frees it).
+
+        Returns:
+            Whether it was removed.
+        """
+        key = (model.source.load_target, model.device)
+        with self._guard:
+            if model.in_use or model.pinned or self._models.get(key) is not model:
+                return False
+            del self._models[key]
+            return True
+
+    def idle(
+        self, device: str | None = None, *, exclude: LoadedModel | None = None
+    ) -> list[LoadedModel]:
+        """Models nothing holds and nothing pins (on ``device``), least recently used first."""
+        with self._guard:
+            found = [
+                m
+                for m in self._models.values()
+                if not m.in_use
+                and not m.pinned
+                and m is not exclude
+                and (device is None or m.device == device)
+            ]
+        return sorted(found, key=lambda m: m.last_used)
 
     def discard(self, source: ModelSource, device: str) -> None:
         """Forget the copy of ``source`` on ``device`` (it failed its test window); CTranslate2
@@ -102,7 +185,7 @@ class ModelPool:
         target = self._settings.models_dir / str(source.repo).replace("/", "--")
         return download_model(str(source.repo), target)
 
-    def _load(self, source: ModelSource, device: str) -> LoadedModel:
+    def _load(self, source: ModelSource, device: str, *, planned: bool = False) -> LoadedModel:
         settings = self._settings
         compute_type = settings.compute_type
         if compute_type == "auto":
@@ -110,26 +193,44 @@ class ModelPool:
         started = time.perf_counter()
         try:
             folder = source.path or self._download(source)
-            runner = WhisperRunner.load(
-                folder,
-                device=device,
-                device_index=settings.device_index,
-                compute_type=compute_type,
-                cpu_threads=settings.cpu_threads,
-                num_workers=settings.max_concurrency,
-            )
         except ModelNotReadyError:
             raise
-        except Exception as exc:  # CTranslate2 and huggingface_hub raise many kinds
+        except Exception as exc:  # huggingface_hub raises many kinds
+            raise ModelNotReadyError(f"Model {source.id!r} could not be downloaded: {exc}") from exc
+        try:
+            dims = read_model_dims(folder)
+        except Exception as exc:  # a broken or foreign config.json
             raise ModelNotReadyError(
                 f"Model {source.id!r} could not be loaded on {device}: {exc}"
             ) from exc
-        dims = read_model_dims(folder)
         profile = Profile.load(folder / Profile.FILENAME)
         if profile is not None and not profile.matches(device=device, compute_type=compute_type):
             profile = None
         cost = CostModel(dims, profile=profile)
         weights = cost.weights_bytes(compute_type)
+        # Loading needs room for the weights and for one window's work, or the model would
+        # load only to refuse every request.
+        smallest = Shape(device, compute_type, 1, 1, False, 30, False)
+        need = weights + cost.estimate(smallest).device_bytes
+        gate = (
+            self._gate(device, source.id, need, weights)
+            if self._gate is not None and not planned
+            else nullcontext()
+        )
+        with gate:
+            try:
+                runner = WhisperRunner.load(
+                    folder,
+                    device=device,
+                    device_index=settings.device_index,
+                    compute_type=compute_type,
+                    cpu_threads=settings.cpu_threads,
+                    num_workers=settings.max_concurrency,
+                )
+            except Exception as exc:  # CTranslate2 raises many kinds
+                raise ModelNotReadyError(
+                    f"Model {source.id!r} could not be loaded on {device}: {exc}"
+                ) from exc
         logger.info(
             "loaded model %s on %s (%s) in %.1fs; weights about %s%s",
             source.id,
@@ -142,4 +243,4 @@ class ModelPool:
         return LoadedModel(source, device, compute_type, runner, cost, weights)
 
 
-__all__ = ["LoadedModel", "ModelPool"]
+__all__ = ["LoadGate", "LoadedModel", "ModelPool"]

@@ -185,12 +185,18 @@ class ModelStore:
         """The model a request's ``model`` field names.
 
         Raises:
-            ModelNotFoundError: the name is not the served id, an alias or a store folder.
+            ModelNotFoundError: the name is not the served id, an alias, a store folder, or (with
+                WHISPER_ALLOW_DOWNLOADS) a Hugging Face repo id.
         """
         if name == served.id or name in self.aliases:
             return served
         if _FOLDER_NAME.match(name) and is_model_folder(self.models_dir / name):
             return ModelSource(name, (self.models_dir / name).resolve())
+        downloaded = self.models_dir / name.replace("/", "--")
+        if _HF_REPO.match(name) and is_model_folder(downloaded):
+            return ModelSource(name, downloaded.resolve())
+        if _HF_REPO.match(name) and self.allow_downloads:
+            return ModelSource(name, None, repo=name)  # fetched into the store on first use
         known = [served.id, *self.aliases, *self.local_ids()]
         raise ModelNotFoundError(
             f"The model {name!r} does not exist on this server; use one of "

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from server.errors import InvalidRequestError
 from server.formats import ResponseFormat
@@ -398,13 +398,28 @@ def form_schema(task: Task) -> dict[str, Any]:
 # ---- responses ---------------------------------------------------------------------------------
 
 
+class LoadedCopy(BaseModel):
+    """Where a model is resident now (an extension of OpenAI's ``Model``; see
+    ``GET /v1/memory`` for the same fields)."""
+
+    device: str
+    compute_type: str
+    weights_bytes: int
+    in_use: int
+    pinned: bool
+    idle_s: float
+    unloads_in_s: float | None
+
+
 class ModelCard(BaseModel):
-    """OpenAI's ``Model`` object."""
+    """OpenAI's ``Model`` object, with ``loaded``: its copies resident now (none: it is loaded
+    on first use, or by ``POST /v1/models/{id}``)."""
 
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    loaded: list[LoadedCopy] = Field(default_factory=list)
 
 
 class ModelList(BaseModel):

@@ -17,10 +17,13 @@ there, once); ``reservations`` is the ledger; ``peaks`` measures, for calibratio
 from server.memory.cost import CostEstimate, CostModel, Profile, ProfilePoint, Shape
 from server.memory.model_file import read_model_dims
 from server.memory.planner import (
+    Budget,
+    Degradation,
     Plan,
     PlanRequest,
     Policy,
     Step,
+    memory_budget,
     plan_request,
     step_down,
 )
@@ -36,8 +39,10 @@ from server.memory.reservations import Reservation, Reservations
 from server.memory.sizes import MemoryAmount, format_bytes
 
 __all__ = [
+    "Budget",
     "CostEstimate",
     "CostModel",
+    "Degradation",
     "DeviceMemory",
     "MemoryAmount",
     "MemoryProbe",
@@ -54,6 +59,7 @@ __all__ = [
     "Step",
     "cuda_available",
     "format_bytes",
+    "memory_budget",
     "open_probe",
     "plan_request",
     "read_model_dims",

@@ -1,37 +1,83 @@
-"""GET /v1/models and /v1/models/{id}: the served model, its aliases and the store's folders."""
+"""/v1/models: the models this server can serve, where each is loaded now, and loading and
+unloading them by hand (``POST`` and ``DELETE /v1/models/{id}``, as speaches names them)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from server.deps import Authorized, EngineDep
+from server.engine import Engine
 from server.errors import ModelNotReadyError
-from server.protocol import ErrorResponse, ModelCard, ModelList
+from server.model_store import ModelSource
+from server.protocol import ErrorResponse, LoadedCopy, ModelCard, ModelList
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Authorized])
 
 
-def _cards(engine: EngineDep) -> list[ModelCard]:
-    served = engine.served
-    if served is None:
+def _served(engine: Engine) -> ModelSource:
+    if engine.served is None:
         raise ModelNotReadyError(f"The model is not loaded: {engine.load_error or 'starting'}.")
-    created = int(next((m.loaded_at for m in engine.pool.loaded()), 0))
-    ids = [served.id, *engine.store.aliases, *engine.store.local_ids()]
-    return [ModelCard(id=i, created=created, owned_by="whisper-server") for i in dict.fromkeys(ids)]
+    return engine.served
+
+
+def _card(engine: Engine, name: str, source: ModelSource) -> ModelCard:
+    copies = [m for m in engine.pool.loaded() if m.source.load_target == source.load_target]
+    created = int(min((m.loaded_at for m in copies), default=engine.started_at))
+    return ModelCard(
+        id=name,
+        created=created,
+        owned_by="whisper-server",
+        loaded=[LoadedCopy(**engine.model_status(m)) for m in copies],
+    )
 
 
 @router.get("", response_model=ModelList)
 async def list_models(engine: EngineDep) -> ModelList:
-    return ModelList(data=_cards(engine))
+    served = _served(engine)
+    ids = [served.id, *engine.store.aliases, *engine.store.local_ids()]
+    return ModelList(
+        data=[_card(engine, i, engine.store.resolve(i, served)) for i in dict.fromkeys(ids)]
+    )
 
 
 @router.get("/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
 async def get_model(model_id: str, engine: EngineDep) -> ModelCard:
-    served = _cards(engine)[0]
-    assert engine.served is not None
-    source = engine.store.resolve(model_id, engine.served)
-    return ModelCard(
-        id=model_id if source.id == served.id else source.id,
-        created=served.created,
-        owned_by=served.owned_by,
-    )
+    source = engine.store.resolve(model_id, _served(engine))
+    return _card(engine, model_id, source)
+
+
+@router.post(
+    "/{model_id:path}",
+    response_model=ModelCard,
+    responses={404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+async def load_model(model_id: str, engine: EngineDep) -> ModelCard:
+    """Load a model now (planned against the memory free, like a request)."""
+    source = engine.store.resolve(model_id, _served(engine))
+    await run_in_threadpool(engine.load, source)
+    return _card(engine, model_id, source)
+
+
+@router.delete(
+    "/{model_id:path}",
+    response_model=ModelCard,
+    responses={
+        202: {"model": ModelCard},
+        404: {"model": ErrorResponse},
+        409: {"model": ErrorResponse},
+    },
+)
+async def unload_model(model_id: str, engine: EngineDep) -> JSONResponse:
+    """Unload a model: 200 when it is gone, 202 when a request still uses it (it goes when the
+    last one ends)."""
+    source = engine.store.resolve(model_id, _served(engine))
+    held = await run_in_threadpool(engine.unload_source, source)
+    card = _card(engine, model_id, source)
+    # `deleted` as in OpenAI's ModelDeleted, which the SDK's models.delete() reads.
+    body = {**card.model_dump(), "deleted": not held}
+    return JSONResponse(body, status_code=202 if held else 200)
+
+
+__all__ = ["router"]
