@@ -19,7 +19,7 @@ import numpy as np
 from server.audio import decode_audio
 from server.config import Settings
 from server.engine import Engine
-from server.memory import Profile, ProfilePoint, Shape, format_bytes
+from server.memory import Profile, ProfilePoint, Shape, device_kind, format_bytes
 from server.memory.host_heap import release_freed_memory
 from server.memory.peaks import peak_sampler, sample_peak
 from server.model_pool import LoadedModel
@@ -66,8 +66,8 @@ def measure(model: LoadedModel, shape: Shape, engine: Engine, audio: np.ndarray)
     run()  # warm-up: allocator pools and kernels are set up outside the measurement
     # What the warm-up freed would otherwise sit in the heap and hide the next run's peak.
     release_freed_memory()
-    if model.device == "cuda":
-        sampler = peak_sampler(engine.probe("cuda"), interval_ms=2)
+    if device_kind(model.device) == "cuda":
+        sampler = peak_sampler(engine.probe(model.device), interval_ms=2)
     else:
         import psutil
 
@@ -106,8 +106,9 @@ def calibrate(
     (model,) = engine.pool.loaded()
     folder = engine.served.path
     device_name = engine.probe(model.device).snapshot().device.name
-    profile = Profile(engine.served.id, model.device, device_name, model.compute_type)
-    what = "working memory" if model.device == "cuda" else "working + host memory"
+    kind = device_kind(model.device)
+    profile = Profile(engine.served.id, kind, device_name, model.compute_type)
+    what = "working memory" if kind == "cuda" else "working + host memory"
     # Rows are printed (and the profile saved) as they are measured, so a run stopped by a
     # time limit keeps what it measured.
     print(
@@ -120,7 +121,7 @@ def calibrate(
     for word_ts in words:
         for beam in beams:
             for batch in batches:
-                shape = Shape(model.device, model.compute_type, batch, beam, word_ts, 30, batch > 1)
+                shape = Shape(kind, model.compute_type, batch, beam, word_ts, 30, batch > 1)
                 started = time.perf_counter()
                 speech = calibration_audio(30.0 * batch, audio)
                 peak = measure(model, shape, engine, speech)

@@ -104,8 +104,11 @@ class Settings(BaseSettings):
     loads, NVML reads it and a test window runs on it; else the CPU, with the reason in
     `/ready`'s `device_reason`. `cuda`: the GPU or not ready."""
 
-    device_index: int = Field(0, ge=0)
-    """CUDA ordinal of the GPU to use (as the process sees it, after CUDA_VISIBLE_DEVICES)."""
+    device_index: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [0], min_length=1)
+    """CUDA ordinals of the GPUs to use, comma-separated (`0,1`), as the process sees them
+    (after CUDA_VISIBLE_DEVICES). With several, each request (and each piece of a long file)
+    goes to the GPU whose free memory fits it best, with a copy of its model loaded there on
+    demand."""
 
     compute_type: str = "auto"
     """CTranslate2 compute type (float16, int8_float16, int8, float32, ...). `auto`: float16 on GPU,
@@ -246,6 +249,19 @@ class Settings(BaseSettings):
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("device_index", mode="before")
+    @classmethod
+    def _indexes(cls, value: Any) -> Any:
+        value = _split_list(value) if isinstance(value, str) else value
+        return [value] if isinstance(value, int) else value
+
+    @field_validator("device_index")
+    @classmethod
+    def _distinct_indexes(cls, value: list[int]) -> list[int]:
+        if any(i < 0 for i in value) or len(set(value)) != len(value):
+            raise ValueError("CUDA ordinals must be distinct and >= 0")
+        return value
 
     @field_validator("degrade_ladder", mode="before")
     @classmethod

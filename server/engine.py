@@ -52,11 +52,13 @@ from server.memory import (
     Plan,
     PlanRequest,
     Policy,
+    ProbeUnavailable,
     Reservation,
     Reservations,
     Shape,
     Step,
     cuda_available,
+    device_kind,
     format_bytes,
     memory_budget,
     open_probe,
@@ -129,7 +131,9 @@ class Engine:
         )
         self.reservations = Reservations()
         self.stats = EngineStats()
-        self.device = "cpu"
+        self.device = "cpu"  # the kind: cuda or cpu
+        #: Where models run: the GPUs of WHISPER_DEVICE_INDEX (``cuda:0``, ``cuda:1``) or ``cpu``.
+        self.places: list[str] = ["cpu"]
         self.device_reason = "not started"
         self.served: ModelSource | None = None
         self.load_error: str | None = None
@@ -168,6 +172,7 @@ class Engine:
             logger.error("%s", self.load_error)
             return
         self.device = "cuda" if ok else "cpu"
+        self.places = [f"cuda:{i}" for i in self.settings.device_index] if ok else ["cpu"]
         self.device_reason = reason
         try:
             self.served = self.store.default_source()
@@ -196,7 +201,8 @@ class Engine:
         assert self.served is not None
         if self.device == "cuda":
             try:
-                self.pool.get(self.served, "cuda", pinned=self._pin).runner.run_one_window()
+                first = self.places[0]
+                self.pool.get(self.served, first, pinned=self._pin).runner.run_one_window()
                 logger.info("device: cuda (%s; a test window ran on it)", self.device_reason)
                 return
             except ModelNotReadyError as exc:
@@ -205,15 +211,15 @@ class Engine:
                 failure = exc.message
             except Exception as exc:  # CTranslate2 raises RuntimeError, ValueError, ...
                 failure = f"a test window failed on CUDA: {exc}"
-            self.pool.discard(self.served, "cuda")
+            self.pool.discard(self.served, first)
             if self.settings.device == "cuda":
                 raise ModelNotReadyError(f"WHISPER_DEVICE=cuda but {failure}")
-            self.device = "cpu"
+            self.device, self.places = "cpu", ["cpu"]
             self.device_reason = f"{self.device_reason}, but {failure}; running on the CPU"
             logger.warning("device: cpu (%s)", self.device_reason)
         else:
             logger.info("device: %s (%s)", self.device, self.device_reason)
-        self.pool.get(self.served, self.device, pinned=self._pin)
+        self.pool.get(self.served, self.places[0], pinned=self._pin)
 
     @property
     def _pin(self) -> bool:
@@ -291,7 +297,7 @@ class Engine:
                 models and waiting (WHISPER_MAX_MEMORY_WAIT).
         """
         model = self.pool.checkout(
-            source, device or self.device, pinned=self._pinned(source), planned=planned
+            source, device or self.places[0], pinned=self._pinned(source), planned=planned
         )
         try:
             yield model
@@ -387,7 +393,7 @@ class Engine:
         """What a model load may use on ``device`` now (call under the ledger's lock)."""
         policy = self.policy(device)
         snapshot = self.probe(device).snapshot()
-        if device == "cuda":
+        if device_kind(device) == "cuda":
             return memory_budget(
                 snapshot.device,
                 headroom=policy.device_headroom,
@@ -460,7 +466,7 @@ class Engine:
 
     def probe(self, device: str) -> MemoryProbe:
         if device not in self._probes:
-            self._probes[device] = open_probe(device, self.settings.device_index)
+            self._probes[device] = open_probe(device, self.settings.device_index[0])
         return self._probes[device]
 
     def policy(self, device: str) -> Policy:
@@ -479,7 +485,7 @@ class Engine:
             max_wait=s.max_memory_wait,
             cpu_fallback=s.cpu_fallback and self.device == "cuda",
             retry_after=s.retry_after,
-            resident_bytes=self.pool.resident_bytes(device) if device == "cuda" else 0,
+            resident_bytes=self.pool.resident_bytes(device) if device_kind(device) == "cuda" else 0,
             host_resident_bytes=self.idle_host_bytes,
         )
 
@@ -504,7 +510,7 @@ class Engine:
         if mode == "on" or (mode == "auto" and windows > 2):
             batch = min(self.batch_size, windows)
         return job.shape(
-            device=model.device,
+            device=device_kind(model.device),
             compute_type=model.compute_type,
             batch_size=batch,
             chunk_length=chunk_length,
@@ -541,10 +547,12 @@ class Engine:
         held = ExitStack()
 
         def reserve(plan: Plan) -> None:
-            key, working = plan.device, plan.reserve_bytes
+            # The plan names the kind of device; the reservation is on the model's own GPU.
+            place = model.device if plan.device == device_kind(model.device) else plan.device
+            key, working = place, plan.reserve_bytes
             if scheduled:
                 one = replace(plan.shape, batch_size=1)
-                key, working = batched_key(plan.device), model.cost.estimate(one).device_bytes
+                key, working = batched_key(place), model.cost.estimate(one).device_bytes
             held.enter_context(self.reservations.reserve(key, working, job.request_id))
             held.enter_context(self.reservations.reserve(HOST, plan.host_bytes, job.request_id))
 
@@ -556,7 +564,7 @@ class Engine:
             cpu_load_bytes=0 if cpu_copy or model.device == "cpu" else None,
             on_run=reserve,
         )
-        self._record(job, plan, waited)
+        self._record(job, plan, waited, model.device)
         if plan.action == "reject":
             self.stats.rejected += 1
             reasons = "; ".join(d.reason for d in plan.degradations) or "no memory"
@@ -567,14 +575,14 @@ class Engine:
             )
         return plan, held
 
-    def _record(self, job: Job, plan: Plan, waited: float) -> None:
+    def _record(self, job: Job, plan: Plan, waited: float, place: str) -> None:
         """One decision for /v1/memory and the metrics."""
         self.stats.recent.append(
             {
                 "request_id": job.request_id,
                 "at": time.time(),
                 "action": plan.action,
-                "device": plan.device,
+                "device": place if plan.device == device_kind(place) else plan.device,
                 "batch_size": plan.shape.batch_size,
                 "beam_size": plan.shape.beam_size,
                 "word_timestamps": plan.shape.word_timestamps,
@@ -687,8 +695,46 @@ class Engine:
                 f"The model is not loaded: {self.load_error or 'still starting'}.",
                 retry_after=self.settings.retry_after,
             )
-        with self.use_model(job.source) as model:
+        with self.use_model(job.source, self._place_for(job)) as model:
             return self._run(model, job, on_segment, cancelled, on_decoded)
+
+    def _place_for(self, job: Job, seconds: float | None = None) -> str:
+        """Where a request, or the next piece of one, runs: the only device; or, with several
+        GPUs, one whose budget fits the request's shape as asked (a GPU without a copy of the
+        model must also fit its weights), preferring one that holds a copy already, then the
+        one with the most to spare; if none fits, the one with the largest budget, where the
+        planner makes it fit.
+
+        Args:
+            job: The request.
+            seconds: Audio left to plan for (the next piece); the job's own by default.
+        """
+        if len(self.places) == 1:
+            return self.places[0]
+        copies = {
+            m.device: m
+            for m in self.pool.loaded()
+            if m.source.load_target == job.source.load_target
+        }
+        known = next(iter(copies.values()), None)  # GPU copies share one cost model
+        best: tuple[tuple[bool, bool, int], str] | None = None
+        for place in self.places:
+            try:
+                with self.reservations.planning():
+                    budget = self._load_budget(place).amount
+            except ProbeUnavailable as exc:
+                logger.warning("cannot read %s's memory: %s", place, exc.reason)
+                continue
+            need = 0
+            if known is not None:
+                shape = self.requested_shape(known, job, seconds)
+                need = known.cost.estimate(shape).device_bytes
+                need += 0 if place in copies else known.weights_bytes
+            # Where it fits; among those, where a copy is loaded already; then the most spare.
+            rank = (budget >= need, place in copies, budget - need)
+            if best is None or rank > best[0]:
+                best = (rank, place)
+        return best[1] if best is not None else self.places[0]
 
     def _run(
         self,
@@ -713,6 +759,7 @@ class Engine:
                     # Carry the text across pieces, as sequential decoding does across windows.
                     run.prompt = _context(run.segments)
         finally:
+            run.models.close()
             release_freed_memory()
             self.settle()
         if run.pieces > 1:
@@ -753,6 +800,11 @@ class Engine:
         while True:
             if cancelled is not None and cancelled.is_set():
                 raise RequestCancelledError("The client closed the request.")
+            if piece is None and run.pieces and len(self.places) > 1:
+                # Each piece of a long file goes where memory is free now.
+                place = self._place_for(job, self._next_piece_seconds(job, reader))
+                if place != model.device:
+                    model = run.models.enter_context(self.use_model(job.source, place))
             planned = shape or self.requested_shape(model, job)
             if piece is not None:
                 seconds = (len(piece.samples) - resume) / SAMPLE_RATE
@@ -789,7 +841,7 @@ class Engine:
                         held.close()  # the audio turned out short (or long): plan it as such
                         continue
             self._note(run.degraded, plan, job)
-            if plan.device == model.device:
+            if plan.device == device_kind(model.device):
                 runner = model
             else:  # the CPU fallback: its copy is held for the piece, like the request's own
                 runner = held.enter_context(self.use_model(job.source, plan.device, planned=True))
@@ -1016,7 +1068,7 @@ class Engine:
         steps = tuple(
             s for s in self.settings.degrade_ladder if s in (Step.BATCH, Step.WAIT, Step.REJECT)
         )
-        shape = key.memory_shape(model.device, model.compute_type, self.batch_size)
+        shape = key.memory_shape(device_kind(model.device), model.compute_type, self.batch_size)
         ready = self._scheduler(model).ready(key)
 
         def reserve(plan: Plan) -> None:
@@ -1044,7 +1096,9 @@ class Engine:
 
     def _beyond_queued(self, model: LoadedModel, key: BatchKey, size: int) -> int:
         """What a batch of ``size`` windows needs beyond the working memory its requests hold."""
-        needs = model.cost.estimate(key.memory_shape(model.device, model.compute_type, size))
+        needs = model.cost.estimate(
+            key.memory_shape(device_kind(model.device), model.compute_type, size)
+        )
         queued = self.reservations.total(batched_key(model.device))
         return max(0, needs.device_bytes - queued)
 
@@ -1063,7 +1117,7 @@ class Engine:
             yield
         except Exception as exc:
             if is_out_of_memory(exc):
-                shape = key.memory_shape(model.device, model.compute_type, size)
+                shape = key.memory_shape(device_kind(model.device), model.compute_type, size)
                 model.cost = model.cost.with_correction(shape, 1.5)
             raise
         finally:
@@ -1094,7 +1148,7 @@ class Engine:
     def memory_report(self) -> dict[str, Any]:
         """Devices, resident models, reservations and recent decisions (GET /v1/memory)."""
         devices: list[dict[str, Any]] = []
-        for device in dict.fromkeys([self.device, "cpu"]):
+        for device in dict.fromkeys([*self.places, "cpu"]):
             try:
                 snap = self.probe(device).snapshot()
             except Exception as exc:  # a probe must never take the endpoint down
@@ -1116,6 +1170,7 @@ class Engine:
         s = self.settings
         return {
             "device": self.device,
+            "places": self.places,
             "device_reason": self.device_reason,
             "devices": devices,
             "models": [self.model_status(m) for m in self.pool.loaded()],
@@ -1154,6 +1209,8 @@ class _Progress:
     segments: list[Segment] = field(default_factory=list)
     degraded: dict[str, str] = field(default_factory=dict)
     pieces: int = 0
+    #: Model copies on other GPUs that pieces moved to, held until the request ends.
+    models: ExitStack = field(default_factory=ExitStack)
 
 
 def batched_key(device: str) -> str:

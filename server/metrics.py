@@ -89,13 +89,13 @@ class EngineCollector(Collector):
             "Memory reserved by running requests.",
             labels=["device"],
         )
-        for device in dict.fromkeys([engine.device, "cpu"]):
+        for device in dict.fromkeys([*engine.places, "cpu"]):
             try:
                 memory = engine.probe(device).snapshot().device
             except Exception:  # a failing probe must not break the scrape
                 logger.debug("memory probe for %s failed", device, exc_info=True)
                 continue
-            label = f"{device}:{memory.index}"
+            label = device if ":" in device else f"{device}:{memory.index}"
             free.add_metric([label, memory.name], memory.free)
             used.add_metric([label, memory.name], memory.used)
             total.add_metric([label, memory.name], memory.total)

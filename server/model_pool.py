@@ -13,7 +13,15 @@ from pathlib import Path
 
 from server.config import Settings
 from server.errors import ModelNotReadyError
-from server.memory import CostModel, Profile, Shape, format_bytes, read_model_dims
+from server.memory import (
+    CostModel,
+    Profile,
+    Shape,
+    device_kind,
+    device_ordinal,
+    format_bytes,
+    read_model_dims,
+)
 from server.model_store import ModelSource
 from server.runners import WhisperRunner, download_model
 
@@ -31,7 +39,7 @@ class LoadedModel:
 
     Attributes:
         source: Which model.
-        device: ``cuda`` or ``cpu``.
+        device: Where: ``cpu``, or a GPU place such as ``cuda:0``.
         compute_type: As loaded (``float16``, ``int8``, ...).
         runner: The loaded model, and every call into it.
         cost: Its memory cost model; replaced (never mutated) when an out-of-memory error
@@ -188,8 +196,9 @@ class ModelPool:
     def _load(self, source: ModelSource, device: str, *, planned: bool = False) -> LoadedModel:
         settings = self._settings
         compute_type = settings.compute_type
+        kind = device_kind(device)
         if compute_type == "auto":
-            compute_type = "float16" if device == "cuda" else "int8"
+            compute_type = "float16" if kind == "cuda" else "int8"
         started = time.perf_counter()
         try:
             folder = source.path or self._download(source)
@@ -204,13 +213,13 @@ class ModelPool:
                 f"Model {source.id!r} could not be loaded on {device}: {exc}"
             ) from exc
         profile = Profile.load(folder / Profile.FILENAME)
-        if profile is not None and not profile.matches(device=device, compute_type=compute_type):
+        if profile is not None and not profile.matches(device=kind, compute_type=compute_type):
             profile = None
         cost = CostModel(dims, profile=profile)
         weights = cost.weights_bytes(compute_type)
         # Loading needs room for the weights and for one window's work, or the model would
         # load only to refuse every request.
-        smallest = Shape(device, compute_type, 1, 1, False, 30, False)
+        smallest = Shape(kind, compute_type, 1, 1, False, 30, False)
         need = weights + cost.estimate(smallest).device_bytes
         gate = (
             self._gate(device, source.id, need, weights)
@@ -221,8 +230,8 @@ class ModelPool:
             try:
                 runner = WhisperRunner.load(
                     folder,
-                    device=device,
-                    device_index=settings.device_index,
+                    device=kind,
+                    device_index=device_ordinal(device),
                     compute_type=compute_type,
                     cpu_threads=settings.cpu_threads,
                     num_workers=settings.max_concurrency,

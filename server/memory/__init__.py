@@ -33,6 +33,8 @@ from server.memory.probes import (
     MemorySnapshot,
     ProbeUnavailable,
     cuda_available,
+    device_kind,
+    device_ordinal,
     open_probe,
 )
 from server.memory.reservations import Reservation, Reservations
@@ -58,6 +60,8 @@ __all__ = [
     "Shape",
     "Step",
     "cuda_available",
+    "device_kind",
+    "device_ordinal",
     "format_bytes",
     "memory_budget",
     "open_probe",

@@ -423,12 +423,23 @@ def cuda_available() -> tuple[bool, str]:
     return True, f"{count} CUDA device(s) visible to CTranslate2"
 
 
+def device_kind(place: str) -> str:
+    """``cuda`` for a GPU place (``cuda:1``), ``cpu`` for the CPU."""
+    return place.split(":", 1)[0]
+
+
+def device_ordinal(place: str) -> int:
+    """The CUDA ordinal of a GPU place (``cuda:1`` -> 1); 0 for ``cpu`` and bare ``cuda``."""
+    _, _, index = place.partition(":")
+    return int(index) if index else 0
+
+
 def open_probe(device: str, index: int = 0) -> MemoryProbe:
     """The memory probe for a device.
 
     Args:
-        device: ``cuda`` or ``cpu``.
-        index: The CUDA ordinal (ignored for ``cpu``).
+        device: ``cpu``, ``cuda`` or a GPU place such as ``cuda:1``.
+        index: The CUDA ordinal for a bare ``cuda`` (ignored otherwise).
 
     Returns:
         An :class:`NvmlProbe` already matched to its GPU, or a :class:`HostProbe`.
@@ -439,8 +450,8 @@ def open_probe(device: str, index: int = 0) -> MemoryProbe:
     """
     if device == "cpu":
         return HostProbe()
-    if device == "cuda":
-        probe = NvmlProbe(index)
+    if device_kind(device) == "cuda":
+        probe = NvmlProbe(device_ordinal(device) if ":" in device else index)
         probe.open()
         return probe
     raise ValueError(f"unknown device {device!r}; expected 'cuda' or 'cpu'")

@@ -25,6 +25,7 @@ async def ready(engine: EngineDep) -> JSONResponse:
     body: dict[str, Any] = {
         "ready": engine.ready,
         "device": engine.device,
+        "devices": engine.places,
         "device_reason": engine.device_reason,
         "model": engine.served.id if engine.served else None,
         "error": engine.load_error,
