@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import shutil
+import wave
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +18,9 @@ from typing import Any
 
 import psutil
 import pytest
+import ray  # the ray extra is part of '.[test]': a missing Ray fails here, it is not skipped
 import requests
 from openai import OpenAI
-
-import ray  # the ray extra is part of '.[test]': a missing Ray fails here, it is not skipped
 from ray import serve
 
 from server.scaleout.deploy import APP_NAME, REPLICA_DEPLOYMENT, ScaleOut, build
@@ -28,7 +29,7 @@ from server.scaleout.replica import REPLICA_HEADER
 from tests.conftest import free_port
 
 SHORT = "jfk.mp3"  # 66 kB, 11 s
-LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"  # 5.8 MB, 231 s
+LONG = "long.wav"  # written by `long_upload`: 9.6 MB, 5 min (a sentence, then silence)
 
 
 def _options(tiny_model: Path, models_dir: Path, **changes: Any) -> ScaleOut:
@@ -148,21 +149,39 @@ def test_killed_replica_and_the_requests_after(cluster: str, data_dir: Path) -> 
     assert all(r.headers[REPLICA_HEADER] != victim for r in after)
 
 
+@pytest.fixture(scope="module")
+def long_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/data plus a large upload that is quick to transcribe: the router sees only its
+    size (5 minutes of 16 kHz WAV), the engine skips its silence."""
+    folder = tmp_path_factory.mktemp("audio")
+    shutil.copy(data_dir / SHORT, folder / SHORT)
+    with wave.open(str(data_dir / "en_leopard_test.wav"), "rb") as src:
+        params, frames = src.getparams(), src.readframes(src.getnframes())
+    with wave.open(str(folder / LONG), "wb") as out:
+        out.setparams(params)
+        out.writeframes(frames + b"\0" * (params.sampwidth * params.framerate * 294))
+    return folder
+
+
 def _idle_rss() -> int:
     """The largest resident memory among this cluster's engine replicas (their processes are
     children of the raylet this test started)."""
     sizes = [
         p.info["memory_info"].rss
         for p in psutil.process_iter(["cmdline", "memory_info"])
-        if any(f"ServeReplica:{APP_NAME}:{REPLICA_DEPLOYMENT}" in part for part in p.info["cmdline"] or ())
+        if any(
+            f"ServeReplica:{APP_NAME}:{REPLICA_DEPLOYMENT}" in part
+            for part in p.info["cmdline"] or ()
+        )
     ]
     assert sizes, "no replica process found"
     return max(sizes)
 
 
 def test_low_budget_replica_gets_no_large_request(
-    cluster: str, data_dir: Path, tiny_model: Path, tmp_path: Path
+    cluster: str, long_dir: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
+    data_dir = long_dir
     # Size the limit of the low replica from what the replicas report and hold: room for a
     # short upload and less than half of what the long one needs.
     loads = [
@@ -176,9 +195,7 @@ def test_low_budget_replica_gets_no_large_request(
     room = (short * 2 + long) // 2
     limit = _idle_rss() + room
     serve.run(
-        build(
-            _options(tiny_model, tmp_path, by_rank=({}, {"host_memory_limit": str(limit)}))
-        ),
+        build(_options(tiny_model, tmp_path, by_rank=({}, {"host_memory_limit": str(limit)}))),
         name=APP_NAME,
         route_prefix="/",
     )

@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import ray
 from ray import serve
-from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from server.scaleout.ingress import WhisperIngress
 from server.scaleout.replica import WhisperReplica
@@ -88,17 +87,16 @@ def build(options: ScaleOut) -> serve.Application:
     }
     if options.env:
         actor["runtime_env"] = {"env_vars": dict(options.env)}
-    autoscaling: AutoscalingConfig | None = None
+    autoscaling: dict[str, Any] | None = None
     if options.autoscale is not None:
         low, high = options.autoscale
-        autoscaling = AutoscalingConfig(
-            min_replicas=low,
-            initial_replicas=max(low, min(options.replicas, high)),
-            max_replicas=high,
-            target_ongoing_requests=options.target_ongoing_requests,
-        )
+        autoscaling = {
+            "min_replicas": low,
+            "initial_replicas": max(low, min(options.replicas, high)),
+            "max_replicas": high,
+            "target_ongoing_requests": options.target_ongoing_requests,
+        }
     replica = serve.deployment(
-        WhisperReplica,
         name=REPLICA_DEPLOYMENT,
         num_replicas=None if autoscaling else options.replicas,
         autoscaling_config=autoscaling,
@@ -106,23 +104,25 @@ def build(options: ScaleOut) -> serve.Application:
         max_ongoing_requests=options.max_ongoing_requests,
         # Loading a large model onto a GPU can take minutes.
         health_check_timeout_s=120,
-        request_router_config=RequestRouterConfig(
-            request_router_class=ROUTERS[options.router],
-            request_routing_stats_period_s=options.stats_period_s,
-            request_routing_stats_timeout_s=max(options.stats_period_s * 5, 5.0),
-        ),
-    )
+        request_router_config={
+            "request_router_class": ROUTERS[options.router],
+            "request_routing_stats_period_s": options.stats_period_s,
+            "request_routing_stats_timeout_s": max(options.stats_period_s * 5, 5.0),
+        },
+    )(WhisperReplica)
+    ingress_actor: dict[str, Any] = {"num_cpus": 0.1}
+    if "runtime_env" in actor:
+        ingress_actor["runtime_env"] = actor["runtime_env"]
     ingress = serve.deployment(
-        WhisperIngress,
         name=INGRESS_DEPLOYMENT,
-        ray_actor_options={"num_cpus": 0.1, **({"runtime_env": actor["runtime_env"]} if "runtime_env" in actor else {})},
+        ray_actor_options=ingress_actor,
         # The ingress only waits on replicas; the replicas' limits bound the work.
         max_ongoing_requests=1000,
+    )(WhisperIngress)
+    upload_limit = str(
+        settings.get("max_upload_size") or options.env.get("WHISPER_MAX_UPLOAD_SIZE") or "512MiB"
     )
-    upload_limit = str(settings.get("max_upload_size") or options.env.get("WHISPER_MAX_UPLOAD_SIZE") or "512MiB")
-    return ingress.bind(
-        replica.bind(settings, list(options.by_rank)), max_upload_size=upload_limit
-    )
+    return ingress.bind(replica.bind(settings, list(options.by_rank)), max_upload_size=upload_limit)
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -137,7 +137,9 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return build(ScaleOut(**args))
 
 
-def start(options: ScaleOut, *, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None) -> None:
+def start(
+    options: ScaleOut, *, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None
+) -> None:
     """Connect to the cluster (``RAY_ADDRESS``) or start a local one, and deploy."""
     env = dict(options.env)
     if not os.environ.get("RAY_ADDRESS"):

@@ -19,6 +19,7 @@ from typing import Any
 #: 44.1 kHz stereo about 100 kB/s) are over-estimated, which only errs towards the roomier replica.
 UPLOAD_BYTES_PER_SECOND = 16_000
 
+
 @dataclass(frozen=True)
 class ReplicaLoad:
     """One replica's last report (its ``record_routing_stats``).

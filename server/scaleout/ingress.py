@@ -16,9 +16,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -81,6 +80,7 @@ class WhisperIngress:
         )
         for attempt in range(self.retries + 1):
             stream = self.replicas.handle_request.remote(*args, **{UPLOAD_BYTES_KWARG: len(body)})
+            assert isinstance(stream, DeploymentResponseGenerator)  # options(stream=True)
             try:
                 start = await stream.__anext__()
             except (RayActorError, StopAsyncIteration) as exc:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
@@ -119,7 +119,7 @@ class WhisperReplica:
             ``gpu_memory_limit``.
     """
 
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
         self,
         settings: Mapping[str, Any] | None = None,
         by_rank: Sequence[Mapping[str, Any]] | None = None,
@@ -188,8 +188,8 @@ class WhisperReplica:
             await disconnected.wait()
             return {"type": "http.disconnect"}
 
-        async def send(message: dict[str, Any]) -> None:
-            await messages.put(message)
+        async def send(message: MutableMapping[str, Any]) -> None:
+            await messages.put(dict(message))
 
         async def run() -> None:
             try:
@@ -201,7 +201,9 @@ class WhisperReplica:
         try:
             while (message := await messages.get()) is not None:
                 if message["type"] == "http.response.start":
-                    out = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]]
+                    out = [
+                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in message["headers"]
+                    ]
                     out.append((REPLICA_HEADER, self.name))
                     yield {"status": message["status"], "headers": out}
                 elif message["type"] == "http.response.body":

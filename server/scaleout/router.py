@@ -46,8 +46,10 @@ class MemoryAwareRouter(RequestRouter):
     to turn an upload's size into seconds of audio; 16000 by default).
     """
 
-    def initialize_state(self, upload_bytes_per_second: float = UPLOAD_BYTES_PER_SECOND) -> None:
-        self._bytes_per_second = float(upload_bytes_per_second)
+    def initialize_state(self, **kwargs: Any) -> None:
+        self._bytes_per_second = float(
+            kwargs.get("upload_bytes_per_second", UPLOAD_BYTES_PER_SECOND)
+        )
         # Requests routed and not completed, by Serve's internal request id.
         self._routed: dict[str, _Routed] = {}
 
