@@ -118,3 +118,15 @@ def test_scaleout_rejects_unknown_args() -> None:
     with pytest.raises(TypeError):
         app_builder({"replica": 2})
     assert ScaleOut().device == "cuda"
+
+
+def test_ray_command_without_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from server.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the extra were not installed
+    with pytest.raises(SystemExit) as exited:
+        main(["ray", "--replicas", "2"])
+    assert "pip install" in str(exited.value.code)
+    assert "[ray]" in str(exited.value.code)
