@@ -195,33 +195,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_parser("install-model", help="install the embedded default model").set_defaults(
         func=cmd_install_model
     )
-    ray = sub.add_parser(
+    ray_cmd = sub.add_parser(
         "ray",
         help="serve on a Ray cluster: an ingress and one replica per GPU (needs '.[ray]')",
         description="Deploy the HTTP API on the Ray cluster at RAY_ADDRESS, or on a local one. "
         "Replicas read the WHISPER_* variables of this process.",
     )
-    ray.add_argument("--replicas", type=int, default=1, help="engine replicas (one per GPU)")
-    ray.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ray.add_argument("--cpus-per-replica", type=float, default=1.0)
-    ray.add_argument(
+    ray_cmd.add_argument("--replicas", type=int, default=1, help="engine replicas (one per GPU)")
+    ray_cmd.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ray_cmd.add_argument("--cpus-per-replica", type=float, default=1.0)
+    ray_cmd.add_argument(
         "--router",
         choices=["memory", "default"],
         default="memory",
         help="memory: by each replica's free memory; default: Serve's power of two choices",
     )
-    ray.add_argument(
+    ray_cmd.add_argument(
         "--autoscale",
         type=int,
         nargs=2,
         metavar=("MIN", "MAX"),
         help="scale replicas between MIN and MAX on queue depth",
     )
-    ray.add_argument("--target-ongoing-requests", type=float, default=2.0)
-    ray.add_argument("--host", default="127.0.0.1", help="the Serve proxy's address")
-    ray.add_argument("--port", type=int, default=8000)
-    ray.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all)")
-    ray.set_defaults(func=cmd_ray)
+    ray_cmd.add_argument("--target-ongoing-requests", type=float, default=2.0)
+    ray_cmd.add_argument("--host", default="127.0.0.1", help="the Serve proxy's address")
+    ray_cmd.add_argument("--port", type=int, default=8000)
+    ray_cmd.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all)")
+    ray_cmd.set_defaults(func=cmd_ray)
 
     args = parser.parse_args(argv)
     if args.command is None:
