@@ -6,6 +6,7 @@ python -m server transcribe speech.flac --format srt
 python -m server calibrate            # on a GPU: measure memory, write the model's profile
 python -m server settings-table       # the README's table of variables
 python -m server install-model        # install the embedded default model and exit
+python -m server ray --replicas 2     # on a Ray cluster (RAY_ADDRESS) or a local one; '.[ray]'
 """
 
 from __future__ import annotations
@@ -136,6 +137,22 @@ def cmd_install_model(args: argparse.Namespace) -> None:
     print(install_default_model(settings.models_dir))
 
 
+def cmd_ray(args: argparse.Namespace) -> None:
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError:
+        sys.exit(
+            "python -m server ray needs Ray Serve, an optional extra: "
+            "pip install 'whisper-server[ray]' (from a checkout: pip install '.[ray]')"
+        )
+    from server.scaleout.deploy import main as ray_main
+
+    load_settings()  # the replicas read the same WHISPER_* variables: fail here, not there
+    configure_logging("info")
+    ray_main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     # Before any thread allocates: freed host memory must be able to go back to the kernel.
     host_heap.configure()
@@ -178,6 +195,34 @@ def main(argv: Sequence[str] | None = None) -> None:
     sub.add_parser("install-model", help="install the embedded default model").set_defaults(
         func=cmd_install_model
     )
+    ray_cmd = sub.add_parser(
+        "ray",
+        help="serve on a Ray cluster: an ingress and one replica per GPU (needs '.[ray]')",
+        description="Deploy the HTTP API on the Ray cluster at RAY_ADDRESS, or on a local one. "
+        "Replicas read the WHISPER_* variables of this process.",
+    )
+    ray_cmd.add_argument("--replicas", type=int, default=1, help="engine replicas (one per GPU)")
+    ray_cmd.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ray_cmd.add_argument("--cpus-per-replica", type=float, default=1.0)
+    ray_cmd.add_argument(
+        "--router",
+        choices=["memory", "default"],
+        default="memory",
+        help="memory: by each replica's free memory; default: Serve's power of two choices",
+    )
+    ray_cmd.add_argument(
+        "--autoscale",
+        type=int,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="scale replicas between MIN and MAX on queue depth",
+    )
+    ray_cmd.add_argument("--target-ongoing-requests", type=float, default=2.0)
+    ray_cmd.add_argument("--host", default="127.0.0.1", help="the Serve proxy's address")
+    ray_cmd.add_argument("--port", type=int, default=8000)
+    ray_cmd.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all)")
+    ray_cmd.set_defaults(func=cmd_ray)
+
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args(["serve", *(argv or [])])
