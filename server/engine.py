@@ -389,8 +389,10 @@ class Engine:
                 if idle >= ttl:
                     self.unload(model, f"idle for {idle:.0f} s (WHISPER_MODEL_TTL={ttl:g})")
 
-    def _load_budget(self, device: str) -> Budget:
-        """What a model load may use on ``device`` now (call under the ledger's lock)."""
+    def free_budget(self, device: str) -> Budget:
+        """What new work (a model load, a request) may use on ``device`` now: the planner's own
+        budget, ``min(free - reserved - headroom, limit - resident - reserved)`` (call under the
+        ledger's lock)."""
         policy = self.policy(device)
         snapshot = self.probe(device).snapshot()
         if device_kind(device) == "cuda":
@@ -428,7 +430,7 @@ class Engine:
         while True:
             since = self.reservations.generation
             with self.reservations.planning():
-                budget = self._load_budget(device)
+                budget = self.free_budget(device)
                 reservation = (
                     self.reservations.reserve(device, weights, f"load:{model_id}")
                     if need <= budget.amount
@@ -721,7 +723,7 @@ class Engine:
         for place in self.places:
             try:
                 with self.reservations.planning():
-                    budget = self._load_budget(place).amount
+                    budget = self.free_budget(place).amount
             except ProbeUnavailable as exc:
                 logger.warning("cannot read %s's memory: %s", place, exc.reason)
                 continue

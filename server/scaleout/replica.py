@@ -27,9 +27,8 @@ from ray import serve
 
 from server.app import create_app
 from server.config import Settings
-from server.engine import HOST, Engine
+from server.engine import Engine
 from server.job import Job
-from server.memory.planner import memory_budget
 from server.scaleout.fit import ReplicaLoad
 
 logger = logging.getLogger(__name__)
@@ -50,25 +49,9 @@ def replica_load(engine: Engine, points: Sequence[float] = NEED_POINTS) -> Repli
     reserved)`` on the serving device (host RAM when serving on the CPU, where the audio's
     reservations count too).
     """
-    device = engine.device
-    snapshot = engine.probe(device).snapshot()
-    policy = engine.policy(device)
-    if device == "cpu":
-        budget = memory_budget(
-            snapshot.host,
-            headroom=policy.host_headroom,
-            limit=policy.host_limit,
-            resident=policy.resident_bytes + policy.host_resident_bytes,
-            reserved=engine.reserved_bytes(device) + engine.reservations.total(HOST),
-        )
-    else:
-        budget = memory_budget(
-            snapshot.device,
-            headroom=policy.device_headroom,
-            limit=policy.device_limit,
-            resident=policy.resident_bytes,
-            reserved=engine.reserved_bytes(device),
-        )
+    device = engine.places[0]  # a replica is given one GPU (num_gpus=1), or the CPU
+    with engine.reservations.planning():
+        budget = engine.free_budget(device)
     curve: list[tuple[float, int]] = []
     model = engine.pool.find(engine.served, device) if engine.served is not None else None
     if model is not None:
