@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import psutil
@@ -103,6 +103,10 @@ class EngineStats:
     rejected: int = 0
     waits: int = 0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
+    running: int = 0
+    """Requests inside :meth:`Engine.run` now (planned, decoding or waiting for memory)."""
+    waiting_for_memory: int = 0
+    """Plans (a request's piece, or a scheduler's batch) waiting for memory to free up."""
 
 
 class Engine:
@@ -135,6 +139,7 @@ class Engine:
         self._sequential = threading.BoundedSemaphore(settings.max_concurrency)
         self._schedulers: dict[int, Scheduler] = {}
         self._scheduler_lock = threading.Lock()
+        self._counting = threading.Lock()  # guards the stats' running/waiting gauges
         # The running batch's reservation, per model (each model's scheduler runs one at a time).
         self._batch_reservations: dict[int, Reservation] = {}
         self.on_plan: Callable[[Plan], None] | None = None  # metrics hook
@@ -348,7 +353,7 @@ class Engine:
             cpu_load_bytes=0 if cpu_copy or model.device == "cpu" else None,
             on_run=reserve,
         )
-        self._record(job, plan, waited)
+        self._record(job, plan, waited, audio_seconds)
         if plan.action == "reject":
             self.stats.rejected += 1
             reasons = "; ".join(d.reason for d in plan.degradations) or "no memory"
@@ -359,7 +364,7 @@ class Engine:
             )
         return plan, held
 
-    def _record(self, job: Job, plan: Plan, waited: float) -> None:
+    def _record(self, job: Job, plan: Plan, waited: float, audio_seconds: float) -> None:
         """One decision for /v1/memory and the metrics."""
         self.stats.recent.append(
             {
@@ -375,6 +380,14 @@ class Engine:
                 "budget_bytes": plan.budget,
                 "waited_s": round(waited, 3),
                 "degradations": [d.kind for d in plan.degradations],
+                "model": job.source.id,
+                "task": job.task,
+                "audio_seconds": round(audio_seconds, 3),
+                "reasons": [d.reason for d in plan.degradations],
+                "reason": plan.reason,
+                # Filled in when the request ends (see _finish); present from the start so
+                # that a reader serializing the dict never sees its size change.
+                "outcome": None,
             }
         )
         if self.on_plan is not None:
@@ -398,28 +411,33 @@ class Engine:
             The final plan (``run`` or ``reject``) and the seconds spent waiting.
         """
         waited = 0.0
-        while True:
-            since = self.reservations.generation
-            with self.reservations.planning():
-                snapshot = self.probe(model.device).snapshot()
-                plan = plan_request(
-                    request,
-                    snapshot,
-                    replace(self.policy(model.device), ladder=steps),
-                    reserved=sum(self.reservations.total(k) for k in reserved_keys),
-                    host_reserved=self.reservations.total(HOST),
-                    cost=model.cost,
-                    waited=waited,
-                    cpu_load_bytes=cpu_load_bytes,
-                )
-                if plan.action == "run" and on_run is not None:
-                    on_run(plan)
-            if plan.action != "wait":
-                return plan, waited
-            self.stats.waits += 1
-            started = time.monotonic()
-            self.reservations.wait_for_release(timeout=min(plan.wait_s, 0.5), since=since)
-            waited += time.monotonic() - started
+        counted = False
+        with ExitStack() as waiting:
+            while True:
+                since = self.reservations.generation
+                with self.reservations.planning():
+                    snapshot = self.probe(model.device).snapshot()
+                    plan = plan_request(
+                        request,
+                        snapshot,
+                        replace(self.policy(model.device), ladder=steps),
+                        reserved=sum(self.reservations.total(k) for k in reserved_keys),
+                        host_reserved=self.reservations.total(HOST),
+                        cost=model.cost,
+                        waited=waited,
+                        cpu_load_bytes=cpu_load_bytes,
+                    )
+                    if plan.action == "run" and on_run is not None:
+                        on_run(plan)
+                if plan.action != "wait":
+                    return plan, waited
+                self.stats.waits += 1
+                if not counted:  # once, from the first wait until it runs or is rejected
+                    waiting.enter_context(self._counted("waiting_for_memory"))
+                    counted = True
+                started = time.monotonic()
+                self.reservations.wait_for_release(timeout=min(plan.wait_s, 0.5), since=since)
+                waited += time.monotonic() - started
 
     # ---- running --------------------------------------------------------------------------
 
@@ -464,20 +482,28 @@ class Engine:
         reader = PieceReader(job.reader())
         run = _Progress(job.language, job.prompt, on_decoded)
         shape: Shape | None = None  # known once the first piece shows how long the audio is
+        outcome = "error"
         try:
-            while not reader.finished:
-                shape = self._run_piece(model, job, reader, shape, run, on_segment, cancelled)
-                if shape is None or reader.finished:
-                    break  # the ``finally`` below gives the last piece's memory back
-                # The piece's samples, features and working memory are free now: give them back
-                # to the kernel, so that RSS (and the planner's next reading) shows it.
-                release_freed_memory()
-                if run.segments and job.temperature == 0:
-                    # Carry the text across pieces, as sequential decoding does across windows.
-                    run.prompt = _context(run.segments)
+            with self._counted("running"):
+                while not reader.finished:
+                    shape = self._run_piece(model, job, reader, shape, run, on_segment, cancelled)
+                    if shape is None or reader.finished:
+                        break  # the ``finally`` below gives the last piece's memory back
+                    # The piece's samples, features and working memory are free now: give them
+                    # back to the kernel, so that RSS (and the planner's next reading) shows it.
+                    release_freed_memory()
+                    if run.segments and job.temperature == 0:
+                        # Carry the text across pieces, as sequential decoding does across
+                        # windows.
+                        run.prompt = _context(run.segments)
+            outcome = "ok"
+        except APIError as exc:
+            outcome = exc.code or str(exc.status)
+            raise
         finally:
             release_freed_memory()
             self.settle()
+            self._finish(job.request_id, outcome)
         if run.pieces > 1:
             reader.log_cuts()
             logger.info(
@@ -550,6 +576,7 @@ class Engine:
                     shape = self.requested_shape(model, job, known)
                     if shape != planned:
                         held.close()  # the audio turned out short (or long): plan it as such
+                        self._finish(job.request_id, "replanned")
                         continue
             self._note(run.degraded, plan, job)
             runner = (
@@ -655,6 +682,25 @@ class Engine:
                 degraded[d.kind] = d.reason
                 self.stats.degradations[d.kind] += 1
                 logger.warning("request %s degraded (%s): %s", job.request_id, d.kind, d.reason)
+
+    @contextmanager
+    def _counted(self, gauge: Literal["running", "waiting_for_memory"]) -> Iterator[None]:
+        """Count a request in one of the stats' gauges while the block runs."""
+        with self._counting:
+            setattr(self.stats, gauge, getattr(self.stats, gauge) + 1)
+        try:
+            yield
+        finally:
+            with self._counting:
+                setattr(self.stats, gauge, getattr(self.stats, gauge) - 1)
+
+    def _finish(self, request_id: str, outcome: str) -> None:
+        """Write how the request ended on its recent decisions that have no outcome yet:
+        ``ok``, the error's code, or ``replanned`` for a plan dropped before it ran (made
+        before the audio's length was known)."""
+        for decision in list(self.stats.recent):  # a copy: other threads append meanwhile
+            if decision["request_id"] == request_id and decision["outcome"] is None:
+                decision["outcome"] = outcome
 
     # ---- the two paths --------------------------------------------------------------------
 
@@ -843,6 +889,12 @@ class Engine:
                 devices.append({"device": device, "error": str(exc)})
                 continue
             d = snap.device
+            reserved = self.reserved_bytes(device)
+            resident = self.pool.resident_bytes(device)
+            # What this process is known to hold there: on the host its resident memory (which
+            # contains its models); on a GPU its weights and what its requests reserved (NVML
+            # cannot attribute memory to a process inside a container).
+            ours = self.footprint() if device == "cpu" else resident + reserved
             devices.append(
                 {
                     "device": device,
@@ -852,7 +904,9 @@ class Engine:
                     "total_bytes": d.total,
                     "free_bytes": d.free,
                     "used_bytes": d.used,
-                    "reserved_bytes": self.reserved_bytes(device),
+                    "reserved_bytes": reserved,
+                    "resident_bytes": resident,
+                    "others_bytes": max(0, d.used - ours),
                 }
             )
         s = self.settings
@@ -860,6 +914,13 @@ class Engine:
             "device": self.device,
             "device_reason": self.device_reason,
             "devices": devices,
+            "requests": {
+                "in_flight": self.queue_depth,
+                "max_queue": s.max_queue,
+                "running": self.stats.running,
+                "waiting_for_memory": self.stats.waiting_for_memory,
+                "queued_windows": sum(st.queued_windows for st in self.scheduler_stats()),
+            },
             "models": [
                 {
                     "id": m.source.id,
