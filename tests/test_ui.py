@@ -309,6 +309,23 @@ def test_api_errors_are_shown(
     assert page.locator("#result").is_hidden()
 
 
+def test_upload_over_the_limit_is_explained(
+    open_page: Callable[..., Any],
+    server_factory: Callable[..., LiveServer],
+    tiny_model: Path,
+    data_dir: Path,
+) -> None:
+    # The same settings as test_api's 413 test: one server for both. The browser gets the 413
+    # the server sends from Content-Length, before the body.
+    server = server_factory(model=str(tiny_model), max_upload_size="64KiB")
+    page = open_page(server)
+    response = _transcribe(page, data_dir / "jfk.flac")
+    assert response.status == 413
+    alert = page.get_by_role("alert").filter(has_text="Error 413 (file_too_large)")
+    alert.wait_for()
+    assert "WHISPER_MAX_UPLOAD_SIZE" in alert.inner_text()
+
+
 def test_api_key_is_asked_for_and_kept_in_the_tab(
     open_page: Callable[..., Any], server_factory: Callable[..., LiveServer], tiny_model: Path
 ) -> None:
