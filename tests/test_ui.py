@@ -267,6 +267,18 @@ def test_streamed_json_shows_deltas(
     with page.expect_download() as download:
         page.get_by_role("button", name="txt", exact=True).click()
     assert Path(download.value.path()).read_text().strip() == text.strip()
+    # A streamed answer has no segments: the srt is asked of the server.
+    with (
+        page.expect_response(re.compile(r"/v1/audio/transcriptions$")) as srt_response,
+        page.expect_download() as download,
+    ):
+        page.get_by_role("button", name="srt", exact=True).click()
+    assert srt_response.value.status == 200
+    srt = Path(download.value.path()).read_text()
+    cue_text = " ".join(
+        line for line in srt.splitlines() if "-->" not in line and not line.strip().isdigit()
+    )
+    assert srt.startswith("1\n00:00:") and wer(expected, cue_text) < 0.3, srt
 
 
 def test_microphone_recording_is_transcribed(

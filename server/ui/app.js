@@ -454,11 +454,14 @@ $(".downloads").addEventListener("click", async (event) => {
     else save(name, cues(verbose.segments || [], kind === "vtt"), "text/plain");
     return;
   }
-  if (EXTENSIONS[kind] === result.format || (kind === "txt" && result.text !== undefined)) {
-    save(name, kind === "txt" && result.text !== undefined ? result.text : result.body, "text/plain");
+  // A streamed answer has the text; an srt or vtt answer is its own download.
+  const have = kind === "txt" && result.text !== undefined ? result.text
+    : (EXTENSIONS[kind] === result.format ? result.body : null);
+  if (have !== null) {
+    save(name, have, "text/plain");
     return;
   }
-  // The timed formats need the segments: ask the server for that format.
+  // Anything else needs the segments: ask the server for that format.
   button.disabled = true;
   try {
     const response = await api(endpoint(), { method: "POST", body: requestForm(EXTENSIONS[kind]) });
@@ -581,7 +584,7 @@ function decisionRows(d) {
 const SVG = "http://www.w3.org/2000/svg";
 const W = 600;
 const H = 200;
-const PAD = { left: 64, right: 8, top: 8, bottom: 22 };
+const PAD = { left: 78, right: 8, top: 10, bottom: 26 };
 
 function svg(tag, attrs = {}, text = "") {
   const node = document.createElementNS(SVG, tag);
