@@ -34,7 +34,7 @@ from server.errors import (
 from server.memory import format_bytes, host_heap
 from server.metrics import Metrics
 from server.realtime import LiveSessions
-from server.routes import audio, health, models, realtime
+from server.routes import audio, health, models, realtime, ui
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("server.access")
@@ -264,6 +264,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router)
     app.include_router(audio.router)
     app.include_router(realtime.router)
+    if settings.ui:
+        app.include_router(ui.router)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     """Serve /metrics without an API key when WHISPER_API_KEYS is set. Off: /metrics needs a key,
     like /v1."""
 
+    ui: bool = True
+    """Serve the page at /ui (try a file or the microphone, watch memory and the planner's
+    decisions), and redirect / to it. The page holds no data: what it shows comes from /v1,
+    with the key typed into it. Off: /ui and / are 404."""
+
     # ---- models ------------------------------------------------------------------------------
     model: str | None = None
     """Model to serve: a CTranslate2 model folder, a folder name under WHISPER_MODELS_DIR, or a

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import psutil
@@ -112,6 +112,10 @@ class EngineStats:
     unloads: int = 0
     waits: int = 0
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
+    running: int = 0
+    """Requests inside :meth:`Engine.run` now (planned, decoding or waiting for memory)."""
+    waiting_for_memory: int = 0
+    """Plans (a request's piece, or a scheduler's batch) waiting for memory to free up."""
 
 
 class Engine:
@@ -146,6 +150,7 @@ class Engine:
         self._sequential = threading.BoundedSemaphore(settings.max_concurrency)
         self._schedulers: dict[int, Scheduler] = {}
         self._scheduler_lock = threading.Lock()
+        self._counting = threading.Lock()  # guards the stats' running/waiting gauges
         # The running batch's reservation, per model (each model's scheduler runs one at a time).
         self._batch_reservations: dict[int, Reservation] = {}
         self.on_plan: Callable[[Plan], None] | None = None  # metrics hook
@@ -566,7 +571,7 @@ class Engine:
             cpu_load_bytes=0 if cpu_copy or model.device == "cpu" else None,
             on_run=reserve,
         )
-        self._record(job, plan, waited, model.device)
+        self._record(job, plan, waited, model.device, audio_seconds)
         if plan.action == "reject":
             self.stats.rejected += 1
             reasons = "; ".join(d.reason for d in plan.degradations) or "no memory"
@@ -577,7 +582,9 @@ class Engine:
             )
         return plan, held
 
-    def _record(self, job: Job, plan: Plan, waited: float, place: str) -> None:
+    def _record(
+        self, job: Job, plan: Plan, waited: float, place: str, audio_seconds: float
+    ) -> None:
         """One decision for /v1/memory and the metrics."""
         self.stats.recent.append(
             {
@@ -593,6 +600,14 @@ class Engine:
                 "budget_bytes": plan.budget,
                 "waited_s": round(waited, 3),
                 "degradations": [d.kind for d in plan.degradations],
+                "model": job.source.id,
+                "task": job.task,
+                "audio_seconds": round(audio_seconds, 3),
+                "reasons": [d.reason for d in plan.degradations],
+                "reason": plan.reason,
+                # Filled in when the request ends (see _finish); present from the start so
+                # that a reader serializing the dict never sees its size change.
+                "outcome": None,
             }
         )
         if self.on_plan is not None:
@@ -617,46 +632,51 @@ class Engine:
         """
         waited = 0.0
         evicted: list[Degradation] = []
-        while True:
-            since = self.reservations.generation
-            evict: LoadedModel | None = None
-            with self.reservations.planning():
-                snapshot = self.probe(model.device).snapshot()
-                plan = plan_request(
-                    request,
-                    snapshot,
-                    replace(self.policy(model.device), ladder=steps),
-                    reserved=sum(self.reservations.total(k) for k in reserved_keys),
-                    host_reserved=self.reservations.total(HOST),
-                    cost=model.cost,
-                    waited=waited,
-                    cpu_load_bytes=cpu_load_bytes,
-                )
-                if plan.action != "run" or plan.degradations:
-                    # The first rung: an idle model's memory, before anything is degraded.
-                    idle = self.pool.idle(model.device, exclude=model)
-                    evict = idle[0] if idle and self.settings.memory_policy != "off" else None
-                if evict is None and plan.action == "run" and on_run is not None:
-                    on_run(plan)
-            if evict is not None:
-                why = plan.reason or "; ".join(d.reason for d in plan.degradations)
-                if self.unload(evict, f"to make room for a request: {why}"):
-                    evicted.append(
-                        Degradation(
-                            "evict",
-                            f"unloaded idle model {evict.source.id} from {evict.device} "
-                            f"({format_bytes(evict.weights_bytes)}) to make room: {why}",
-                        )
+        counted = False
+        with ExitStack() as waiting:
+            while True:
+                since = self.reservations.generation
+                evict: LoadedModel | None = None
+                with self.reservations.planning():
+                    snapshot = self.probe(model.device).snapshot()
+                    plan = plan_request(
+                        request,
+                        snapshot,
+                        replace(self.policy(model.device), ladder=steps),
+                        reserved=sum(self.reservations.total(k) for k in reserved_keys),
+                        host_reserved=self.reservations.total(HOST),
+                        cost=model.cost,
+                        waited=waited,
+                        cpu_load_bytes=cpu_load_bytes,
                     )
-                continue
-            if plan.action != "wait":
-                if evicted:
-                    plan = replace(plan, degradations=(*evicted, *plan.degradations))
-                return plan, waited
-            self.stats.waits += 1
-            started = time.monotonic()
-            self.reservations.wait_for_release(timeout=min(plan.wait_s, 0.5), since=since)
-            waited += time.monotonic() - started
+                    if plan.action != "run" or plan.degradations:
+                        # The first rung: an idle model's memory, before anything is degraded.
+                        idle = self.pool.idle(model.device, exclude=model)
+                        evict = idle[0] if idle and self.settings.memory_policy != "off" else None
+                    if evict is None and plan.action == "run" and on_run is not None:
+                        on_run(plan)
+                if evict is not None:
+                    why = plan.reason or "; ".join(d.reason for d in plan.degradations)
+                    if self.unload(evict, f"to make room for a request: {why}"):
+                        evicted.append(
+                            Degradation(
+                                "evict",
+                                f"unloaded idle model {evict.source.id} from {evict.device} "
+                                f"({format_bytes(evict.weights_bytes)}) to make room: {why}",
+                            )
+                        )
+                    continue
+                if plan.action != "wait":
+                    if evicted:
+                        plan = replace(plan, degradations=(*evicted, *plan.degradations))
+                    return plan, waited
+                self.stats.waits += 1
+                if not counted:  # once, from the first wait until it runs or is rejected
+                    waiting.enter_context(self._counted("waiting_for_memory"))
+                    counted = True
+                started = time.monotonic()
+                self.reservations.wait_for_release(timeout=min(plan.wait_s, 0.5), since=since)
+                waited += time.monotonic() - started
 
     # ---- running --------------------------------------------------------------------------
 
@@ -749,21 +769,29 @@ class Engine:
         reader = PieceReader(job.reader())
         run = _Progress(job.language, job.prompt, on_decoded)
         shape: Shape | None = None  # known once the first piece shows how long the audio is
+        outcome = "error"
         try:
-            while not reader.finished:
-                shape = self._run_piece(model, job, reader, shape, run, on_segment, cancelled)
-                if shape is None or reader.finished:
-                    break  # the ``finally`` below gives the last piece's memory back
-                # The piece's samples, features and working memory are free now: give them back
-                # to the kernel, so that RSS (and the planner's next reading) shows it.
-                release_freed_memory()
-                if run.segments and job.temperature == 0:
-                    # Carry the text across pieces, as sequential decoding does across windows.
-                    run.prompt = _context(run.segments)
+            with self._counted("running"):
+                while not reader.finished:
+                    shape = self._run_piece(model, job, reader, shape, run, on_segment, cancelled)
+                    if shape is None or reader.finished:
+                        break  # the ``finally`` below gives the last piece's memory back
+                    # The piece's samples, features and working memory are free now: give them
+                    # back to the kernel, so that RSS (and the planner's next reading) shows it.
+                    release_freed_memory()
+                    if run.segments and job.temperature == 0:
+                        # Carry the text across pieces, as sequential decoding does across
+                        # windows.
+                        run.prompt = _context(run.segments)
+            outcome = "ok"
+        except APIError as exc:
+            outcome = exc.code or str(exc.status)
+            raise
         finally:
             run.models.close()
             release_freed_memory()
             self.settle()
+            self._finish(job.request_id, outcome)
         if run.pieces > 1:
             reader.log_cuts()
             logger.info(
@@ -841,6 +869,7 @@ class Engine:
                     shape = self.requested_shape(model, job, known)
                     if shape != planned:
                         held.close()  # the audio turned out short (or long): plan it as such
+                        self._finish(job.request_id, "replanned")
                         continue
             self._note(run.degraded, plan, job)
             if plan.device == device_kind(model.device):
@@ -947,6 +976,25 @@ class Engine:
                 degraded[d.kind] = d.reason
                 self.stats.degradations[d.kind] += 1
                 logger.warning("request %s degraded (%s): %s", job.request_id, d.kind, d.reason)
+
+    @contextmanager
+    def _counted(self, gauge: Literal["running", "waiting_for_memory"]) -> Iterator[None]:
+        """Count a request in one of the stats' gauges while the block runs."""
+        with self._counting:
+            setattr(self.stats, gauge, getattr(self.stats, gauge) + 1)
+        try:
+            yield
+        finally:
+            with self._counting:
+                setattr(self.stats, gauge, getattr(self.stats, gauge) - 1)
+
+    def _finish(self, request_id: str, outcome: str) -> None:
+        """Write how the request ended on its recent decisions that have no outcome yet:
+        ``ok``, the error's code, or ``replanned`` for a plan dropped before it ran (made
+        before the audio's length was known)."""
+        for decision in list(self.stats.recent):  # a copy: other threads append meanwhile
+            if decision["request_id"] == request_id and decision["outcome"] is None:
+                decision["outcome"] = outcome
 
     # ---- the two paths --------------------------------------------------------------------
 
@@ -1157,6 +1205,12 @@ class Engine:
                 devices.append({"device": device, "error": str(exc)})
                 continue
             d = snap.device
+            reserved = self.reserved_bytes(device)
+            resident = self.pool.resident_bytes(device)
+            # What this process is known to hold there: on the host its resident memory (which
+            # contains its models); on a GPU its weights and what its requests reserved (NVML
+            # cannot attribute memory to a process inside a container).
+            ours = self.footprint() if device == "cpu" else resident + reserved
             devices.append(
                 {
                     "device": device,
@@ -1166,7 +1220,9 @@ class Engine:
                     "total_bytes": d.total,
                     "free_bytes": d.free,
                     "used_bytes": d.used,
-                    "reserved_bytes": self.reserved_bytes(device),
+                    "reserved_bytes": reserved,
+                    "resident_bytes": resident,
+                    "others_bytes": max(0, d.used - ours),
                 }
             )
         s = self.settings
@@ -1175,6 +1231,13 @@ class Engine:
             "places": self.places,
             "device_reason": self.device_reason,
             "devices": devices,
+            "requests": {
+                "in_flight": self.queue_depth,
+                "max_queue": s.max_queue,
+                "running": self.stats.running,
+                "waiting_for_memory": self.stats.waiting_for_memory,
+                "queued_windows": sum(st.queued_windows for st in self.scheduler_stats()),
+            },
             "models": [self.model_status(m) for m in self.pool.loaded()],
             "model_ttl_s": s.model_ttl,
             "reservations": self.reservations.snapshot(),

@@ -8,6 +8,8 @@ timestamps, rejecting), then the results are checked against an unconstrained ru
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -135,6 +137,41 @@ def test_rejects_with_retry_after_when_nothing_fits(
     assert info.value.headers["Retry-After"] == "5"
     assert engine.stats.rejected == 1
     assert engine.reservations.total("cpu") == 0 and engine.reservations.total("host") == 0
+
+
+def test_waiting_for_memory_is_reported(
+    unconstrained: Engine, tiny_model: Path, tmp_path: Path, data_dir: Path
+) -> None:
+    """/v1/memory counts a request waiting for memory, and its decision says how it ended."""
+    job = job_for(unconstrained, data_dir, "jfk.flac")
+    asked = unconstrained.requested_shape(only_model(unconstrained), job)
+    limit = host_limit_for(unconstrained, asked, 11.0)
+    engine = make_engine(
+        tiny_model,
+        tmp_path,
+        host_memory_limit=str(limit),
+        memory_policy="strict",
+        max_memory_wait=60,
+    )
+    other = engine.reservations.reserve("host", limit, "someone else")
+    result: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: result.append(engine.run(job_for(engine, data_dir, "jfk.flac")))
+    )
+    worker.start()
+    deadline = time.monotonic() + 30
+    while engine.memory_report()["requests"]["waiting_for_memory"] != 1:
+        assert time.monotonic() < deadline, "the request never waited"
+        time.sleep(0.05)
+    assert engine.memory_report()["requests"]["running"] == 1
+    other.release()
+    worker.join(timeout=60)
+    assert result and "country" in result[0].text
+    report = engine.memory_report()
+    assert report["requests"]["waiting_for_memory"] == report["requests"]["running"] == 0
+    decision = report["recent_decisions"][-1]
+    assert decision["action"] == "run" and decision["waited_s"] > 0
+    assert decision["outcome"] == "ok" and decision["audio_seconds"] == pytest.approx(11, abs=0.5)
 
 
 def test_reservations_released_after_each_request(unconstrained: Engine, data_dir: Path) -> None:
