@@ -317,8 +317,10 @@ def memory_budget(
         under_limit = cap - resident - reserved
         if under_limit < amount:
             amount = under_limit
+            # As the operator wrote it ("90%", "22GiB"), unless that was a bare byte count.
+            named = format_bytes(cap) if str(limit).rstrip("B").isdigit() else str(limit)
             why = (
-                f"{format_bytes(max(under_limit, 0))} left under the {limit} limit "
+                f"{format_bytes(max(under_limit, 0))} left under the {named} limit "
                 f"({format_bytes(resident)} resident, {format_bytes(reserved)} reserved)"
             )
     return Budget(max(0, amount), why)
