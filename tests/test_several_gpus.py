@@ -26,7 +26,7 @@ from tests.conftest import pin_footprint_to_weights
 from tests.memory.test_memory_probes import UUID_A, UUID_B, FakeNvml
 
 GiB = 1 << 30
-LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
+LONG = "en_mfa_michaelandsickmichael.flac"  # 52 s: two pieces of at most 30 s
 
 
 @pytest.fixture
@@ -108,7 +108,7 @@ def test_the_pieces_of_a_long_file_follow_the_free_memory(
     two_gpus: tuple[Engine, FakeNvml, list[int]], data_dir: Path
 ) -> None:
     engine, nvml, loaded_on = two_gpus
-    engine.settings.max_piece_duration = 60.0  # 231 s in four pieces
+    engine.settings.max_piece_duration = 30.0
     set_free(nvml, UUID_A, 20 * GiB)
     set_free(nvml, UUID_B, 20 * GiB)
     real_run_piece = engine._run_piece
@@ -116,15 +116,15 @@ def test_the_pieces_of_a_long_file_follow_the_free_memory(
 
     def run_piece(model: Any, *args: Any) -> Any:
         pieces.append(model.device)
-        if len(pieces) == 3:  # mid-run (after two pieces), GPU 0 fills up; GPU 1 is free
+        if len(pieces) == 2:  # mid-run (after the first piece), GPU 0 fills up; GPU 1 is free
             set_free(nvml, UUID_A, 200 << 20)
         return real_run_piece(model, *args)
 
     engine._run_piece = run_piece  # type: ignore[method-assign]
     transcript = engine.run(job(engine, data_dir, LONG, "long"))
-    assert "printing" in transcript.text.lower()
+    assert len(transcript.text.split()) > 50
     placed = places_of(engine, "long")
-    assert placed[:2] == ["cuda:0", "cuda:0"] and set(placed[2:]) == {"cuda:1"}, placed
+    assert len(pieces) == 2 and placed[0] == "cuda:0" and placed[-1] == "cuda:1", placed
     assert loaded_on == [0, 1]
     # The copy on GPU 1 was held for the request and let go at its end.
     assert all(m.in_use == 0 for m in engine.pool.loaded())
