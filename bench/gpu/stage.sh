@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU stage: every measurement of the GPU check, in the last of its three transfers
+# The GPU stage: every measurement of the GPU check, in the last of its transfers
 # (bench/gpu/README.md). Each step runs under `timeout` with its share of the time that is left,
 # prints its rows as they finish, and is skipped (said so in the report) when too little is
 # left, so a slow step cannot take the others' results with it. Results go to $OUT: stage.md
