@@ -17,6 +17,7 @@ import numpy as np
 
 from server.audio import ArraySource, AudioSource
 from server.chinese import target
+from server.diarization import DiarizationOptions
 from server.languages import ChineseScript
 from server.memory import Shape
 from server.model_store import ModelSource
@@ -53,6 +54,11 @@ class Job:
         logprobs: Whether the client asked for the log-probability of each token.
         chinese: The OpenCC configuration that puts Chinese output in the script the client
             asked for (``"t2s"``, ``"s2tw"``, ...), or None to leave it as decoded.
+        diarization: Who said what (``diarized_json``), or None. Diarized segments are split
+            where the speaker changes, at word boundaries: the words' times are computed even
+            if the client did not ask for them.
+        channels: When the channels are the speakers (a call), one source per channel: each
+            is transcribed on its own, instead of ``audio``.
     """
 
     request_id: str
@@ -69,6 +75,8 @@ class Job:
     hotwords: str | None = None
     logprobs: bool = False
     chinese: str | None = None
+    diarization: DiarizationOptions | None = None
+    channels: tuple[AudioSource, ...] = ()
 
     @classmethod
     def from_request(
@@ -80,6 +88,8 @@ class Job:
         source: ModelSource,
         default_beam_size: int,
         chinese_script: ChineseScript = "simplified",
+        diarization: DiarizationOptions | None = None,
+        channels: tuple[AudioSource, ...] = (),
     ) -> Job:
         """The job for a parsed request; OpenAI's field names become faster-whisper's."""
         strategy = req.chunking_strategy
@@ -100,12 +110,14 @@ class Job:
             prompt=req.prompt,
             temperature=req.temperature,
             beam_size=req.beam_size or default_beam_size,
-            word_timestamps=req.word_timestamps,
+            word_timestamps=req.word_timestamps or diarization is not None,
             vad_filter=req.vad_filter or strategy is not None,
             vad_parameters=vad or None,
             hotwords=req.hotwords,
             logprobs=req.logprobs,
             chinese=target(req.language_tag, chinese_script) if req.task == "transcribe" else None,
+            diarization=diarization,
+            channels=channels,
         )
 
     @property
@@ -152,6 +164,7 @@ class Job:
             chunk_length=chunk_length,
             batched=windowed,
             logprobs=self.logprobs,
+            diarize=self.diarization is not None,
         )
 
     def _decoding(self, shape: Shape) -> dict[str, Any]:

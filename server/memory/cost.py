@@ -66,6 +66,16 @@ HEAP_KEPT_BYTES = 32 * MiB
 #: Per-request host memory that does not grow with the audio: the demuxer and decoder, the
 #: resampler's queue, segments and tokens. Measured at 5 s (``bench/memory_truth.py``).
 HOST_FIXED_BYTES = 8 * MiB
+#: Speaker diarization of a piece (``diarized_json``), on the host whatever the device, after
+#: the piece is transcribed: Silero VAD over the piece again (``VAD_BYTES_PER_SECOND``), the
+#: speaker encoder's 1.6 s feature windows every 0.4 s (64 kB a second of speech, all of a
+#: piece's at once), features and embeddings (19 kB). Measured by tracemalloc on a 300 s piece
+#: (``tests/test_diarization.py`` checks the estimate against a measurement).
+DIARIZATION_BYTES_PER_SECOND = VAD_BYTES_PER_SECOND + 64_000 + 19_000
+#: Per diarized request: the encoder's working memory for a batch of 64 windows, and up to four
+#: reference clips of 10 s with their features. (Its weights, 5.7 MB, stay resident once loaded
+#: and are counted with the process's idle memory, like a CPU model's.)
+DIARIZATION_FIXED_BYTES = 8 * MiB
 #: cuBLAS/cuDNN workspaces and allocator rounding on a GPU; oneDNN scratch on the CPU.
 CUDA_WORKSPACE_BYTES = 64 * MiB
 CPU_WORKSPACE_BYTES = 4 * MiB
@@ -115,6 +125,8 @@ class Shape:
             once). It changes host memory only.
         logprobs: Whether each window's tokens are scored again for their log-probabilities
             (a forced pass that returns the logits of every step).
+        diarize: Whether each piece is diarized after it is transcribed (host memory only:
+            the speaker encoder runs in numpy on the CPU).
     """
 
     device: str
@@ -125,6 +137,7 @@ class Shape:
     chunk_length: int = 30
     batched: bool = False
     logprobs: bool = False
+    diarize: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
@@ -551,13 +564,21 @@ class CostModel:
         else:
             transient = float(FEATURE_EXTRACTION_BYTES_PER_SECOND)
             transient_fixed = 0
+        fixed = HOST_FIXED_BYTES
+        if shape.diarize:
+            # Counted beside everything else: diarization runs while the piece is still held,
+            # and its VAD pass is not the one the transient above stands for.
+            held += DIARIZATION_BYTES_PER_SECOND
+            fixed += DIARIZATION_FIXED_BYTES
+            breakdown["host.diarization_per_second"] = DIARIZATION_BYTES_PER_SECOND
+            breakdown["host.diarization_fixed"] = DIARIZATION_FIXED_BYTES
         breakdown["host.held_per_second"] = held
         breakdown["host.transient_per_second"] = math.ceil(transient)
         breakdown["host.transient_fixed"] = transient_fixed
         return CostEstimate(
             device_bytes=device_bytes,
             host_bytes_per_audio_second=held + transient,
-            host_fixed_bytes=HOST_FIXED_BYTES + transient_fixed,
+            host_fixed_bytes=fixed + transient_fixed,
             breakdown=MappingProxyType(breakdown),
             source=source,
             host_transient_per_audio_second=transient,
