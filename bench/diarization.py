@@ -122,16 +122,81 @@ def track_stage(convs: list[Conversation]) -> None:
     )
 
 
+def server_stage(convs: list[Conversation], model: str | None, words: bool) -> None:
+    import requests
+
+    from bench.harness import served
+
+    env = {"WHISPER_DEVICE": "cpu", "WHISPER_DIARIZATION_WORDS": str(words).lower()}
+    if model:
+        env["WHISPER_MODEL"] = model
+    rows = []
+    with served(env) as server:
+        url = server.url + "/v1/audio/transcriptions"
+
+        def post(conv: Conversation, fmt: str) -> tuple[dict, float]:
+            """The body and the server's CPU seconds for it: on a shared machine the CPU time
+            is what the request cost; the wall time is printed beside it."""
+            cpu = sum(server.process.cpu_times()[:2])
+            started = time.perf_counter()
+            r = requests.post(
+                url,
+                files={"file": ("conversation.wav", conv.wav())},
+                data={"model": "whisper-1", "response_format": fmt},
+                timeout=900,
+            )
+            r.raise_for_status()
+            walls.append(time.perf_counter() - started)
+            return r.json(), sum(server.process.cpu_times()[:2]) - cpu
+
+        walls: list[float] = []
+
+        post(convs[0], "diarized_json")  # warm-up: loads the speaker encoder
+        print(
+            "| conversation | audio s | speakers | found | DER | DER (no collar) "
+            "| json CPU s | diarized_json CPU s | extra | extra (wall) |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for conv in convs:
+            _, plain = post(conv, "json")
+            body, diarized = post(conv, "diarized_json")
+            hyp = [(s["start"], s["end"], s["speaker"]) for s in body["segments"]]
+            found = len({s["speaker"] for s in body["segments"]})
+            row = (conv, der(conv, hyp, 0.5), der(conv, hyp, 0.0), found, plain, diarized)
+            rows.append(row)
+            print(
+                f"| {conv.name} | {conv.duration:.1f} | {len(conv.speakers)} | {found} "
+                f"| {100 * row[1]:.1f} % | {100 * row[2]:.1f} % | {plain:.1f} | {diarized:.1f} "
+                f"| {100 * (diarized - plain) / plain:+.0f} % "
+                f"| {100 * (walls[-1] - walls[-2]) / walls[-2]:+.0f} % |",
+                flush=True,
+            )
+    plain_total = sum(r[4] for r in rows)
+    diarized_total = sum(r[5] for r in rows)
+    audio = sum(r[0].duration for r in rows)
+    print(
+        f"| **all {len(rows)}** | {audio:.0f} | | {sum(len(r[0].speakers) == r[3] for r in rows)}"
+        f"/{len(rows)} right | {100 * np.mean([r[1] for r in rows]):.1f} % "
+        f"| {100 * np.mean([r[2] for r in rows]):.1f} % | {plain_total:.0f} | "
+        f"{diarized_total:.0f} | {100 * (diarized_total - plain_total) / plain_total:+.0f} % "
+        f"| {100 * (sum(walls[2::2]) - sum(walls[1::2])) / sum(walls[1::2]):+.0f} % |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--stage", choices=("track", "server"), default="server")
     parser.add_argument("--count", type=int, default=12)
+    parser.add_argument("--no-words", action="store_true", help="WHISPER_DIARIZATION_WORDS=false")
+    parser.add_argument("--model", help="WHISPER_MODEL for the server (default: whisper-base)")
     args = parser.parse_args()
     convs = conversations(speaker_pools(audio_dir()), args.count)
     if args.stage == "track":
         track_stage(convs)
+    else:
+        server_stage(convs, args.model, not args.no_words)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class Job:
             asked for (``"t2s"``, ``"s2tw"``, ...), or None to leave it as decoded.
         diarization: Who said what (``diarized_json``), or None. Diarized segments are split
             where the speaker changes, at word boundaries: the words' times are computed even
-            if the client did not ask for them.
+            though the client cannot ask for them (WHISPER_DIARIZATION_WORDS).
         channels: When the channels are the speakers (a call), one source per channel: each
             is transcribed on its own, instead of ``audio``.
     """
@@ -90,6 +90,7 @@ class Job:
         chinese_script: ChineseScript = "simplified",
         diarization: DiarizationOptions | None = None,
         channels: tuple[AudioSource, ...] = (),
+        diarization_words: bool = True,
     ) -> Job:
         """The job for a parsed request; OpenAI's field names become faster-whisper's."""
         strategy = req.chunking_strategy
@@ -110,7 +111,7 @@ class Job:
             prompt=req.prompt,
             temperature=req.temperature,
             beam_size=req.beam_size or default_beam_size,
-            word_timestamps=req.word_timestamps or diarization is not None,
+            word_timestamps=req.word_timestamps or (diarization is not None and diarization_words),
             vad_filter=req.vad_filter or strategy is not None,
             vad_parameters=vad or None,
             hotwords=req.hotwords,

@@ -138,6 +138,7 @@ class TranscriptionService:
                 chinese_script=settings.chinese_script,
                 diarization=diarization,
                 channels=channels,
+                diarization_words=settings.diarization_words,
             )
             if req.stream:
                 return await self._start_stream(job, req, slot.pop_all())

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +28,10 @@ WINDOW_FRAMES = 160
 #: Speech is brought up to this level before the features are taken, as in training.
 TARGET_DBFS = -30.0
 _INT16 = 32767.0
-# Windows run through the LSTM together: bounds the working memory (gates and states of the
-# batch, about 2 MB) while keeping the matrix products large enough to be efficient.
-_BATCH = 64
+# Windows run through the LSTM together: large enough for efficient matrix products, small
+# enough to bound the working memory (every step's input projection, 32 x 160 x 1024 floats =
+# 21 MB, and the layer's outputs, 5 MB).
+_BATCH = 32
 
 
 def mel_filters(
@@ -136,8 +138,12 @@ class SpeakerEncoder:
     def embed_frames(self, windows: np.ndarray) -> np.ndarray:
         """Embeddings of feature windows ``(n, frames, 40)`` -> ``(n, 256)``, L2-normalised."""
         out = np.empty((len(windows), self.linear_w.shape[0]), dtype=np.float32)
-        for start in range(0, len(windows), _BATCH):
-            out[start : start + _BATCH] = self._forward(windows[start : start + _BATCH])
+        # One BLAS thread: the LSTM's products are small, and with a thread per core OpenBLAS
+        # spins waiting for cores that CTranslate2 (or another request) holds: 64 windows
+        # took 7-16 CPU seconds that way on two busy cores, 1.1 s on one thread.
+        with threadpool_limits(limits=1, user_api="blas"):
+            for start in range(0, len(windows), _BATCH):
+                out[start : start + _BATCH] = self._forward(windows[start : start + _BATCH])
         return out
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
@@ -146,7 +152,8 @@ class SpeakerEncoder:
         hidden = np.zeros((batch, 256), dtype=np.float32)
         for n, layer in enumerate(self.layers):
             size = layer.w_hh.shape[1]
-            inputs = seq @ layer.w_ih.T + layer.bias  # every step's input term at once
+            inputs = seq @ layer.w_ih.T  # every step's input term at once
+            inputs += layer.bias
             hidden = np.zeros((batch, size), dtype=np.float32)
             cell = np.zeros((batch, size), dtype=np.float32)
             last = n == len(self.layers) - 1
@@ -162,6 +169,7 @@ class SpeakerEncoder:
                 hidden = o * np.tanh(cell)
                 if outputs is not None:
                     outputs[:, t] = hidden
+            del inputs  # before the next layer's are taken
             if outputs is not None:
                 seq = outputs
         embedded = np.maximum(hidden @ self.linear_w.T + self.linear_b, 0.0)

@@ -67,15 +67,16 @@ HEAP_KEPT_BYTES = 32 * MiB
 #: resampler's queue, segments and tokens. Measured at 5 s (``bench/memory_truth.py``).
 HOST_FIXED_BYTES = 8 * MiB
 #: Speaker diarization of a piece (``diarized_json``), on the host whatever the device, after
-#: the piece is transcribed: Silero VAD over the piece again (``VAD_BYTES_PER_SECOND``), the
-#: speaker encoder's 1.6 s feature windows every 0.4 s (64 kB a second of speech, all of a
-#: piece's at once), features and embeddings (19 kB). Measured by tracemalloc on a 300 s piece
-#: (``tests/test_diarization.py`` checks the estimate against a measurement).
-DIARIZATION_BYTES_PER_SECOND = VAD_BYTES_PER_SECOND + 64_000 + 19_000
-#: Per diarized request: the encoder's working memory for a batch of 64 windows, and up to four
-#: reference clips of 10 s with their features. (Its weights, 5.7 MB, stay resident once loaded
-#: and are counted with the process's idle memory, like a CPU model's.)
-DIARIZATION_FIXED_BYTES = 8 * MiB
+#: the piece is transcribed: Silero VAD over the piece again (``VAD_BYTES_PER_SECOND``, most of
+#: it inside onnxruntime), plus what numpy holds per second of speech (features, a 1.6 s window
+#: of them every 0.8 s, embeddings): 55 kB by tracemalloc over 30-230 s of LJSpeech, counted
+#: as 83 kB.
+DIARIZATION_BYTES_PER_SECOND = VAD_BYTES_PER_SECOND + 83_000
+#: Per diarized request: the speaker encoder's working memory for a batch of 32 windows (every
+#: step's input projection, 21 MB, and a layer's outputs) and up to four reference clips:
+#: 35 MB at the peak by tracemalloc, whatever the piece's length. (Its weights, 5.7 MB, stay
+#: resident once loaded and are counted with the process's idle memory, like a CPU model's.)
+DIARIZATION_FIXED_BYTES = 40 * MiB
 #: cuBLAS/cuDNN workspaces and allocator rounding on a GPU; oneDNN scratch on the CPU.
 CUDA_WORKSPACE_BYTES = 64 * MiB
 CPU_WORKSPACE_BYTES = 4 * MiB
