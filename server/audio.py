@@ -27,6 +27,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import av
 import numpy as np
@@ -163,13 +164,22 @@ class AudioStream:
         data: The uploaded bytes.
         max_duration: Longest audio accepted, in seconds.
         sample_rate: Rate of the samples produced, in Hz.
+        channel: One channel's samples (0 is the first) instead of all of them mixed down:
+            recordings whose channels are different speakers (calls) are diarized by channel.
 
     Raises:
         AudioError: The upload is empty, not audio, has no audio track, or declares too much.
         ValueError: ``max_duration`` or ``sample_rate`` is not positive.
     """
 
-    def __init__(self, data: bytes, *, max_duration: float, sample_rate: int = SAMPLE_RATE) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        *,
+        max_duration: float,
+        sample_rate: int = SAMPLE_RATE,
+        channel: int | None = None,
+    ) -> None:
         if max_duration <= 0 or sample_rate <= 0:
             raise ValueError(
                 f"max_duration and sample_rate must be positive, got {max_duration}, {sample_rate}"
@@ -178,6 +188,7 @@ class AudioStream:
             raise _error("empty_file", "The uploaded file is empty (0 bytes). " + _SEND_AUDIO)
         self.sample_rate = sample_rate
         self.max_duration = max_duration
+        self.channel = channel
         self._max_samples = int(max_duration * sample_rate)
         try:
             self._container = av.open(
@@ -343,9 +354,13 @@ class AudioStream:
             # concatenated MP3): flush the old resampler and start a fresh one.
             if self._resampler is not None:
                 self._take(self._resampler.resample(None))
-            # frame_size groups the output into 1-second chunks.
+            # frame_size groups the output into 1-second chunks. One channel is taken from the
+            # planar output with every channel kept.
             self._resampler = av.AudioResampler(
-                format="s16", layout="mono", rate=self.sample_rate, frame_size=self.sample_rate
+                format="s16" if self.channel is None else "s16p",
+                layout="mono" if self.channel is None else frame.layout.name,
+                rate=self.sample_rate,
+                frame_size=self.sample_rate,
             )
             if self._setup is None:
                 self.info = replace(
@@ -359,7 +374,11 @@ class AudioStream:
     def _take(self, frames: list[av.AudioFrame]) -> bool:
         produced = False
         for out in frames:
-            chunk = out.to_ndarray().reshape(-1)
+            planes = out.to_ndarray()
+            if self.channel is None:
+                chunk = planes.reshape(-1)
+            else:
+                chunk = planes[min(self.channel, len(planes) - 1)].copy()
             if len(chunk):
                 self._pending.append(chunk)
                 self._total += len(chunk)
@@ -632,8 +651,23 @@ class ArraySource:
         pass
 
 
-AudioSource = ArraySource | AudioStream
-"""Where a request's samples come from: decoded already, or decoded as they are read."""
+class AudioSource(Protocol):
+    """Where a request's samples come from: decoded already (:class:`ArraySource`), decoded as
+    they are read (:class:`AudioStream`), or one channel of a call with the other side's
+    echo muted (``server.diarization.channels.ChannelSource``)."""
+
+    @property
+    def duration(self) -> float | None: ...
+
+    @property
+    def decoded_seconds(self) -> float: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    def read(self, max_samples: int) -> np.ndarray: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: an array has no single truth value

@@ -250,6 +250,11 @@ class Settings(BaseSettings):
     """Seconds of audio per window given to the encoder; the planner may shorten it when memory is
     short."""
 
+    diarization_words: bool = True
+    """`diarized_json`: time every word (Whisper's alignment pass) so that a segment in which the
+    speaker changes is split at the word where it does. Off: each segment goes whole to the
+    speaker heard most in it, which is faster (see bench/README.md for both)."""
+
     @field_validator("api_keys", "cors_origins", "model_aliases", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:

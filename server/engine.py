@@ -35,6 +35,7 @@ import psutil
 from server.admission import Admission
 from server.audio import Piece, PieceReader
 from server.config import Settings
+from server.diarization import Diarizer, SpeakerEncoder, load_encoder
 from server.errors import (
     APIError,
     ConflictError,
@@ -67,7 +68,7 @@ from server.memory import (
 )
 from server.memory.host_heap import release_freed_memory
 from server.model_pool import LoadedModel, ModelPool
-from server.model_store import ModelSource, ModelStore
+from server.model_store import ModelSource, ModelStore, install_speaker_encoder
 from server.runners import (
     SAMPLE_RATE,
     has_speech,
@@ -163,6 +164,8 @@ class Engine:
         self.footprint: Callable[[], int] = _process_rss
         #: The last reading of :attr:`footprint` taken with nothing running.
         self.idle_host_bytes = 0
+        self._speaker_encoder: SpeakerEncoder | None = None
+        self._speaker_lock = threading.Lock()
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -229,6 +232,26 @@ class Engine:
     @property
     def _pin(self) -> bool:
         return self.settings.pin_default_model
+
+    def speaker_encoder(self) -> SpeakerEncoder:
+        """The speaker encoder for diarization, installed into the model store and loaded on
+        first use (blocking).
+
+        Raises:
+            DiarizationUnavailableError: its weights are not installed (400, with the command
+                that installs them).
+        """
+        with self._speaker_lock:
+            if self._speaker_encoder is None:
+                started = time.perf_counter()
+                encoder = load_encoder(install_speaker_encoder(self.settings.models_dir))
+                logger.info(
+                    "loaded the speaker encoder in %.2fs (%.1f MB)",
+                    time.perf_counter() - started,
+                    encoder.weights_bytes / 1e6,
+                )
+                self._speaker_encoder = encoder
+            return self._speaker_encoder
 
     def settle(self) -> None:
         """With nothing running, read the process's resident memory: what it holds outside
@@ -766,23 +789,22 @@ class Engine:
         cancelled: threading.Event | None,
         on_decoded: Callable[[], None] | None,
     ) -> Transcript:
-        reader = PieceReader(job.reader())
         run = _Progress(job.language, job.prompt, on_decoded)
-        shape: Shape | None = None  # known once the first piece shows how long the audio is
+        if job.diarization is not None:
+            run.diarizer = Diarizer(self.speaker_encoder(), job.diarization)
+        # A call recorded with a side per channel is transcribed channel by channel; anything
+        # else is one source.
+        sources = job.channels or (job.reader(),)
+        duration = 0.0
         outcome = "error"
         try:
             with self._counted("running"):
-                while not reader.finished:
-                    shape = self._run_piece(model, job, reader, shape, run, on_segment, cancelled)
-                    if shape is None or reader.finished:
-                        break  # the ``finally`` below gives the last piece's memory back
-                    # The piece's samples, features and working memory are free now: give them
-                    # back to the kernel, so that RSS (and the planner's next reading) shows it.
-                    release_freed_memory()
-                    if run.segments and job.temperature == 0:
-                        # Carry the text across pieces, as sequential decoding does across
-                        # windows.
-                        run.prompt = _context(run.segments)
+                for channel, source in enumerate(sources):
+                    reader = PieceReader(source)
+                    run.channel = channel if job.channels else None
+                    run.prompt = job.prompt
+                    self._run_source(model, job, reader, run, on_segment, cancelled)
+                    duration = max(duration, reader.position / SAMPLE_RATE)
             outcome = "ok"
         except APIError as exc:
             outcome = exc.code or str(exc.status)
@@ -792,6 +814,51 @@ class Engine:
             release_freed_memory()
             self.settle()
             self._finish(job.request_id, outcome)
+        segments = run.segments
+        if run.diarizer is not None:
+            segments = run.diarizer.label(segments, run.channels if job.channels else None)
+            segments = [replace(s, id=n) for n, s in enumerate(segments)]
+            if job.channels and on_segment is not None:
+                # Channels were transcribed one after the other: their segments are streamed
+                # once all are known, in time order.
+                for segment in segments:
+                    on_segment(segment, run.language)
+            logger.info(
+                "request %s: %d speakers in %d windows%s",
+                job.request_id,
+                len(run.diarizer.track.speakers),
+                run.diarizer.windows,
+                f" over {len(job.channels)} channels" if job.channels else "",
+            )
+        return Transcript(
+            task=job.task,
+            language=run.language or "en",
+            duration=duration,
+            segments=tuple(segments),
+            degradations=tuple(run.degraded.items()),
+        )
+
+    def _run_source(
+        self,
+        model: LoadedModel,
+        job: Job,
+        reader: PieceReader,
+        run: _Progress,
+        on_segment: Callable[[Segment, str | None], None] | None,
+        cancelled: threading.Event | None,
+    ) -> None:
+        """Transcribe one source (the audio, or one channel of it) piece by piece."""
+        shape: Shape | None = None  # known once the first piece shows how long the audio is
+        while not reader.finished:
+            shape = self._run_piece(model, job, reader, shape, run, on_segment, cancelled)
+            if shape is None or reader.finished:
+                break  # the caller's ``finally`` gives the last piece's memory back
+            # The piece's samples, features and working memory are free now: give them back
+            # to the kernel, so that RSS (and the planner's next reading) shows it.
+            release_freed_memory()
+            if run.segments and job.temperature == 0:
+                # Carry the text across pieces, as sequential decoding does across windows.
+                run.prompt = _context(run.segments)
         if run.pieces > 1:
             reader.log_cuts()
             logger.info(
@@ -800,13 +867,6 @@ class Engine:
                 reader.position / SAMPLE_RATE,
                 run.pieces,
             )
-        return Transcript(
-            task=job.task,
-            language=run.language or "en",
-            duration=reader.position / SAMPLE_RATE,
-            segments=tuple(run.segments),
-            degradations=tuple(run.degraded.items()),
-        )
 
     def _run_piece(
         self,
@@ -827,6 +887,7 @@ class Engine:
         piece: Piece | None = None
         resume = 0  # samples of the piece already transcribed
         attempts = 0
+        first = len(run.segments)  # the piece's first segment
         while True:
             if cancelled is not None and cancelled.is_set():
                 raise RequestCancelledError("The client closed the request.")
@@ -897,11 +958,15 @@ class Engine:
                     for segment, detected in produced:
                         run.language = run.language or detected
                         run.segments.append(segment)
-                        if on_segment is not None:
+                        run.channels.append(run.channel or 0)
+                        if on_segment is not None and run.diarizer is None:
                             on_segment(segment, run.language)
                         resume = min(
                             len(piece.samples), round(segment.end * SAMPLE_RATE) - piece.start
                         )
+                    if run.diarizer is not None:
+                        # Under the piece's reservation, which counted the diarization's memory.
+                        self._diarize_piece(run, piece, first, on_segment)
                 return shape
             except Exception as exc:
                 if not is_out_of_memory(exc):
@@ -940,6 +1005,24 @@ class Engine:
         left = declared - reader.position / SAMPLE_RATE
         # A header that promised less than there is: go on in pieces of the usual length.
         return min(cap, left if left > _PIECE_SLACK_S else self.settings.chunk_length)
+
+    @staticmethod
+    def _diarize_piece(
+        run: _Progress,
+        piece: Piece,
+        first: int,
+        on_segment: Callable[[Segment, str | None], None] | None,
+    ) -> None:
+        """Add a transcribed piece's voices to the request's speakers; when streaming one
+        source, send its segments labelled (the final transcript is labelled again at the end,
+        with the same speakers and splits, and names that may have been confirmed since)."""
+        assert run.diarizer is not None
+        run.diarizer.add_piece(piece.samples, piece.start_s, channel=run.channel)
+        if on_segment is None or run.channel is not None:
+            return
+        for segment in run.diarizer.label(run.segments[first:]):
+            on_segment(replace(segment, id=run.streamed), run.language)
+            run.streamed += 1
 
     def _sequential_slot(self, shape: Shape) -> ExitStack | None:
         """A sequential slot (faster-whisper's own path: exactly its results, each window
@@ -1276,6 +1359,10 @@ class _Progress:
     pieces: int = 0
     #: Model copies on other GPUs that pieces moved to, held until the request ends.
     models: ExitStack = field(default_factory=ExitStack)
+    diarizer: Diarizer | None = None
+    channel: int | None = None  # the channel being transcribed, when channels are speakers
+    channels: list[int] = field(default_factory=list)  # each segment's channel
+    streamed: int = 0  # diarized segments sent so far
 
 
 def batched_key(device: str) -> str:

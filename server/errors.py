@@ -76,6 +76,16 @@ class AudioError(InvalidRequestError):
     code = "invalid_audio"
 
 
+class DiarizationUnavailableError(InvalidRequestError):
+    """Diarization was asked for, but the speaker encoder is not installed."""
+
+    code = "diarization_unavailable"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        kwargs.setdefault("param", "response_format")
+        super().__init__(message, **kwargs)
+
+
 class AuthenticationError(ClientError):
     """No API key, or a wrong one."""
 

@@ -30,6 +30,7 @@ class ResponseFormat(StrEnum):
     SRT = "srt"
     VTT = "vtt"
     VERBOSE_JSON = "verbose_json"
+    DIARIZED_JSON = "diarized_json"
 
 
 class Rendered(NamedTuple):
@@ -67,6 +68,8 @@ def render(
             return Rendered(to_json(transcript, logprobs=logprobs), JSON_MEDIA_TYPE)
         case ResponseFormat.VERBOSE_JSON:
             return Rendered(to_verbose_json(transcript, granularities), JSON_MEDIA_TYPE)
+        case ResponseFormat.DIARIZED_JSON:
+            return Rendered(to_diarized_json(transcript), JSON_MEDIA_TYPE)
         case ResponseFormat.TEXT:
             return Rendered(to_text(transcript), TEXT_MEDIA_TYPE)
         case ResponseFormat.SRT:
@@ -165,6 +168,41 @@ def to_verbose_json(
     return body
 
 
+def to_diarized_json(transcript: Transcript) -> dict[str, Any]:
+    """``response_format=diarized_json``, shaped like OpenAI's ``TranscriptionDiarized``:
+    ``task``, ``duration``, ``text``, ``segments`` (``transcript.text.segment`` objects with
+    ``id``, ``start``, ``end``, ``speaker`` and ``text``; segments without text are left out),
+    ``usage``, and ``x_whisper_degraded`` when the planner degraded the request."""
+    body: dict[str, Any] = {
+        "task": "transcribe",
+        "duration": round(transcript.duration, _TIME_DIGITS),
+        "text": transcript.text,
+        "segments": [segment_event(s) for s in transcript.segments if s.text.strip()],
+        "usage": _usage(transcript.duration),
+    }
+    if transcript.degradations:
+        body["x_whisper_degraded"] = degradations_body(transcript)
+    return body
+
+
+def segment_id(segment: Segment) -> str:
+    """A diarized segment's ``id`` (OpenAI's are strings)."""
+    return f"seg_{segment.id}"
+
+
+def segment_event(segment: Segment) -> dict[str, Any]:
+    """OpenAI's ``transcript.text.segment``: one speaker's stretch of text, in a
+    ``diarized_json`` body and as a streamed event."""
+    return {
+        "type": "transcript.text.segment",
+        "id": segment_id(segment),
+        "start": round(segment.start, _TIME_DIGITS),
+        "end": round(segment.end, _TIME_DIGITS),
+        "speaker": segment.speaker or "A",
+        "text": segment.text.strip(),
+    }
+
+
 def degradations_body(transcript: Transcript) -> list[dict[str, str]]:
     """What the memory planner changed, as the ``x_whisper_degraded`` extra field."""
     return [{"kind": kind, "reason": reason} for kind, reason in transcript.degradations]
@@ -174,13 +212,19 @@ def degradations_body(transcript: Transcript) -> list[dict[str, str]]:
 
 
 def text_delta_event(
-    delta: str, logprobs: tuple[TokenLogprob, ...] | None = None
+    delta: str,
+    logprobs: tuple[TokenLogprob, ...] | None = None,
+    *,
+    segment: str | None = None,
 ) -> dict[str, Any]:
     """OpenAI's ``transcript.text.delta`` event: a piece of text as it is decoded, with the
-    log-probabilities of its own tokens when they were asked for."""
+    log-probabilities of its own tokens when they were asked for, and (diarized) the ``id`` of
+    the segment it belongs to as ``segment_id``."""
     event: dict[str, Any] = {"type": "transcript.text.delta", "delta": delta}
     if logprobs is not None:
         event["logprobs"] = logprobs_body(logprobs)
+    if segment is not None:
+        event["segment_id"] = segment
     return event
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from server.audio import ArraySource, AudioSource
 from server.chinese import target
+from server.diarization import DiarizationOptions
 from server.languages import ChineseScript
 from server.memory import Shape
 from server.model_store import ModelSource
@@ -56,6 +57,11 @@ class Job:
         chunk_length: The longest window this audio needs, in seconds, when it is shorter
             than WHISPER_CHUNK_LENGTH (a live utterance): the encoder's cost grows with the
             window, and Whisper pads every window to its length. None: the server's.
+        diarization: Who said what (``diarized_json``), or None. Diarized segments are split
+            where the speaker changes, at word boundaries: the words' times are computed even
+            though the client cannot ask for them (WHISPER_DIARIZATION_WORDS).
+        channels: When the channels are the speakers (a call), one source per channel: each
+            is transcribed on its own, instead of ``audio``.
     """
 
     request_id: str
@@ -73,6 +79,8 @@ class Job:
     logprobs: bool = False
     chinese: str | None = None
     chunk_length: int | None = None
+    diarization: DiarizationOptions | None = None
+    channels: tuple[AudioSource, ...] = ()
 
     @classmethod
     def from_request(
@@ -84,6 +92,9 @@ class Job:
         source: ModelSource,
         default_beam_size: int,
         chinese_script: ChineseScript = "simplified",
+        diarization: DiarizationOptions | None = None,
+        channels: tuple[AudioSource, ...] = (),
+        diarization_words: bool = True,
     ) -> Job:
         """The job for a parsed request; OpenAI's field names become faster-whisper's."""
         strategy = req.chunking_strategy
@@ -104,12 +115,14 @@ class Job:
             prompt=req.prompt,
             temperature=req.temperature,
             beam_size=req.beam_size or default_beam_size,
-            word_timestamps=req.word_timestamps,
+            word_timestamps=req.word_timestamps or (diarization is not None and diarization_words),
             vad_filter=req.vad_filter or strategy is not None,
             vad_parameters=vad or None,
             hotwords=req.hotwords,
             logprobs=req.logprobs,
             chinese=target(req.language_tag, chinese_script) if req.task == "transcribe" else None,
+            diarization=diarization,
+            channels=channels,
         )
 
     @property
@@ -156,6 +169,7 @@ class Job:
             chunk_length=chunk_length,
             batched=windowed,
             logprobs=self.logprobs,
+            diarize=self.diarization is not None,
         )
 
     def _decoding(self, shape: Shape) -> dict[str, Any]:

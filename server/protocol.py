@@ -10,8 +10,11 @@ parsed here by hand into a typed :class:`TranscriptionRequest` rather than by Fa
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -27,6 +30,12 @@ GRANULARITIES = ("word", "segment")
 INCLUDES = ("logprobs",)
 #: Most ``keywords[]`` entries accepted (they share the prompt's token budget anyway).
 MAX_KEYWORDS = 100
+#: Most ``known_speaker_references[]`` (OpenAI: "up to 4 speakers").
+MAX_KNOWN_SPEAKERS = 4
+#: Most speakers ``min_speakers``/``max_speakers`` may name.
+MAX_SPEAKERS = 32
+BY_CHANNEL = ("auto", "on", "off")
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*;base64,", re.I)
 
 
 @dataclass(frozen=True)
@@ -46,9 +55,12 @@ class TranscriptionRequest:
 
     Mirrors OpenAI's fields (``file``, ``model``, ``language``, ``prompt``,
     ``response_format``, ``temperature``, ``timestamp_granularities[]``, ``stream``,
-    ``chunking_strategy``, ``include[]``, ``keywords[]``) plus faster-whisper extras
-    (``hotwords``, ``vad_filter``, ``beam_size``). ``keywords[]`` and ``hotwords`` are one
-    mechanism: both end up in :attr:`hotwords`.
+    ``chunking_strategy``, ``include[]``, ``keywords[]``, ``known_speaker_names[]``,
+    ``known_speaker_references[]``) plus faster-whisper extras (``hotwords``, ``vad_filter``,
+    ``beam_size``) and diarization extras (``min_speakers``, ``max_speakers``,
+    ``diarize_by_channel``). ``keywords[]`` and ``hotwords`` are one mechanism: both end up in
+    :attr:`hotwords`. ``known_speaker_references[]`` holds the bytes of each data URL, not yet
+    decoded as audio.
     """
 
     task: Task
@@ -65,6 +77,16 @@ class TranscriptionRequest:
     vad_filter: bool = False
     beam_size: int | None = None
     include: frozenset[str] = frozenset()
+    known_speaker_names: tuple[str, ...] = ()
+    known_speaker_references: tuple[bytes, ...] = ()
+    min_speakers: int | None = None
+    max_speakers: int | None = None
+    diarize_by_channel: Literal["auto", "on", "off"] = "auto"
+
+    @property
+    def diarize(self) -> bool:
+        """Whether the client asked who said what (``response_format=diarized_json``)."""
+        return self.response_format is ResponseFormat.DIARIZED_JSON
 
     @property
     def language(self) -> str | None:
@@ -317,9 +339,14 @@ def parse_form(
     if task == "transcribe":
         language = parse_language(_text(form, "language"))
     stream = bool(_bool(form, "stream"))
-    if stream and fmt not in (ResponseFormat.JSON, ResponseFormat.TEXT):
+    if stream and fmt not in (
+        ResponseFormat.JSON,
+        ResponseFormat.TEXT,
+        ResponseFormat.DIARIZED_JSON,
+    ):
         raise InvalidRequestError(
-            "stream=true returns transcript.text.* events; use response_format json or text.",
+            "stream=true returns transcript.text.* events; use response_format json, text or "
+            "diarized_json.",
             param="stream",
         )
     include = _choices(form, "include", INCLUDES)
@@ -332,6 +359,7 @@ def parse_form(
 
     temperature = _number(form, "temperature", lo=0.0, hi=1.0)
     beam = _number(form, "beam_size", lo=1, hi=max_beam_size, integer=True)
+    speakers = _speakers(form, fmt, task)
     return TranscriptionRequest(
         task=task,
         file=bytes(upload.data),
@@ -349,7 +377,134 @@ def parse_form(
         vad_filter=bool(_bool(form, "vad_filter")),
         beam_size=None if beam is None else int(beam),
         include=include,
+        **speakers,
     )
+
+
+def _raw_list(form: Mapping[str, Sequence[Any]], name: str) -> list[str]:
+    """A list field whose items may hold commas (data URLs): ``name[]`` or ``name`` repeated,
+    or one JSON list."""
+    values: list[str] = []
+    for key in (f"{name}[]", name):
+        for raw in form.get(key) or []:
+            if not isinstance(raw, str):
+                raise InvalidRequestError(f"'{name}[]' must be text.", param=name)
+            text = raw.strip()
+            if text.startswith("["):
+                try:
+                    items = json.loads(text)
+                except (ValueError, RecursionError):
+                    items = None
+                if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+                    raise InvalidRequestError(
+                        f"'{name}[]' must be repeated, or a JSON list of strings.", param=name
+                    ) from None
+                values.extend(i.strip() for i in items)
+            elif text:
+                values.append(text)
+    return values
+
+
+def _data_url(url: str, index: int) -> bytes:
+    """The bytes of a base64 ``data:`` URL (a known speaker's reference clip)."""
+    param = "known_speaker_references"
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise InvalidRequestError(
+            f"known_speaker_references[{index}] must be a base64 data URL of an audio clip, "
+            "such as 'data:audio/wav;base64,UklGR...'.",
+            param=param,
+        )
+    mime = (match.group("mime") or "").lower()
+    if mime and not mime.startswith(("audio/", "video/", "application/octet-stream")):
+        raise InvalidRequestError(
+            f"known_speaker_references[{index}] is a data URL of {mime!r}, not audio; send a "
+            "2-10 s clip of the speaker's voice in any supported audio format.",
+            param=param,
+        )
+    try:
+        data = base64.b64decode(url[match.end() :], validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(
+            f"known_speaker_references[{index}] is not valid base64 after 'base64,'.",
+            param=param,
+        ) from None
+    if not data:
+        raise InvalidRequestError(f"known_speaker_references[{index}] is empty.", param=param)
+    return data
+
+
+def _speakers(form: Mapping[str, Sequence[Any]], fmt: ResponseFormat, task: Task) -> dict[str, Any]:
+    """The diarization fields, checked against each other and the response format."""
+    names = _raw_list(form, "known_speaker_names")
+    urls = _raw_list(form, "known_speaker_references")
+    min_speakers = _number(form, "min_speakers", lo=1, hi=MAX_SPEAKERS, integer=True)
+    max_speakers = _number(form, "max_speakers", lo=1, hi=MAX_SPEAKERS, integer=True)
+    by_channel = _text(form, "diarize_by_channel")
+    if fmt is ResponseFormat.DIARIZED_JSON and task != "transcribe":
+        raise InvalidRequestError(
+            "response_format=diarized_json is for transcriptions; translations return json, "
+            "text, srt, verbose_json or vtt.",
+            param="response_format",
+        )
+    given = [
+        name
+        for name, value in (
+            ("known_speaker_names", names),
+            ("known_speaker_references", urls),
+            ("min_speakers", min_speakers),
+            ("max_speakers", max_speakers),
+            ("diarize_by_channel", by_channel),
+        )
+        if value
+    ]
+    if given and fmt is not ResponseFormat.DIARIZED_JSON:
+        raise InvalidRequestError(
+            f"'{given[0]}' is for speaker diarization; send it with "
+            f"response_format=diarized_json (got {fmt.value!r}).",
+            param=given[0],
+        )
+    if len(urls) > MAX_KNOWN_SPEAKERS:
+        raise InvalidRequestError(
+            f"{len(urls)} known_speaker_references[] were sent; the limit is {MAX_KNOWN_SPEAKERS}.",
+            param="known_speaker_references",
+        )
+    if len(names) != len(urls):
+        raise InvalidRequestError(
+            f"known_speaker_names[] has {len(names)} entries and known_speaker_references[] "
+            f"{len(urls)}; send one name for each reference clip, in the same order.",
+            param="known_speaker_names",
+        )
+    for name in names:
+        if not name or len(name) > 64:
+            raise InvalidRequestError(
+                "Each known_speaker_names[] entry must be 1-64 characters.",
+                param="known_speaker_names",
+            )
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(
+            "known_speaker_names[] names someone twice; give each speaker one name.",
+            param="known_speaker_names",
+        )
+    if min_speakers is not None and max_speakers is not None and min_speakers > max_speakers:
+        raise InvalidRequestError(
+            f"min_speakers ({min_speakers:g}) is more than max_speakers ({max_speakers:g}).",
+            param="min_speakers",
+        )
+    mode = (by_channel or "auto").strip().lower()
+    mode = {"true": "on", "false": "off"}.get(mode, mode)
+    if mode not in BY_CHANNEL:
+        raise InvalidRequestError(
+            f"diarize_by_channel must be auto, on or off, got {by_channel!r}.",
+            param="diarize_by_channel",
+        )
+    return {
+        "known_speaker_names": tuple(names),
+        "known_speaker_references": tuple(_data_url(u, i) for i, u in enumerate(urls)),
+        "min_speakers": None if min_speakers is None else int(min_speakers),
+        "max_speakers": None if max_speakers is None else int(max_speakers),
+        "diarize_by_channel": mode,
+    }
 
 
 def form_schema(task: Task) -> dict[str, Any]:
@@ -382,6 +537,26 @@ def form_schema(task: Task) -> dict[str, Any]:
             "hotwords": {"type": "string", "description": "faster-whisper: words to favour."},
             "vad_filter": {"type": "boolean", "description": "faster-whisper: drop silence."},
             "beam_size": {"type": "integer", "minimum": 1},
+            "known_speaker_names[]": {
+                "type": "array",
+                "items": {"type": "string"},
+                "maxItems": MAX_KNOWN_SPEAKERS,
+                "description": "diarized_json: names for the known_speaker_references[] clips.",
+            },
+            "known_speaker_references[]": {
+                "type": "array",
+                "items": {"type": "string"},
+                "maxItems": MAX_KNOWN_SPEAKERS,
+                "description": "diarized_json: data URLs of 2-10 s clips of each named voice.",
+            },
+            "min_speakers": {"type": "integer", "minimum": 1, "maximum": MAX_SPEAKERS},
+            "max_speakers": {"type": "integer", "minimum": 1, "maximum": MAX_SPEAKERS},
+            "diarize_by_channel": {
+                "type": "string",
+                "enum": list(BY_CHANNEL),
+                "description": "diarized_json: channels are the speakers (auto: when they "
+                "carry different voices).",
+            },
         }
     return {
         "requestBody": {

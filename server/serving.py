@@ -18,12 +18,16 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from server.audio import AudioStream
+from server.audio import AudioSource, AudioStream, decode_audio
 from server.chinese import convert_segment, convert_transcript, is_chinese
 from server.config import Settings
+from server.diarization import DiarizationOptions
+from server.diarization.channels import ChannelSource, measure
 from server.engine import Engine
 from server.errors import (
     APIError,
+    AudioError,
+    InvalidRequestError,
     ModelNotReadyError,
     RequestCancelledError,
     RequestTimeoutError,
@@ -31,6 +35,8 @@ from server.errors import (
 from server.formats import (
     degradations_body,
     render,
+    segment_event,
+    segment_id,
     sse,
     text_delta_event,
     text_done_event,
@@ -43,6 +49,8 @@ from server.transcript import Segment, Transcript
 logger = logging.getLogger(__name__)
 _KEEPALIVE_S = 10.0
 _MAX_FIELDS = 64
+# OpenAI: reference clips of 2-10 s; a little either side is let through (encoders pad).
+_REFERENCE_SECONDS = (1.8, 10.5)
 
 
 class _Upload:
@@ -54,7 +62,9 @@ class _Upload:
 
 async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]]:
     """Read the multipart form into ``name -> [values]``, files as :class:`_Upload`."""
-    part_limit = max(1 << 20, settings.max_prompt_chars * 4 + 1024)
+    # A text part may hold a known speaker's reference clip as a data URL: 10 s of 48 kHz
+    # stereo WAV is 2.6 MB in base64.
+    part_limit = max(4 << 20, settings.max_prompt_chars * 4 + 1024)
     try:
         async with request.form(
             max_files=4, max_fields=_MAX_FIELDS, max_part_size=part_limit
@@ -111,6 +121,14 @@ class TranscriptionService:
                 partial(AudioStream, req.file, max_duration=settings.max_audio_duration)
             )
             slot.callback(audio.close)
+            diarization: DiarizationOptions | None = None
+            channels: tuple[AudioSource, ...] = ()
+            if req.diarize:
+                diarization, channels = await anyio.to_thread.run_sync(
+                    self._diarization, req, audio
+                )
+                for channel in channels:
+                    slot.callback(channel.close)
             job = Job.from_request(
                 req,
                 request_id=request_id,
@@ -118,6 +136,9 @@ class TranscriptionService:
                 source=source,
                 default_beam_size=settings.default_beam_size,
                 chinese_script=settings.chinese_script,
+                diarization=diarization,
+                channels=channels,
+                diarization_words=settings.diarization_words,
             )
             if req.stream:
                 return await self._start_stream(job, req, slot.pop_all())
@@ -132,6 +153,70 @@ class TranscriptionService:
             slot.close()
             engine.settle()
         return self._render(convert_transcript(transcript, job.chinese), req)
+
+    def _diarization(
+        self, req: TranscriptionRequest, audio: AudioStream
+    ) -> tuple[DiarizationOptions, tuple[AudioSource, ...]]:
+        """A diarized request's options (its reference clips decoded), and, when its channels
+        are the speakers, a source per channel (blocking).
+
+        Raises:
+            DiarizationUnavailableError: the speaker encoder is not installed.
+            InvalidRequestError: a reference clip is not 2-10 s of audio.
+        """
+        self.engine.speaker_encoder()  # a 400 now, before anything is decoded, if missing
+        references = []
+        for index, (name, data) in enumerate(
+            zip(req.known_speaker_names, req.known_speaker_references, strict=True)
+        ):
+            try:
+                clip = decode_audio(data, max_duration=60.0)
+            except AudioError as exc:
+                raise InvalidRequestError(
+                    f"known_speaker_references[{index}] ({name!r}) is not audio the server can "
+                    f"decode: {exc.message}",
+                    param="known_speaker_references",
+                    code=exc.code,
+                ) from exc
+            lo, hi = _REFERENCE_SECONDS
+            if not lo <= clip.duration <= hi:
+                raise InvalidRequestError(
+                    f"known_speaker_references[{index}] ({name!r}) is {clip.duration:.1f} s "
+                    "long; send a clip of 2 to 10 seconds of that person speaking.",
+                    param="known_speaker_references",
+                )
+            references.append((name, clip.samples))
+        options = DiarizationOptions(
+            min_speakers=req.min_speakers,
+            max_speakers=req.max_speakers,
+            references=tuple(references),
+            by_channel=req.diarize_by_channel,
+        )
+        count = audio.info.source_channels
+        if count < 2 or req.diarize_by_channel == "off":
+            return options, ()
+        limit = self.settings.max_audio_duration
+        levels = measure(req.file, count, max_duration=limit)
+        if req.diarize_by_channel == "auto" and not levels.separate:
+            logger.info(
+                "diarizing %d channels as one: they carry the same voices (waveform r=%.2f, "
+                "envelope r=%.2f)",
+                count,
+                levels.correlation,
+                levels.envelope_correlation,
+            )
+            return options, ()
+        logger.info(
+            "diarizing by channel: %d channels (waveform r=%.2f, envelope r=%.2f, %s)",
+            count,
+            levels.correlation,
+            levels.envelope_correlation,
+            req.diarize_by_channel,
+        )
+        sources = tuple(
+            ChannelSource(req.file, c, levels.gain(c), max_duration=limit) for c in range(count)
+        )
+        return options, sources
 
     def _finished(
         self,
@@ -269,8 +354,14 @@ class TranscriptionService:
         )
 
     @staticmethod
-    def _delta(segment: Segment, req: TranscriptionRequest) -> dict[str, Any]:
-        return text_delta_event(segment.text, (segment.logprobs or ()) if req.logprobs else None)
+    def _events(segment: Segment, req: TranscriptionRequest) -> bytes:
+        """A segment's events: its text as a delta, and, diarized, the segment with its
+        speaker after it."""
+        logprobs = (segment.logprobs or ()) if req.logprobs else None
+        if not req.diarize:
+            return sse(text_delta_event(segment.text, logprobs))
+        delta = text_delta_event(segment.text, logprobs, segment=segment_id(segment))
+        return sse(delta) + (sse(segment_event(segment)) if segment.text.strip() else b"")
 
     async def _stream(
         self,
@@ -290,14 +381,14 @@ class TranscriptionService:
                     waiting, timeout=_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
                 )
                 if getter in done:
-                    yield sse(self._delta(getter.result(), req))
+                    yield self._events(getter.result(), req)
                     continue
                 getter.cancel()
                 if future in done:
                     break
                 yield b": keep-alive\n\n"
             while not queue.empty():
-                yield sse(self._delta(queue.get_nowait(), req))
+                yield self._events(queue.get_nowait(), req)
             try:
                 transcript = future.result()
             except APIError as exc:

@@ -44,6 +44,8 @@ class Segment:
     no_speech_prob: float = 0.0
     words: tuple[Word, ...] | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
+    #: Who said it (``diarized_json``): ``A``, ``B``, ... or a known speaker's name.
+    speaker: str | None = None
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,17 @@ HEAP_KEPT_BYTES = 32 * MiB
 #: Per-request host memory that does not grow with the audio: the demuxer and decoder, the
 #: resampler's queue, segments and tokens. Measured at 5 s (``bench/memory_truth.py``).
 HOST_FIXED_BYTES = 8 * MiB
+#: Speaker diarization of a piece (``diarized_json``), on the host whatever the device, after
+#: the piece is transcribed: Silero VAD over the piece again (``VAD_BYTES_PER_SECOND``, most of
+#: it inside onnxruntime), plus what numpy holds per second of speech (features, a 1.6 s window
+#: of them every 0.8 s, embeddings): 55 kB by tracemalloc over 30-230 s of LJSpeech, counted
+#: as 83 kB.
+DIARIZATION_BYTES_PER_SECOND = VAD_BYTES_PER_SECOND + 83_000
+#: Per diarized request: the speaker encoder's working memory for a batch of 32 windows (every
+#: step's input projection, 21 MB, and a layer's outputs) and up to four reference clips:
+#: 35 MB at the peak by tracemalloc, whatever the piece's length. (Its weights, 5.7 MB, stay
+#: resident once loaded and are counted with the process's idle memory, like a CPU model's.)
+DIARIZATION_FIXED_BYTES = 40 * MiB
 #: cuBLAS/cuDNN workspaces and allocator rounding on a GPU; oneDNN scratch on the CPU.
 CUDA_WORKSPACE_BYTES = 64 * MiB
 CPU_WORKSPACE_BYTES = 4 * MiB
@@ -115,6 +126,8 @@ class Shape:
             once). It changes host memory only.
         logprobs: Whether each window's tokens are scored again for their log-probabilities
             (a forced pass that returns the logits of every step).
+        diarize: Whether each piece is diarized after it is transcribed (host memory only:
+            the speaker encoder runs in numpy on the CPU).
     """
 
     device: str
@@ -125,6 +138,7 @@ class Shape:
     chunk_length: int = 30
     batched: bool = False
     logprobs: bool = False
+    diarize: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in ("cuda", "cpu"):
@@ -551,13 +565,21 @@ class CostModel:
         else:
             transient = float(FEATURE_EXTRACTION_BYTES_PER_SECOND)
             transient_fixed = 0
+        fixed = HOST_FIXED_BYTES
+        if shape.diarize:
+            # Counted beside everything else: diarization runs while the piece is still held,
+            # and its VAD pass is not the one the transient above stands for.
+            held += DIARIZATION_BYTES_PER_SECOND
+            fixed += DIARIZATION_FIXED_BYTES
+            breakdown["host.diarization_per_second"] = DIARIZATION_BYTES_PER_SECOND
+            breakdown["host.diarization_fixed"] = DIARIZATION_FIXED_BYTES
         breakdown["host.held_per_second"] = held
         breakdown["host.transient_per_second"] = math.ceil(transient)
         breakdown["host.transient_fixed"] = transient_fixed
         return CostEstimate(
             device_bytes=device_bytes,
             host_bytes_per_audio_second=held + transient,
-            host_fixed_bytes=HOST_FIXED_BYTES + transient_fixed,
+            host_fixed_bytes=fixed + transient_fixed,
             breakdown=MappingProxyType(breakdown),
             source=source,
             host_transient_per_audio_second=transient,
