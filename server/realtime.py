@@ -86,10 +86,12 @@ CLOSE_TRY_LATER = 1013
 @dataclass(frozen=True)
 class Turn:
     """A change heard by the VAD: speech ``started`` or ``stopped`` at ``sample`` (16 kHz
-    samples from the start of the session's audio)."""
+    samples from the start of the session's audio). A stop also says where the silence that
+    ended the turn began (``speech_end``)."""
 
     kind: Literal["started", "stopped"]
     sample: int
+    speech_end: int | None = None
 
 
 class TurnDetector:
@@ -112,6 +114,11 @@ class TurnDetector:
     def prefix_samples(self) -> int:
         return self.settings.prefix_padding_ms * SAMPLE_RATE // 1000
 
+    @property
+    def quiet_since(self) -> int | None:
+        """Where the silence that may end the turn in progress began, or None."""
+        return self._silence_from if self.speaking else None
+
     def feed(self, probabilities: np.ndarray) -> list[Turn]:
         """The turns the next frames' probabilities complete."""
         turns: list[Turn] = []
@@ -132,9 +139,9 @@ class TurnDetector:
             elif p < off and self._silence_from is None:
                 self._silence_from = start
             if self._silence_from is not None and end - self._silence_from >= silence:
+                turns.append(Turn("stopped", end, speech_end=self._silence_from))
                 self.speaking = False
                 self._silence_from = None
-                turns.append(Turn("stopped", end))
         return turns
 
     def reset(self) -> None:
@@ -254,10 +261,22 @@ class _Item:
     decoded_to: int = 0  # session sample the last interim decode reached
     first_delta: bool = False
     dropped: bool = False
+    #: The end (session sample) asked of an early final decode, and its result once done: the
+    #: decode starts when the silence that may end the turn is TAIL long, while the VAD still
+    #: waits out silence_duration_ms; the turn then ends at the same sample, so it is the final.
+    early_end: int | None = None
+    early: tuple[int, Transcript] | None = None
     # Set at commit:
     samples: np.ndarray | None = None
+    end: int = 0
     previous_id: str | None = None
     stopped_at: float = 0.0
+
+
+#: Silence kept at the end of an item the VAD ended: enough for Whisper to hear the last word
+#: out (faster-whisper's VAD pads speech by far more), short enough that the final decode starts
+#: well before silence_duration_ms (500 ms by default) has passed.
+TAIL_MS = 250
 
 
 def window_for(samples: int) -> int | None:
@@ -598,7 +617,8 @@ class RealtimeSession:
                         item_id=self._pending.id,
                     )
                 )
-                await self._commit_pending(at)
+                assert turn.speech_end is not None
+                await self._commit_pending(at, speech_end=turn.speech_end + self._vad_origin)
         pending = self._pending
         if pending is not None and self._buffer.end - pending.start >= self._max_item:
             # Past the longest item: commit here and go on in a new item.
@@ -622,6 +642,12 @@ class RealtimeSession:
             # Silence: keep only what a start of speech would reach back to.
             keep = self._turns.prefix_samples + 2 * VAD_FRAME
             self._buffer.drop_before(self._buffer.end - keep)
+        quiet = self._turns.quiet_since
+        if pending is not None and pending is self._pending and quiet is not None:
+            end = quiet + self._vad_origin + self._tail
+            if self._buffer.end >= end and pending.early_end != end:
+                pending.early_end = end  # the speech may be over: decode it now
+                self._wake.set()
 
     async def _commit(self, event_id: str | None) -> None:
         """The client's commit: the item in progress, or whatever the buffer holds."""
@@ -640,13 +666,21 @@ class RealtimeSession:
             self._turns.reset()
         await self._commit_pending(self._buffer.end)
 
-    async def _commit_pending(self, end: int) -> None:
+    @property
+    def _tail(self) -> int:
+        """TAIL_MS in samples, or less when the turn ends after a shorter silence."""
+        silence = self._turns.settings.silence_duration_ms if self._turns else TAIL_MS
+        return min(TAIL_MS, silence) * SAMPLE_RATE // 1000
+
+    async def _commit_pending(self, end: int, *, speech_end: int | None = None) -> None:
         """Commit the item in progress up to session sample ``end`` and queue its final
-        decode."""
+        decode. When the VAD ended it, the item keeps TAIL_MS of the silence after
+        ``speech_end``, not all of silence_duration_ms."""
         item = self._pending
         assert item is not None
         self._pending = None
-        item.samples = self._buffer.slice(item.start, end)
+        item.end = end if speech_end is None else min(end, speech_end + self._tail)
+        item.samples = self._buffer.slice(item.start, item.end)
         item.previous_id = self._last_item
         item.stopped_at = time.monotonic()
         self._buffer.drop_before(end)
@@ -679,6 +713,17 @@ class RealtimeSession:
             while self._finals:
                 await self._complete(self._finals.popleft())
             pending = self._pending
+            if (
+                pending is not None
+                and pending.early_end is not None
+                and (pending.early is None or pending.early[0] != pending.early_end)
+            ):
+                await self._early(pending, pending.early_end)
+                self._wake.set()  # its turn may have ended meanwhile
+                continue
+            if self._turns is not None and self._turns.quiet_since is not None:
+                continue  # silence: the early final decode comes first, not another interim
+            pending = self._pending
             interval = self.settings.realtime_delta_interval
             if pending is None or interval <= 0 or time.monotonic() < self._interim_until:
                 continue
@@ -709,10 +754,24 @@ class RealtimeSession:
         if delta:
             await self._send_delta(item, delta)
 
+    async def _early(self, item: _Item, end: int) -> None:
+        """The final decode of ``item`` as if its turn ended at ``end`` (see ``_Item.early``);
+        wasted when the speaker goes on."""
+        samples = self._buffer.slice(item.start, end)
+        try:
+            transcript = await self._transcribe(samples, item.id, final=True)
+        except APIError as exc:
+            logger.info("realtime %s: early decode of %s failed: %s", self.id, item.id, exc)
+            return
+        item.early = (end, transcript)
+
     async def _complete(self, item: _Item) -> None:
         assert item.samples is not None
         try:
-            transcript = await self._transcribe(item.samples, item.id, final=True)
+            if item.early is not None and item.early[0] == item.end:
+                transcript = item.early[1]  # decoded while the VAD waited out the silence
+            else:
+                transcript = await self._transcribe(item.samples, item.id, final=True)
         except APIError as exc:
             logger.warning("realtime %s: item %s failed: %s", self.id, item.id, exc.message)
             body = exc.body()["error"]

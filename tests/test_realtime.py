@@ -196,7 +196,10 @@ def test_turn_detector_starts_with_padding_and_stops_after_the_silence() -> None
     # Starts at frame 5, reaching back two frames (64 ms); the dip to 0.4 and the two quiet
     # frames are shorter than 96 ms; the three quiet frames after frame 11 end it.
     assert [(t.kind, t.sample) for t in turns] == [("started", 3 * frame), ("stopped", 15 * frame)]
-    assert not detector.speaking
+    assert turns[1].speech_end == 12 * frame  # where the silence that ended it began
+    assert not detector.speaking and detector.quiet_since is None
+    detector.feed(np.array([0.9, 0.1]))
+    assert detector.quiet_since == 18 * frame  # silence under way: a turn may be ending
 
 
 def test_stable_prefix_sends_only_agreed_words_and_never_contradicts_itself() -> None:
@@ -267,8 +270,16 @@ def test_client_events_parse_and_updates_apply_partially() -> None:
 
 
 def test_openai_sdk_ga_server_vad_streams_deltas_and_completes(
-    tiny_server: LiveServer, data_dir: Path
+    tiny_server: LiveServer, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    decoded: list[int] = []  # samples of every decode (interim, early final, final)
+    real_run = tiny_server.engine.run
+
+    def counted(job: Any, **kwargs: Any) -> Any:
+        decoded.append(len(job.audio))
+        return real_run(job, **kwargs)
+
+    monkeypatch.setattr(tiny_server.engine, "run", counted)
     client = OpenAI(base_url=tiny_server.url + "/v1", api_key="unused")
     audio = pcm24(data_dir / f"{LEOPARD}.wav")
     with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
@@ -308,6 +319,11 @@ def test_openai_sdk_ga_server_vad_streams_deltas_and_completes(
     assert 0 <= started["audio_start_ms"] < 1000 and 5000 < stopped["audio_end_ms"] < 7500
     ((_, transcript),) = check_items(events)
     assert wer(reference(data_dir, LEOPARD), transcript) <= 0.15
+    # The item keeps 250 ms of the 500 ms of silence that ended it, and its final decode ran
+    # once: early, while the VAD waited out the silence, or after the commit, never both.
+    final = max(decoded)  # the whole item: every interim decode is shorter
+    assert 5.0 < final / 16000 < stopped["audio_end_ms"] / 1000 - 0.2
+    assert decoded.count(final) == 1, decoded
 
 
 def test_openai_sdk_beta_manual_commit(tiny_server: LiveServer, data_dir: Path) -> None:
