@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import shutil
+import time
 import wave
 from collections import Counter
 from collections.abc import Iterator
@@ -178,16 +179,26 @@ def _idle_rss() -> int:
     return max(sizes)
 
 
+def _reported(actor: Any) -> ReplicaLoad | None:
+    """The replica's routing stats, waiting (bounded) while Serve is still starting it: a
+    replica that replaces a killed one answers before its callable is set up."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            return ReplicaLoad.from_stats(ray.get(actor.record_routing_stats.remote()))
+        except ray.exceptions.RayTaskError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
 def test_low_budget_replica_gets_no_large_request(
     cluster: str, long_dir: Path, tiny_model: Path, tmp_path: Path
 ) -> None:
     data_dir = long_dir
     # Size the limit of the low replica from what the replicas report and hold: room for a
     # short upload and less than half of what the long one needs.
-    loads = [
-        ReplicaLoad.from_stats(ray.get(actor.record_routing_stats.remote()))
-        for actor in _replica_actors().values()
-    ]
+    loads = [_reported(actor) for actor in _replica_actors().values()]
     load = next(load for load in loads if load is not None)
     short = need_bytes(load, upload_seconds(os.path.getsize(data_dir / SHORT)))
     long = need_bytes(load, upload_seconds(os.path.getsize(data_dir / LONG)))
@@ -201,7 +212,7 @@ def test_low_budget_replica_gets_no_large_request(
     )
     budgets = {}
     for name, actor in _replica_actors().items():
-        reported = ReplicaLoad.from_stats(ray.get(actor.record_routing_stats.remote()))
+        reported = _reported(actor)
         assert reported is not None
         budgets[name] = reported.budget_bytes
     low = min(budgets, key=lambda name: budgets[name])

@@ -549,10 +549,17 @@ def test_limits_and_a_client_that_vanishes_mid_utterance(
         # A session left idle is closed (WHISPER_REALTIME_IDLE_TIMEOUT=2).
         idle = events_until(recv, lambda e: e["type"] == "error", timeout=10)
         assert idle[-1]["error"]["code"] == "session_idle_timeout"
-    metrics = httpx.get(server.url + "/metrics").text
+    # The session is counted as ended once its handler returns, just after the error event.
+    deadline = time.monotonic() + 10
+    while True:
+        metrics = httpx.get(server.url + "/metrics").text
+        ended = 'whisper_realtime_sessions_ended_total{outcome="idle"} 1.0' in metrics
+        if ended and "whisper_realtime_sessions_active 0.0" in metrics:
+            break
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.1)
     assert "whisper_realtime_sessions_active 0.0" in metrics
     assert 'whisper_realtime_sessions_ended_total{outcome="disconnected"}' in metrics
-    assert 'whisper_realtime_sessions_ended_total{outcome="idle"} 1.0' in metrics
     count = next(
         line
         for line in metrics.splitlines()
