@@ -175,6 +175,18 @@ def pipeline_hears_louder(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def make_engine(tiny_model: Path, models_dir: Path, **overrides: Any) -> Any:
+    """A started engine serving tiny.en from ``models_dir``, its footprint pinned to its
+    weights (see :func:`pin_footprint_to_weights`)."""
+    from server.engine import Engine
+
+    engine = Engine(Settings(model=str(tiny_model), models_dir=models_dir, **overrides))
+    pin_footprint_to_weights(engine)
+    engine.start()
+    assert engine.ready, engine.load_error
+    return engine
+
+
 def pin_footprint_to_weights(engine: Any) -> None:
     """Count only the engine's model weights as what it holds outside reservations, instead of
     the process's resident memory: a test process holds every other test's servers and models

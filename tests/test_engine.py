@@ -26,6 +26,7 @@ from server.memory import Shape
 from server.model_pool import LoadedModel
 from tests.conftest import (
     free_port,
+    make_engine,
     out_of_memory_faults,
     pin_footprint_to_weights,
     run_server,
@@ -33,15 +34,6 @@ from tests.conftest import (
 )
 
 LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
-
-
-def make_engine(tiny_model: Path, tmp_path: Path, **overrides: Any) -> Engine:
-    settings = Settings(model=str(tiny_model), models_dir=tmp_path, **overrides)
-    engine = Engine(settings)
-    pin_footprint_to_weights(engine)
-    engine.start()
-    assert engine.ready, engine.load_error
-    return engine
 
 
 def job_for(engine: Engine, data_dir: Path, name: str, **options: Any) -> Job:

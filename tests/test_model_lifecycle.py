@@ -23,7 +23,7 @@ from server.engine import Engine
 from server.errors import InsufficientMemoryError
 from server.job import Job
 from server.memory import Shape
-from tests.conftest import free_port, pin_footprint_to_weights, run_server
+from tests.conftest import free_port, make_engine, run_server
 
 
 def store_with_copies(tiny_model: Path, models_dir: Path, *names: str) -> Path:
@@ -34,15 +34,6 @@ def store_with_copies(tiny_model: Path, models_dir: Path, *names: str) -> Path:
         for f in tiny_model.iterdir():
             (folder / f.name).symlink_to(f)
     return models_dir
-
-
-def engine_with(tiny_model: Path, models_dir: Path, **overrides: Any) -> Engine:
-    settings = Settings(model=str(tiny_model), models_dir=models_dir, **overrides)
-    engine = Engine(settings)
-    pin_footprint_to_weights(engine)
-    engine.start()
-    assert engine.ready, engine.load_error
-    return engine
 
 
 def loaded_ids(engine: Engine) -> set[str]:
@@ -70,11 +61,11 @@ def test_a_load_that_does_not_fit_unloads_an_idle_model_first(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     store = store_with_copies(tiny_model, tmp_path, "tiny-b", "tiny-c")
-    probe = engine_with(tiny_model, tmp_path / "probe")
+    probe = make_engine(tiny_model, tmp_path / "probe")
     weights, work = sizes(probe)
     probe.close()
     # Room for the served model and one more, not two more.
-    engine = engine_with(
+    engine = make_engine(
         tiny_model, store, host_memory_limit=str(2 * weights + work + (1 << 20)), model_ttl=-1
     )
     engine.load(engine.store.resolve("tiny-b", engine.served))  # type: ignore[arg-type]
@@ -87,10 +78,10 @@ def test_a_load_that_does_not_fit_unloads_an_idle_model_first(
 
 def test_a_load_with_no_room_and_nothing_idle_is_refused(tiny_model: Path, tmp_path: Path) -> None:
     store = store_with_copies(tiny_model, tmp_path, "tiny-b")
-    probe = engine_with(tiny_model, tmp_path / "probe")
+    probe = make_engine(tiny_model, tmp_path / "probe")
     weights, work = sizes(probe)
     probe.close()
-    engine = engine_with(
+    engine = make_engine(
         tiny_model,
         store,
         host_memory_limit=str(weights + work + (4 << 20)),
@@ -107,14 +98,14 @@ def test_an_idle_model_is_unloaded_before_a_request_is_degraded(
     tiny_model: Path, tmp_path: Path, data_dir: Path
 ) -> None:
     store = store_with_copies(tiny_model, tmp_path, "tiny-b")
-    probe = engine_with(tiny_model, tmp_path / "probe")
+    probe = make_engine(tiny_model, tmp_path / "probe")
     job = jfk_job(probe, data_dir)
     (model,) = probe.pool.loaded()
     estimate = model.cost.estimate(probe.requested_shape(model, job))
     # The served model, one request as asked and 1 MiB: not a second model besides.
     limit = model.weights_bytes + estimate.device_bytes + estimate.host_bytes(11.0) + (1 << 20)
     probe.close()
-    engine = engine_with(tiny_model, store, host_memory_limit=str(limit), model_ttl=-1)
+    engine = make_engine(tiny_model, store, host_memory_limit=str(limit), model_ttl=-1)
     engine.load(engine.store.resolve("tiny-b", engine.served))  # type: ignore[arg-type]
 
     transcript = engine.run(jfk_job(engine, data_dir))
