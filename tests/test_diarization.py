@@ -384,8 +384,8 @@ def test_speakers_keep_their_labels_across_pieces(encoder: Any) -> None:
     assert who(13.0) == who(300 + 2.0) == "B"
 
 
-def test_the_cost_model_counts_diarization_and_the_planner_plans_for_it() -> None:
-    cost = CostModel(read_model_dims(Path(__file__).parents[1] / "models" / "whisper-base"))
+def test_the_cost_model_counts_diarization_and_the_planner_plans_for_it(tiny_model: Path) -> None:
+    cost = CostModel(read_model_dims(tiny_model))
     plain = Shape(device="cpu", compute_type="int8", batch_size=1)
     diarized = Shape(device="cpu", compute_type="int8", batch_size=1, diarize=True)
     a, b = cost.estimate(plain), cost.estimate(diarized)

@@ -118,11 +118,12 @@ def check_items(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
             assert e["usage"]["type"] == "duration" and e["usage"]["seconds"] >= 1
             joined = deltas.get(e["item_id"], "")
             final = words(e["transcript"])
-            # Sent text is rarely contradicted: at most one word of it differs from the final.
-            assert edit_distance(words(joined), final[: len(words(joined))]) <= 1, (
-                joined,
-                e["transcript"],
-            )
+            # Sent text is rarely contradicted: one word edit at most turns it into a prefix of
+            # the final text (a word the final decode adds at the start shifts the rest, and
+            # counts once).
+            sent = words(joined)
+            closest = min(edit_distance(sent, final[:k]) for k in range(len(final) + 1))
+            assert closest <= 1, (joined, e["transcript"])
             items.append((joined, e["transcript"]))
     return items
 
