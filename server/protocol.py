@@ -159,28 +159,33 @@ def _number(
     return number
 
 
-def _list(form: Mapping[str, Sequence[Any]], name: str) -> list[str]:
-    """A list field as OpenAI's clients send it: ``name[]`` or ``name`` repeated, and, in one
-    field, a JSON list or comma-separated values."""
+def _list(form: Mapping[str, Sequence[Any]], name: str, *, commas: bool = True) -> list[str]:
+    """A list field as OpenAI's clients send it: ``name[]`` or ``name`` repeated, or one JSON
+    list of strings. With ``commas``, one field may also hold comma-separated values (and empty
+    items are dropped); without, a field is one item whatever it holds (data URLs have commas),
+    and every item is kept, so the caller can say what is wrong with an empty one."""
     values: list[str] = []
     for key in (f"{name}[]", name):
         for raw in form.get(key) or []:
             if not isinstance(raw, str):
                 raise InvalidRequestError(f"'{name}[]' must be text.", param=name)
             text = raw.strip()
-            items: Any = text.split(",")
+            items: Any = text.split(",") if commas else [text]
             if text.startswith("["):
                 try:
                     items = json.loads(text)
                 except (ValueError, RecursionError):
                     items = None
-                if not isinstance(items, list):
+                if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
                     raise InvalidRequestError(
                         f"'{name}[]' must be text, repeated, or a JSON list of strings such as "
                         '["a", "b"].',
                         param=name,
                     ) from None
-            values.extend(str(item).strip() for item in items if str(item).strip())
+            elif not text and not commas:
+                continue  # an empty field is no item, as with commas
+            stripped = [item.strip() for item in items]
+            values.extend(item for item in stripped if item or not commas)
     return values
 
 
@@ -381,30 +386,6 @@ def parse_form(
     )
 
 
-def _raw_list(form: Mapping[str, Sequence[Any]], name: str) -> list[str]:
-    """A list field whose items may hold commas (data URLs): ``name[]`` or ``name`` repeated,
-    or one JSON list."""
-    values: list[str] = []
-    for key in (f"{name}[]", name):
-        for raw in form.get(key) or []:
-            if not isinstance(raw, str):
-                raise InvalidRequestError(f"'{name}[]' must be text.", param=name)
-            text = raw.strip()
-            if text.startswith("["):
-                try:
-                    items = json.loads(text)
-                except (ValueError, RecursionError):
-                    items = None
-                if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
-                    raise InvalidRequestError(
-                        f"'{name}[]' must be repeated, or a JSON list of strings.", param=name
-                    ) from None
-                values.extend(i.strip() for i in items)
-            elif text:
-                values.append(text)
-    return values
-
-
 def _data_url(url: str, index: int) -> bytes:
     """The bytes of a base64 ``data:`` URL (a known speaker's reference clip)."""
     param = "known_speaker_references"
@@ -436,8 +417,8 @@ def _data_url(url: str, index: int) -> bytes:
 
 def _speakers(form: Mapping[str, Sequence[Any]], fmt: ResponseFormat, task: Task) -> dict[str, Any]:
     """The diarization fields, checked against each other and the response format."""
-    names = _raw_list(form, "known_speaker_names")
-    urls = _raw_list(form, "known_speaker_references")
+    names = _list(form, "known_speaker_names", commas=False)
+    urls = _list(form, "known_speaker_references", commas=False)
     min_speakers = _number(form, "min_speakers", lo=1, hi=MAX_SPEAKERS, integer=True)
     max_speakers = _number(form, "max_speakers", lo=1, hi=MAX_SPEAKERS, integer=True)
     by_channel = _text(form, "diarize_by_channel")

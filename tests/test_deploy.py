@@ -99,7 +99,7 @@ def _serve_configs(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def test_serve_configs_are_valid_and_build(manifest: dict[str, Any]) -> None:
     for where, config in _serve_configs(manifest).items():
-        ServeDeploySchema.parse_obj(config)  # Serve's own schema (serve deploy's check)
+        ServeDeploySchema.model_validate(config)  # Serve's own schema (serve deploy's check)
         (app,) = config["applications"]
         assert app["import_path"] == "server.scaleout.deploy:app_builder", where
         args = app["args"]

@@ -205,6 +205,10 @@ def test_low_budget_replica_gets_no_large_request(
     assert long > 2 * short, (short, long)
     room = (short * 2 + long) // 2
     limit = _idle_rss() + room
+    # A fresh application, not an update: a rolling update starts the new replicas while the
+    # old ones still hold ranks 0 and 1, so the new ones could start as ranks 2 and 3 (Serve
+    # renumbers them later) and neither would take the override meant for rank 1.
+    serve.delete(APP_NAME)
     serve.run(
         build(_options(tiny_model, tmp_path, by_rank=({}, {"host_memory_limit": str(limit)}))),
         name=APP_NAME,

@@ -97,9 +97,12 @@ class WhisperReplica:
         settings: Settings overrides for every replica (``WHISPER_*`` names in lower case,
             without the prefix: ``{"model": "large-v3", "device": "cuda"}``); the rest comes
             from the worker's environment.
-        by_rank: Further overrides for the replica of each rank (0, 1, ...): nodes that differ,
-            such as one whose GPU is shared with other work and gets a lower
-            ``gpu_memory_limit``.
+        by_rank: Further overrides for the replica of each rank (0, 1, ...), read once, with
+            the rank the replica starts with: such as one whose GPU is shared with other work
+            and gets a lower ``gpu_memory_limit``. Serve numbers the replicas of a new
+            application 0, 1, ...; during a rolling update or after a restart it may start a
+            replica under another rank and renumber it later, so for nodes that differ for good
+            prefer ``WHISPER_*`` variables in each node's environment.
     """
 
     async def __init__(  # type: ignore[misc]  # Serve awaits an async constructor
