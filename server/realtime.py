@@ -67,7 +67,7 @@ from server.realtime_events import (
     session_body,
 )
 from server.runners import SAMPLE_RATE, VAD_FRAME, StreamingVad
-from server.transcript import Transcript
+from server.transcript import TokenLogprob, Transcript
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +177,8 @@ class StablePrefix:
     def __init__(self) -> None:
         self.sent: list[str] = []
         self._last: list[str] = []
+        #: Where the last delta lies in the text it came from: ``text[start:end]``.
+        self.span = (0, 0)
 
     @property
     def text(self) -> str:
@@ -203,10 +205,30 @@ class StablePrefix:
         if len(units) <= n or units[:n] != self.sent:
             return None
         delta = "".join(units[n:])
+        start = len(self.text)
         if not self.sent:
             delta = delta.lstrip()
         self.sent = units
+        self.span = (start, len(self.text))
         return delta
+
+
+def logprobs_within(
+    logprobs: tuple[TokenLogprob, ...], text: str, start: int, end: int
+) -> tuple[TokenLogprob, ...]:
+    """The tokens of a decode whose text ``text`` (stripped, as :attr:`Transcript.text`) spells
+    ``text[start:end]``: those that begin there, counted in UTF-8 bytes (a token may hold part
+    of a character; converting Chinese script keeps the characters and their widths)."""
+    joined = b"".join(bytes(t.bytes) for t in logprobs)
+    lead = len(joined) - len(joined.lstrip())
+    first = 0 if start == 0 else lead + len(text[:start].encode())
+    last = lead + len(text[:end].encode())
+    out, at = [], 0
+    for token in logprobs:
+        if first <= at < last:
+            out.append(token)
+        at += len(token.bytes)
+    return tuple(out)
 
 
 # ---- audio held by a session -------------------------------------------------------------------
@@ -752,7 +774,7 @@ class RealtimeSession:
             return
         delta = item.prefix.interim(transcript.text)
         if delta:
-            await self._send_delta(item, delta)
+            await self._send_delta(item, delta, transcript)
 
     async def _early(self, item: _Item, end: int) -> None:
         """The final decode of ``item`` as if its turn ended at ``end`` (see ``_Item.early``);
@@ -787,7 +809,7 @@ class RealtimeSession:
         text = transcript.text
         delta = item.prefix.final(text)
         if delta:
-            await self._send_delta(item, delta)
+            await self._send_delta(item, delta, transcript)
         fields: dict[str, Any] = {
             "item_id": item.id,
             "content_index": 0,
@@ -812,16 +834,24 @@ class RealtimeSession:
             latency,
         )
 
-    async def _send_delta(self, item: _Item, delta: str) -> None:
+    async def _send_delta(self, item: _Item, delta: str, transcript: Transcript) -> None:
+        """Send ``delta``, which ``transcript`` (an interim or the final decode) gave; with
+        logprobs asked for, it carries the log-probabilities of its own tokens, as that decode
+        scored them."""
         if not item.first_delta:
             item.first_delta = True
             self.metrics.realtime_first_delta_seconds.observe(time.monotonic() - item.heard_at)
+        fields: dict[str, Any] = {}
+        if self.config.logprobs:
+            tokens = logprobs_within(transcript.logprobs, transcript.text, *item.prefix.span)
+            fields["logprobs"] = logprobs_body(tokens)
         await self._send(
             server_event(
                 "conversation.item.input_audio_transcription.delta",
                 item_id=item.id,
                 content_index=0,
                 delta=delta,
+                **fields,
             )
         )
 
@@ -840,7 +870,7 @@ class RealtimeSession:
             prompt=config.prompt,
             beam_size=self.settings.realtime_beam_size,
             hotwords=hotwords,
-            logprobs=config.logprobs and final,
+            logprobs=config.logprobs,
             chinese=target(tag, self.settings.chinese_script),
             chunk_length=window_for(len(samples)),
         )

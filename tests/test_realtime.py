@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from bench.harness import edit_distance
-from server.realtime import StablePrefix, TurnDetector, window_for
+from server.realtime import StablePrefix, TurnDetector, logprobs_within, window_for
 from server.realtime_audio import InputDecoder, Resampler, decode_g711
 from server.realtime_events import (
     EventError,
@@ -37,6 +37,7 @@ from server.realtime_events import (
     parse_client_event,
 )
 from server.runners import VAD_FRAME, StreamingVad
+from server.transcript import TokenLogprob
 from tests.conftest import LiveServer, wer, words
 
 LEOPARD = "en_leopard_test"  # 5.9 s, one sentence
@@ -203,6 +204,25 @@ def test_turn_detector_starts_with_padding_and_stops_after_the_silence() -> None
     assert detector.quiet_since == 18 * frame  # silence under way: a turn may be ending
 
 
+def test_a_delta_gets_the_tokens_that_spell_it() -> None:
+    def tokens(*parts: bytes) -> tuple[TokenLogprob, ...]:
+        return tuple(
+            TokenLogprob(p.decode(errors="replace"), -0.1 * i, tuple(p))
+            for i, p in enumerate(parts)
+        )
+
+    english = tokens(b" And", b" so", b" my", b" fellow", b" Americans", b",")
+    text = "And so my fellow Americans,"
+    spelled = lambda ts: "".join(t.token for t in ts)  # noqa: E731
+    assert spelled(logprobs_within(english, text, 0, len("And so my"))) == " And so my"
+    assert spelled(logprobs_within(english, text, 9, len(text))) == " fellow Americans,"
+    # 我 is three bytes that two tokens share; the converted script (們 for 们) keeps widths.
+    mandarin = tokens("我".encode()[:2], "我".encode()[2:] + "们".encode(), "今天".encode())
+    first = logprobs_within(mandarin, "我們今天", 0, 2)
+    assert [t.bytes for t in first] == [t.bytes for t in mandarin[:2]]
+    assert logprobs_within(mandarin, "我們今天", 2, 4) == mandarin[2:]
+
+
 def test_stable_prefix_sends_only_agreed_words_and_never_contradicts_itself() -> None:
     prefix = StablePrefix()
     assert prefix.interim("And so my fell") is None  # nothing to agree with yet
@@ -212,6 +232,8 @@ def test_stable_prefix_sends_only_agreed_words_and_never_contradicts_itself() ->
     assert prefix.text == "And so my fellow"
     assert prefix.final("And so my fellow Americans, ask not.") == " Americans, ask not."
     assert prefix.text == "And so my fellow Americans, ask not."
+    assert prefix.span == (len("And so my fellow"), len(prefix.text))
+
     other = StablePrefix()
     other.interim("我们今天")
     assert other.interim("我们今天去") == "我们今天"  # scripts without spaces: by character
@@ -455,6 +477,12 @@ def test_raw_ga_client_logprobs_and_bad_events_keep_the_session_usable(
     logprobs = completed["logprobs"]
     assert logprobs and all(p["logprob"] <= 0 and p["bytes"] for p in logprobs)
     assert "".join(p["token"] for p in logprobs).strip() == completed["transcript"]
+    # Each delta carries its own tokens (at least the last one, from the final decode).
+    deltas = [e for e in events if e["type"].endswith("transcription.delta")]
+    assert deltas
+    for delta in deltas:
+        spelled = "".join(p["token"] for p in delta["logprobs"])
+        assert spelled.strip() == delta["delta"].strip(), delta
 
 
 def test_api_key_header_or_browser_subprotocol(server_factory: Any, tiny_model: Path) -> None:
