@@ -661,16 +661,8 @@ class Engine:
                 since = self.reservations.generation
                 evict: LoadedModel | None = None
                 with self.reservations.planning():
-                    snapshot = self.probe(model.device).snapshot()
-                    plan = plan_request(
-                        request,
-                        snapshot,
-                        replace(self.policy(model.device), ladder=steps),
-                        reserved=sum(self.reservations.total(k) for k in reserved_keys),
-                        host_reserved=self.reservations.total(HOST),
-                        cost=model.cost,
-                        waited=waited,
-                        cpu_load_bytes=cpu_load_bytes,
+                    plan = self._plan_now(
+                        model, request, steps, reserved_keys, cpu_load_bytes, waited
                     )
                     if plan.action != "run" or plan.degradations:
                         # The first rung: an idle model's memory, before anything is degraded.
@@ -700,6 +692,57 @@ class Engine:
                 started = time.monotonic()
                 self.reservations.wait_for_release(timeout=min(plan.wait_s, 0.5), since=since)
                 waited += time.monotonic() - started
+
+    def _plan_now(
+        self,
+        model: LoadedModel,
+        request: PlanRequest,
+        steps: tuple[Step, ...],
+        reserved_keys: tuple[str, ...],
+        cpu_load_bytes: int | None,
+        waited: float,
+    ) -> Plan:
+        """The planner's decision against a fresh reading of ``model``'s device, counting what
+        is reserved under ``reserved_keys`` (call under the ledger's lock)."""
+        return plan_request(
+            request,
+            self.probe(model.device).snapshot(),
+            replace(self.policy(model.device), ladder=steps),
+            reserved=sum(self.reservations.total(k) for k in reserved_keys),
+            host_reserved=self.reservations.total(HOST),
+            cost=model.cost,
+            waited=waited,
+            cpu_load_bytes=cpu_load_bytes,
+        )
+
+    def check(self, job: Job, seconds: float) -> Plan | None:
+        """What the planner would decide now for ``seconds`` of ``job``'s audio, reserving
+        nothing and not waiting: a check before work that is planned again when it runs (a
+        realtime session when it opens).
+
+        Returns:
+            The plan (``run``, ``wait`` or ``reject``); None when there is nothing to check
+            yet: the model is not loaded here (loading is planned on its own), or a rejection
+            that unloading an idle model could turn around (the work itself tries that).
+        """
+        model = self.pool.find(job.source, self._place_for(job, seconds))
+        if model is None:
+            return None
+        cpu_copy = self.pool.find(job.source, "cpu") is not None
+        request = PlanRequest(self.requested_shape(model, job, seconds), seconds)
+        with self.reservations.planning():
+            plan = self._plan_now(
+                model,
+                request,
+                self.settings.degrade_ladder,
+                (model.device, batched_key(model.device)),
+                0 if cpu_copy or model.device == "cpu" else None,
+                0.0,
+            )
+        evictable = self.settings.memory_policy != "off" and self.pool.idle(
+            model.device, exclude=model
+        )
+        return None if plan.action == "reject" and evictable else plan
 
     # ---- running --------------------------------------------------------------------------
 

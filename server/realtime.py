@@ -42,7 +42,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from server.chinese import convert_transcript, target
 from server.config import Settings
 from server.engine import Engine
-from server.errors import APIError, ModelNotReadyError, RateLimitError
+from server.errors import APIError, InsufficientMemoryError, ModelNotReadyError, RateLimitError
 from server.formats import logprobs_body, usage_seconds
 from server.job import Job
 from server.languages import parse_language
@@ -399,6 +399,7 @@ class RealtimeSession:
         long; everything it holds is released on the way out."""
         started = time.monotonic()
         self.source = self._resolve(self.config)
+        self._check_memory()
         self._configure(self.config)
         await self._send(
             server_event(
@@ -762,7 +763,7 @@ class RealtimeSession:
         item.decoded_to = end
         began = time.monotonic()
         try:
-            transcript = await self._transcribe(samples, item.id, final=False)
+            transcript = await self._transcribe(samples, item.id)
         except APIError as exc:
             logger.info("realtime %s: interim decode of %s failed: %s", self.id, item.id, exc)
             return
@@ -781,7 +782,7 @@ class RealtimeSession:
         wasted when the speaker goes on."""
         samples = self._buffer.slice(item.start, end)
         try:
-            transcript = await self._transcribe(samples, item.id, final=True)
+            transcript = await self._transcribe(samples, item.id)
         except APIError as exc:
             logger.info("realtime %s: early decode of %s failed: %s", self.id, item.id, exc)
             return
@@ -793,7 +794,7 @@ class RealtimeSession:
             if item.early is not None and item.early[0] == item.end:
                 transcript = item.early[1]  # decoded while the VAD waited out the silence
             else:
-                transcript = await self._transcribe(item.samples, item.id, final=True)
+                transcript = await self._transcribe(item.samples, item.id)
         except APIError as exc:
             logger.warning("realtime %s: item %s failed: %s", self.id, item.id, exc.message)
             body = exc.body()["error"]
@@ -855,25 +856,52 @@ class RealtimeSession:
             )
         )
 
-    async def _transcribe(self, samples: np.ndarray, item_id: str, *, final: bool) -> Transcript:
-        """One decode of ``samples`` through the engine (planned and reserved like any request),
-        in the engine's worker threads."""
+    def _job(self, samples: np.ndarray, item_id: str, seconds: float | None = None) -> Job:
+        """The request that decodes ``samples`` (or, for a check, ``seconds`` of audio) with the
+        session's options."""
         config = self.config
         assert self.source is not None
         tag = parse_language(config.language)
-        hotwords = " ".join(config.keywords) or None
-        job = Job(
+        return Job(
             request_id=f"{self.id}/{item_id}",
             audio=samples,
             source=self.source,
             language=tag.code if tag is not None else None,
             prompt=config.prompt,
             beam_size=self.settings.realtime_beam_size,
-            hotwords=hotwords,
+            hotwords=" ".join(config.keywords) or None,
             logprobs=config.logprobs,
             chinese=target(tag, self.settings.chinese_script),
-            chunk_length=window_for(len(samples)),
+            chunk_length=window_for(
+                len(samples) if seconds is None else int(seconds * SAMPLE_RATE)
+            ),
         )
+
+    def _check_memory(self) -> None:
+        """Refuse the session when it opens if the planner could not fit even the decode of
+        its longest item (``WHISPER_REALTIME_MAX_ITEM_SECONDS``, one window at most) now, rather
+        than fail its first item. Each decode is planned again when it runs.
+
+        Raises:
+            InsufficientMemoryError: with the planner's reason and when to retry.
+        """
+        seconds = min(self.settings.realtime_max_item_seconds, 30.0)
+        job = self._job(np.zeros(0, np.float32), "check", seconds)
+        plan = self.engine.check(job, seconds)
+        if plan is None or plan.action != "reject":
+            return
+        reasons = "; ".join(d.reason for d in plan.degradations) or "no memory"
+        retry = plan.retry_after or self.settings.retry_after
+        raise InsufficientMemoryError(
+            f"Not enough memory to transcribe a live session now ({plan.reason or reasons}); "
+            f"try again in {retry:g} s.",
+            retry_after=retry,
+        )
+
+    async def _transcribe(self, samples: np.ndarray, item_id: str) -> Transcript:
+        """One decode of ``samples`` through the engine (planned and reserved like any request),
+        in the engine's worker threads."""
+        job = self._job(samples, item_id)
         future = self.engine.executor.submit(
             partial(self.engine.run, job, cancelled=self._cancelled)
         )

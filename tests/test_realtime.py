@@ -515,6 +515,22 @@ def assert_released(server: LiveServer) -> None:
     assert not engine.reservations.snapshot()
 
 
+def test_a_session_the_planner_cannot_fit_is_refused_when_it_opens(
+    server_factory: Any, tiny_model: Path
+) -> None:
+    # The settings of test_ui's refusal test (one server for both): 1 MiB of host RAM.
+    server = server_factory(model=str(tiny_model), host_memory_limit="1MiB", max_memory_wait=0)
+    with connect(ws_url(server)) as ws:
+        refused = json.loads(ws.recv(timeout=10))
+        assert refused["type"] == "error", refused
+        assert refused["error"]["code"] == "insufficient_memory"
+        assert "try again in" in refused["error"]["message"]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1013
+    assert_released(server)
+
+
 def test_limits_and_a_client_that_vanishes_mid_utterance(
     server_factory: Any, tiny_model: Path, data_dir: Path
 ) -> None:
