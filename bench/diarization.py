@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/diarization.py                  # 12 conversations through the server
     .venv/bin/python bench/diarization.py --stage track    # the speaker track alone (no Whisper)
+    .venv/bin/python bench/diarization.py --start 12 --count 24   # held out from the tuning
 
 Conversations are built (``bench/conversations.py``) from recordings of eight different
 people in ``../shared/audio`` (or ``tests/data``): LJSpeech's reader, the LibriVox reader of
@@ -64,10 +65,12 @@ def speaker_pools(folder: Path) -> dict[str, list[np.ndarray]]:
     }
 
 
-def conversations(pools: dict[str, list[np.ndarray]], count: int = 12) -> list[Conversation]:
+def conversations(
+    pools: dict[str, list[np.ndarray]], count: int = 12, start: int = 0
+) -> list[Conversation]:
     names = list(pools)
     out = []
-    for i in range(count):
+    for i in range(start, start + count):
         k = 2 + i % 3
         rng = np.random.default_rng(i)
         chosen = [names[j] for j in rng.choice(len(names), size=k, replace=False)]
@@ -189,10 +192,16 @@ def main() -> None:
     )
     parser.add_argument("--stage", choices=("track", "server"), default="server")
     parser.add_argument("--count", type=int, default=12)
+    parser.add_argument(
+        "--start",
+        type=int,
+        default=0,
+        help="first conversation; the thresholds were tuned on 0-11, so 12 on are held out",
+    )
     parser.add_argument("--no-words", action="store_true", help="WHISPER_DIARIZATION_WORDS=false")
     parser.add_argument("--model", help="WHISPER_MODEL for the server (default: whisper-base)")
     args = parser.parse_args()
-    convs = conversations(speaker_pools(audio_dir()), args.count)
+    convs = conversations(speaker_pools(audio_dir()), args.count, args.start)
     if args.stage == "track":
         track_stage(convs)
     else:
