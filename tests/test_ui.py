@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import wave
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -309,6 +310,30 @@ def test_microphone_recording_is_transcribed(
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], wide
 
 
+def test_live_captions_stream_the_microphone(
+    open_page: Callable[..., Any], tiny_server: LiveServer, shots: Callable[[Any, str], Path]
+) -> None:
+    """The page as a Realtime client: the fake microphone (JFK, in a loop) streamed as 24 kHz
+    PCM over /v1/realtime with server VAD, lines settled at each pause."""
+    sessions = tiny_server.app.state.realtime
+    page = open_page(tiny_server)
+    page.get_by_role("button", name="Live captions").click()
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('#live-captions li.done')]
+            .some(line => /country|americans|fellow/i.test(line.textContent))""",
+        timeout=90_000,
+    )
+    shots(page, "live")
+    page.get_by_role("button", name="Stop live captions").click()
+    page.get_by_text(re.compile(r"Stopped: \d+ lines")).wait_for(timeout=30_000)
+    assert page.get_by_role("button", name="Live captions").get_attribute("aria-pressed") == "false"
+    assert page.locator("#error").is_hidden()
+    deadline = time.monotonic() + 10
+    while sessions.active and time.monotonic() < deadline:  # the server saw the close
+        time.sleep(0.1)
+    assert sessions.active == 0
+
+
 def test_api_errors_are_shown(
     open_page: Callable[..., Any], tiny_server: LiveServer, data_dir: Path
 ) -> None:
@@ -353,6 +378,12 @@ def test_api_key_is_asked_for_and_kept_in_the_tab(
     assert error.is_hidden()
     assert page.evaluate("sessionStorage.getItem('whisper-api-key')") == "key-two"
     assert page.evaluate("localStorage.length") == 0
+    # Live captions carry the key as a WebSocket subprotocol (browsers cannot set headers).
+    page.get_by_role("button", name="Live captions").click()
+    page.locator("#live-captions li.done").first.wait_for(timeout=90_000)
+    page.get_by_role("button", name="Stop live captions").click()
+    page.get_by_text(re.compile(r"Stopped: \d+ lines")).wait_for(timeout=30_000)
+    assert error.is_hidden() and page.locator("#error").is_hidden()
 
 
 def test_refusal_for_memory_says_when_to_retry(

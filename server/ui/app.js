@@ -205,6 +205,186 @@ $("#record").addEventListener("click", async () => {
   button.setAttribute("aria-pressed", "true");
 });
 
+// ---- live captions: the Realtime API over a WebSocket -----------------------------------------
+
+const LIVE_RATE = 24000; // audio/pcm, as OpenAI's Realtime API takes it
+let live = null; // the session in progress: {ws, stop}
+
+/** 16-bit little-endian PCM at LIVE_RATE, base64, from float samples at `rate`; `state.at` carries
+ * the resampler's position (in input samples) from one buffer to the next. */
+function pcm16(samples, rate, state) {
+  const step = rate / LIVE_RATE;
+  const count = Math.max(0, Math.ceil((samples.length - state.at) / step));
+  const out = new Int16Array(count);
+  for (let i = 0; i < count; i++) {
+    const x = state.at + i * step;
+    const j = Math.floor(x);
+    const next = j + 1 < samples.length ? samples[j + 1] : samples[j];
+    const value = samples[j] + (next - samples[j]) * (x - j);
+    out[i] = Math.max(-32768, Math.min(32767, Math.round(value * 32767)));
+  }
+  state.at = state.at + count * step - samples.length;
+  let text = "";
+  const raw = new Uint8Array(out.buffer);
+  for (let i = 0; i < raw.length; i += 0x8000) {
+    text += String.fromCharCode(...raw.subarray(i, i + 0x8000));
+  }
+  return btoa(text);
+}
+
+function caption(id) {
+  const list = $("#live-captions");
+  let line = list.querySelector(`li[data-item="${CSS.escape(id)}"]`);
+  if (!line) {
+    line = el("li", { "data-item": id, class: "pending" });
+    list.append(line);
+  }
+  return line;
+}
+
+function liveEvent(event, status) {
+  switch (event.type) {
+    case "session.created":
+    case "session.updated":
+      status.textContent = "Listening…";
+      break;
+    case "input_audio_buffer.speech_started":
+      status.textContent = "Hearing speech…";
+      caption(event.item_id);
+      break;
+    case "input_audio_buffer.speech_stopped":
+      status.textContent = "Listening…";
+      break;
+    case "conversation.item.input_audio_transcription.delta":
+      caption(event.item_id).textContent += event.delta;
+      break;
+    case "conversation.item.input_audio_transcription.completed": {
+      const line = caption(event.item_id);
+      line.textContent = event.transcript; // the final decode is the text to keep
+      line.className = "done";
+      if (!event.transcript.trim()) line.remove();
+      break;
+    }
+    case "conversation.item.input_audio_transcription.failed":
+      caption(event.item_id).textContent = `(not transcribed: ${event.error.message})`;
+      break;
+    case "error":
+      // Stopping between turns commits nothing: that is not the user's problem.
+      if (event.error.code !== "input_audio_buffer_commit_empty") {
+        showError($("#error"), new ApiError(0, { error: event.error }));
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+async function startLive() {
+  const button = $("#live");
+  const status = $("#live-status");
+  if (!navigator.mediaDevices || !window.AudioContext) {
+    showError($("#error"), new Error("This browser cannot use the microphone here (it needs HTTPS or localhost)."));
+    return;
+  }
+  let stream;
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  } catch (err) {
+    showError($("#error"), new Error(`The microphone is not available: ${err.message}`));
+    return;
+  }
+  $("#error").hidden = true;
+  // Browsers cannot set headers on a WebSocket: the key goes as a subprotocol, as OpenAI's do.
+  const key = sessionStorage.getItem(KEY_STORE);
+  const protocols = ["realtime", ...(key ? [`openai-insecure-api-key.${key}`] : [])];
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const ws = new WebSocket(`${scheme}://${location.host}/v1/realtime?intent=transcription`, protocols);
+  const context = new AudioContext();
+  const source = context.createMediaStreamSource(stream);
+  const tap = context.createScriptProcessor(4096, 1, 1);
+  const state = { at: 0 };
+  let ready = false;
+  tap.onaudioprocess = (event) => {
+    if (!ready || ws.readyState !== WebSocket.OPEN) return;
+    const audio = pcm16(event.inputBuffer.getChannelData(0), context.sampleRate, state);
+    ws.send(JSON.stringify({ type: "input_audio_buffer.append", audio }));
+  };
+  source.connect(tap);
+  tap.connect(context.destination); // it runs only when connected; it writes silence
+  const list = $("#live-captions");
+  list.replaceChildren();
+  list.hidden = false;
+  status.textContent = "Connecting…";
+  button.textContent = "Stop live captions";
+  button.setAttribute("aria-pressed", "true");
+
+  let stopping = null;
+  const finish = () => {
+    tap.disconnect();
+    source.disconnect();
+    stream.getTracks().forEach((track) => track.stop());
+    context.close();
+    if (stopping) clearTimeout(stopping);
+    button.textContent = "Live captions";
+    button.setAttribute("aria-pressed", "false");
+    list.querySelectorAll("li.pending:empty").forEach((line) => line.remove());
+    live = null;
+  };
+  ws.addEventListener("open", () => {
+    const language = $("#language").value.trim();
+    ws.send(
+      JSON.stringify({
+        type: "session.update",
+        session: {
+          type: "transcription",
+          audio: {
+            input: {
+              format: { type: "audio/pcm", rate: LIVE_RATE },
+              transcription: { model: $("#model").value, ...(language ? { language } : {}) },
+              turn_detection: { type: "server_vad", silence_duration_ms: 500 },
+            },
+          },
+        },
+      }),
+    );
+    ready = true;
+  });
+  ws.addEventListener("message", (message) => {
+    let event;
+    try {
+      event = JSON.parse(message.data);
+    } catch {
+      return;
+    }
+    liveEvent(event, status);
+    if (stopping && !list.querySelector("li.pending")) ws.close(1000); // every line settled
+  });
+  ws.addEventListener("close", (event) => {
+    if (!stopping && event.code !== 1000) {
+      status.textContent = `The session ended (${event.code}${event.reason ? `: ${event.reason}` : ""}).`;
+    } else {
+      status.textContent = `Stopped: ${list.querySelectorAll("li.done").length} lines.`;
+    }
+    finish();
+  });
+  live = {
+    stop() {
+      // Stop listening; the line being spoken is committed and its text awaited (10 s at most).
+      ready = false;
+      status.textContent = "Finishing…";
+      if (ws.readyState !== WebSocket.OPEN) {
+        ws.close();
+        return;
+      }
+      if (list.querySelector("li.pending")) ws.send(JSON.stringify({ type: "input_audio_buffer.commit" }));
+      stopping = setTimeout(() => ws.close(1000), 10000);
+      if (!list.querySelector("li.pending")) ws.close(1000);
+    },
+  };
+}
+
+$("#live").addEventListener("click", () => (live ? live.stop() : startLive()));
+
 // ---- transcribing ----------------------------------------------------------------------------
 
 let result = null; // {format, body}: the last answer, for the downloads
