@@ -573,7 +573,6 @@ class Engine:
         Raises:
             InsufficientMemoryError: the planner rejected the request.
         """
-        cpu_copy = self.pool.find(job.source, "cpu") is not None
         held = ExitStack()
 
         def reserve(plan: Plan) -> None:
@@ -590,17 +589,15 @@ class Engine:
             model,
             PlanRequest(shape=shape, audio_seconds=audio_seconds),
             self.settings.degrade_ladder,
-            reserved_keys=(model.device, batched_key(model.device)),
-            cpu_load_bytes=0 if cpu_copy or model.device == "cpu" else None,
+            **self._request_terms(model, job),
             on_run=reserve,
         )
         self._record(job, plan, waited, model.device, audio_seconds)
         if plan.action == "reject":
             self.stats.rejected += 1
-            reasons = "; ".join(d.reason for d in plan.degradations) or "no memory"
             raise InsufficientMemoryError(
                 "Not enough memory to run this request now "
-                f"({plan.reason or reasons}); retry after the delay in Retry-After.",
+                f"({plan.why or 'no memory'}); retry after the delay in Retry-After.",
                 retry_after=plan.retry_after or self.settings.retry_after,
             )
         return plan, held
@@ -662,7 +659,12 @@ class Engine:
                 evict: LoadedModel | None = None
                 with self.reservations.planning():
                     plan = self._plan_now(
-                        model, request, steps, reserved_keys, cpu_load_bytes, waited
+                        model,
+                        request,
+                        steps,
+                        reserved_keys=reserved_keys,
+                        cpu_load_bytes=cpu_load_bytes,
+                        waited=waited,
                     )
                     if plan.action != "run" or plan.degradations:
                         # The first rung: an idle model's memory, before anything is degraded.
@@ -671,7 +673,7 @@ class Engine:
                     if evict is None and plan.action == "run" and on_run is not None:
                         on_run(plan)
                 if evict is not None:
-                    why = plan.reason or "; ".join(d.reason for d in plan.degradations)
+                    why = plan.why
                     if self.unload(evict, f"to make room for a request: {why}"):
                         evicted.append(
                             Degradation(
@@ -693,11 +695,22 @@ class Engine:
                 self.reservations.wait_for_release(timeout=min(plan.wait_s, 0.5), since=since)
                 waited += time.monotonic() - started
 
+    def _request_terms(self, model: LoadedModel, job: Job) -> dict[str, Any]:
+        """How a request's plan on ``model`` counts memory: what is reserved on its device
+        (requests alone and the scheduler's batches), and whether the CPU fallback must load a
+        copy of the model first."""
+        cpu_copy = self.pool.find(job.source, "cpu") is not None
+        return {
+            "reserved_keys": (model.device, batched_key(model.device)),
+            "cpu_load_bytes": 0 if cpu_copy or model.device == "cpu" else None,
+        }
+
     def _plan_now(
         self,
         model: LoadedModel,
         request: PlanRequest,
         steps: tuple[Step, ...],
+        *,
         reserved_keys: tuple[str, ...],
         cpu_load_bytes: int | None,
         waited: float,
@@ -728,16 +741,14 @@ class Engine:
         model = self.pool.find(job.source, self._place_for(job, seconds))
         if model is None:
             return None
-        cpu_copy = self.pool.find(job.source, "cpu") is not None
         request = PlanRequest(self.requested_shape(model, job, seconds), seconds)
         with self.reservations.planning():
             plan = self._plan_now(
                 model,
                 request,
                 self.settings.degrade_ladder,
-                (model.device, batched_key(model.device)),
-                0 if cpu_copy or model.device == "cpu" else None,
-                0.0,
+                **self._request_terms(model, job),
+                waited=0.0,
             )
         evictable = self.settings.memory_policy != "off" and self.pool.idle(
             model.device, exclude=model

@@ -890,10 +890,9 @@ class RealtimeSession:
         plan = self.engine.check(job, seconds)
         if plan is None or plan.action != "reject":
             return
-        reasons = "; ".join(d.reason for d in plan.degradations) or "no memory"
         retry = plan.retry_after or self.settings.retry_after
         raise InsufficientMemoryError(
-            f"Not enough memory to transcribe a live session now ({plan.reason or reasons}); "
+            f"Not enough memory to transcribe a live session now ({plan.why or 'no memory'}); "
             f"try again in {retry:g} s.",
             retry_after=retry,
         )

@@ -269,6 +269,12 @@ class Plan:
         """Device memory to reserve while the plan runs: its estimate."""
         return self.estimate.device_bytes
 
+    @property
+    def why(self) -> str:
+        """What the planner said of this plan: its reason, or its degradations' ("" if
+        neither)."""
+        return self.reason or "; ".join(d.reason for d in self.degradations)
+
 
 @dataclass(frozen=True)
 class Budget:

@@ -152,6 +152,23 @@ $("#file").addEventListener("change", () => {
   }
 });
 
+/** The microphone's stream, or null after saying why not. `api` is what the caller needs besides
+ * getUserMedia (MediaRecorder, AudioContext); `cannot` finishes "This browser ..." without it. */
+async function microphone(api, cannot) {
+  if (!navigator.mediaDevices || !api) {
+    showError($("#error"), new Error(`This browser ${cannot} (it needs HTTPS or localhost).`));
+    return null;
+  }
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    $("#error").hidden = true;
+    return stream;
+  } catch (err) {
+    showError($("#error"), new Error(`The microphone is not available: ${err.message}`));
+    return null;
+  }
+}
+
 function recordingType() {
   // Opus in WebM is what Chrome and Firefox record; Safari records MP4.
   for (const type of ["audio/webm;codecs=opus", "audio/webm", "audio/mp4"]) {
@@ -167,18 +184,8 @@ $("#record").addEventListener("click", async () => {
     recorder.stop();
     return;
   }
-  if (!navigator.mediaDevices || !window.MediaRecorder) {
-    showError($("#error"), new Error("This browser cannot record here (it needs HTTPS or localhost)."));
-    return;
-  }
-  let stream;
-  try {
-    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-  } catch (err) {
-    showError($("#error"), new Error(`The microphone is not available: ${err.message}`));
-    return;
-  }
-  $("#error").hidden = true;
+  const stream = await microphone(window.MediaRecorder, "cannot record here");
+  if (!stream) return;
   const type = recordingType();
   const chunks = [];
   recorder = new MediaRecorder(stream, type ? { mimeType: type } : {});
@@ -282,18 +289,8 @@ function liveEvent(event, status) {
 async function startLive() {
   const button = $("#live");
   const status = $("#live-status");
-  if (!navigator.mediaDevices || !window.AudioContext) {
-    showError($("#error"), new Error("This browser cannot use the microphone here (it needs HTTPS or localhost)."));
-    return;
-  }
-  let stream;
-  try {
-    stream = await navigator.mediaDevices.getUserMedia({ audio: true });
-  } catch (err) {
-    showError($("#error"), new Error(`The microphone is not available: ${err.message}`));
-    return;
-  }
-  $("#error").hidden = true;
+  const stream = await microphone(window.AudioContext, "cannot use the microphone here");
+  if (!stream) return;
   // Browsers cannot set headers on a WebSocket: the key goes as a subprotocol, as OpenAI's do.
   const key = sessionStorage.getItem(KEY_STORE);
   const protocols = ["realtime", ...(key ? [`openai-insecure-api-key.${key}`] : [])];
