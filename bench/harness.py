@@ -9,6 +9,7 @@ on ``sys.path`` (``python bench/x.py`` does that already); the tests import it a
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import re
 import signal
@@ -144,6 +145,22 @@ def wer(reference: str, hypothesis: str) -> float:
     """Word error rate (Levenshtein distance over words / reference length)."""
     ref = words(reference)
     return edit_distance(ref, words(hypothesis)) / max(1, len(ref))
+
+
+def longest_loss(reference: str, hypothesis: str) -> int:
+    """The longest run of consecutive reference words that the hypothesis lacks (deleted, or
+    replaced by fewer words), in an alignment of the two: words lost at a cut show here, while
+    a name spelled another way does not."""
+    ref, hyp = words(reference), words(hypothesis)
+    matcher = difflib.SequenceMatcher(a=ref, b=hyp, autojunk=False)
+    return max(
+        (
+            max(0, (i2 - i1) - (j2 - j1))
+            for op, i1, i2, j1, j2 in matcher.get_opcodes()
+            if op in ("delete", "replace")
+        ),
+        default=0,
+    )
 
 
 def cer(reference: str, hypothesis: str) -> float:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
+import os
 import socket
 import threading
 import time
@@ -27,6 +29,33 @@ from server.config import Settings
 from server.connections import uvicorn_options
 
 DATA = Path(__file__).parent / "data"
+
+
+def within(
+    name: str, value: float, *, at_most: float | None = None, at_least: float | None = None
+) -> bool:
+    """Whether a score of decoded output (a WER, a count, a timing error) is within its bound,
+    recorded for ``bench/kernel_paths.py``: with WHISPER_TEST_SCORES set to a file, each call
+    appends the test, the score, its bound and the outcome to it as a JSON line. That bench runs
+    the tests under every CPU kernel path CTranslate2 can take and tabulates the scores, so a
+    bound is set from the spread across paths rather than from one machine's figure.
+
+    Use it as ``assert within("WER vs reference", wer(ref, hyp), at_most=0.15), hyp``.
+    """
+    ok = (at_most is None or value <= at_most) and (at_least is None or value >= at_least)
+    out = os.environ.get("WHISPER_TEST_SCORES")
+    if out:
+        record = {
+            "test": os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0],
+            "score": name,
+            "value": value,
+            "at_most": at_most,
+            "at_least": at_least,
+            "ok": ok,
+        }
+        with open(out, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+    return ok
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from server.memory import CostModel, PlanRequest, Policy, Shape, plan_request, r
 from server.memory.cost import DIARIZATION_BYTES_PER_SECOND, DIARIZATION_FIXED_BYTES, MiB
 from server.memory.probes import DeviceMemory, MemorySnapshot
 from server.model_store import install_speaker_encoder
-from tests.conftest import DATA, LiveServer, wer
+from tests.conftest import DATA, LiveServer, wer, within
 
 LJ = "en_ljspeech_LJ001-0001_to_0032_concat"
 SS = "en_librivox_sense_and_sensibility_01_{}.wav"
@@ -106,7 +106,7 @@ def assert_who_said_what(conv: Conversation, segments: list[Any]) -> dict[str, s
         assert counts[labels[who]] == sum(counts.values()), seen
         said = " ".join(s.text for s in segments if s.speaker == labels[who])
         meant = " ".join(t.text for t in conv.turns if t.speaker == who)
-        assert wer(meant, said) < 0.35, (who, said)
+        assert within(f"WER of {who}", wer(meant, said), at_most=0.35), (who, said)
     return labels
 
 
@@ -215,9 +215,13 @@ def test_a_call_is_diarized_by_channel_and_each_side_transcribed_once(
     assert set(speakers) == {"A", "B"}  # two channels, two speakers: the channels decided
     left = " ".join(s["text"] for s in body["segments"] if s["speaker"] == "A")
     right = " ".join(s["text"] for s in body["segments"] if s["speaker"] == "B")
-    assert wer(" ".join(t.text for t in conv.turns if t.speaker == "lj"), left) < 0.35
+    assert within(
+        "WER of the left channel",
+        wer(" ".join(t.text for t in conv.turns if t.speaker == "lj"), left),
+        at_most=0.35,
+    )
     others = " ".join(t.text for t in conv.turns if t.speaker != "lj")
-    assert wer(others, right) < 0.35
+    assert within("WER of the right channel", wer(others, right), at_most=0.35)
     # The echo was not transcribed a second time on the other side.
     assert "block books" not in right.lower() and "typography" not in right.lower()
     assert "dashwood" not in left.lower()
@@ -243,8 +247,8 @@ def test_the_stereo_fixture_gives_each_channel_its_speaker(server: LiveServer) -
     )
     said = {s["speaker"]: s["text"] for s in r.json()["segments"]}
     assert set(said) == {"A", "B"}
-    assert wer(lines["LEFT"], said["A"]) < 0.3
-    assert wer(lines["RIGHT"], said["B"]) < 0.3
+    assert within("WER of speaker A", wer(lines["LEFT"], said["A"]), at_most=0.3)
+    assert within("WER of speaker B", wer(lines["RIGHT"], said["B"]), at_most=0.3)
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import requests
 
+from bench.harness import cer, longest_loss
 from server.audio import decode_audio
 from server.config import Settings
 from server.engine import Engine
@@ -31,6 +32,7 @@ from tests.conftest import (
     pin_footprint_to_weights,
     run_server,
     wer,
+    within,
 )
 
 LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
@@ -78,9 +80,15 @@ def test_long_audio_is_chunked_under_a_host_budget(
     # one plan per piece (the whole-request survey is not logged): 231 s in pieces of <= 90 s
     assert len(pieces) >= 3, pieces
     assert all(not d["degradations"] for d in pieces), pieces
-    chunking_wer = wer(reference.text, chunked.text)
-    print(f"WER of 90 s pieces against the unchunked run: {chunking_wer:.4f}")
-    assert chunking_wer <= 0.02, (reference.text, chunked.text)
+    # Close to the unchunked run: the text after a cut is conditioned on other context, so
+    # rare names may be spelled another way further on ("Gutenberg"/"Guttenberg"); what must
+    # not happen is words lost or repeated at a cut. Measured over CTranslate2's CPU kernel
+    # paths (MKL and oneDNN, AVX-512 to generic; bench/kernel_paths.py): WER 0.011-0.021,
+    # letters 0.003-0.005, at most 1 word lost in a row. The bounds are about twice the worst.
+    text = (reference.text, chunked.text)
+    assert within("chunked WER", wer(*text), at_most=0.04), text
+    assert within("chunked letter error", cer(*(t.lower() for t in text)), at_most=0.01), text
+    assert within("chunked words lost in a row", longest_loss(*text), at_most=3), text
 
     ends = [(s.start, s.end) for s in chunked.segments]
     for (start, end), (next_start, _) in itertools.pairwise(ends):
@@ -116,7 +124,7 @@ def test_words_dropped_only_when_the_budget_forces_it(
     reasons = dict(dropped.degradations)
     assert "word_timestamps" in reasons and "needs" in reasons["word_timestamps"]
     assert dropped.segments and all(s.words is None for s in dropped.segments)
-    assert wer(kept.text, dropped.text) < 0.2
+    assert within("WER without words vs with", wer(kept.text, dropped.text), at_most=0.2)
 
 
 def test_rejects_with_retry_after_when_nothing_fits(

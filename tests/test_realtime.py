@@ -38,7 +38,7 @@ from server.realtime_events import (
 )
 from server.runners import VAD_FRAME, StreamingVad
 from server.transcript import TokenLogprob
-from tests.conftest import LiveServer, wer, words
+from tests.conftest import LiveServer, wer, within, words
 
 LEOPARD = "en_leopard_test"  # 5.9 s, one sentence
 SENSE = "en_librivox_sense_and_sensibility_01_0870"  # 7.1 s
@@ -124,7 +124,7 @@ def check_items(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
             # counts once).
             sent = words(joined)
             closest = min(edit_distance(sent, final[:k]) for k in range(len(final) + 1))
-            assert closest <= 1, (joined, e["transcript"])
+            assert within("delta edits vs completed", closest, at_most=1), (joined, e["transcript"])
             items.append((joined, e["transcript"]))
     return items
 
@@ -341,7 +341,7 @@ def test_openai_sdk_ga_server_vad_streams_deltas_and_completes(
     assert started["item_id"] == stopped["item_id"]
     assert 0 <= started["audio_start_ms"] < 1000 and 5000 < stopped["audio_end_ms"] < 7500
     ((_, transcript),) = check_items(events)
-    assert wer(reference(data_dir, LEOPARD), transcript) <= 0.15
+    assert within("WER vs reference", wer(reference(data_dir, LEOPARD), transcript), at_most=0.15)
     # The item keeps 250 ms of the 500 ms of silence that ended it, and its final decode ran
     # once: early, while the VAD waited out the silence, or after the commit, never both.
     final = max(decoded)  # the whole item: every interim decode is shorter
@@ -377,7 +377,7 @@ def test_openai_sdk_beta_manual_commit(tiny_server: LiveServer, data_dir: Path) 
     kinds = [e["type"] for e in events]
     assert "input_audio_buffer.speech_started" not in kinds  # no VAD: the client commits
     ((_, transcript),) = check_items(events)
-    assert wer(reference(data_dir, SENSE), transcript) <= 0.2
+    assert within("WER vs reference", wer(reference(data_dir, SENSE), transcript), at_most=0.2)
 
 
 def test_raw_beta_client_ulaw_with_server_vad(tiny_server: LiveServer, data_dir: Path) -> None:
@@ -405,7 +405,7 @@ def test_raw_beta_client_ulaw_with_server_vad(tiny_server: LiveServer, data_dir:
             ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
         events = events_until(recv, lambda e: e["type"].endswith("transcription.completed"))
     ((_, transcript),) = check_items(events)
-    assert wer(reference(data_dir, LEOPARD), transcript) <= 0.15
+    assert within("WER vs reference", wer(reference(data_dir, LEOPARD), transcript), at_most=0.15)
 
 
 def test_raw_ga_client_logprobs_and_bad_events_keep_the_session_usable(
@@ -473,7 +473,9 @@ def test_raw_ga_client_logprobs_and_bad_events_keep_the_session_usable(
         ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
         events = events_until(recv, lambda e: e["type"].endswith("transcription.completed"))
     completed = events[-1]
-    assert wer(reference(data_dir, LEOPARD), completed["transcript"]) <= 0.15
+    assert within(
+        "WER vs reference", wer(reference(data_dir, LEOPARD), completed["transcript"]), at_most=0.15
+    )
     logprobs = completed["logprobs"]
     assert logprobs and all(p["logprob"] <= 0 and p["bytes"] for p in logprobs)
     assert "".join(p["token"] for p in logprobs).strip() == completed["transcript"]

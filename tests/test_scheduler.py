@@ -31,7 +31,7 @@ from server.scheduler import (
     WindowOptions,
 )
 from server.word_timing import fit_segments, speech_spans
-from tests.conftest import wer
+from tests.conftest import wer, within
 
 SR = 16000
 LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
@@ -212,7 +212,8 @@ def test_language_and_task_per_request_on_the_multilingual_model(
     assert spanish == expected["transcribe"]
     assert english == expected["translate"]
     assert spanish != english
-    assert wer((data_dir / "es_mls_13697_11991_000000.txt").read_text(), spanish) < 0.5
+    reference = (data_dir / "es_mls_13697_11991_000000.txt").read_text()
+    assert within("Spanish WER vs reference", wer(reference, spanish), at_most=0.5)
     assert tickets[2].language == "es" and tickets[2].language_probability > 0.5
     assert detected == spanish
 

@@ -22,7 +22,7 @@ from server.engine import Engine
 from server.job import Job
 from server.memory.probes import NvmlProbe
 from server.runners import WhisperRunner
-from tests.conftest import pin_footprint_to_weights
+from tests.conftest import pin_footprint_to_weights, within
 from tests.memory.test_memory_probes import UUID_A, UUID_B, FakeNvml
 
 GiB = 1 << 30
@@ -122,7 +122,7 @@ def test_the_pieces_of_a_long_file_follow_the_free_memory(
 
     engine._run_piece = run_piece  # type: ignore[method-assign]
     transcript = engine.run(job(engine, data_dir, LONG, "long"))
-    assert len(transcript.text.split()) > 50
+    assert within("words", len(transcript.text.split()), at_least=51)
     placed = places_of(engine, "long")
     assert len(pieces) == 2 and placed[0] == "cuda:0" and placed[-1] == "cuda:1", placed
     assert loaded_on == [0, 1]
