@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import shutil
+import threading
 import time
 import wave
 from collections import Counter
@@ -31,6 +32,11 @@ from tests.conftest import free_port
 
 SHORT = "jfk.mp3"  # 66 kB, 11 s
 LONG = "long.wav"  # written by `long_upload`: 9.6 MB, 5 min (a sentence, then silence)
+STATS_PERIOD_S = 0.5  # how often the replicas report to the router
+
+#: The replicas' resident memory when the module's cluster started, before any request: what a
+#: freshly started replica holds (one that served requests at once holds more).
+FRESH: dict[str, int] = {}
 
 
 def _options(tiny_model: Path, models_dir: Path, **changes: Any) -> ScaleOut:
@@ -38,8 +44,8 @@ def _options(tiny_model: Path, models_dir: Path, **changes: Any) -> ScaleOut:
         replicas=2,
         device="cpu",
         cpus_per_replica=0.5,
-        max_ongoing_requests=2,
-        stats_period_s=0.5,
+        max_ongoing_requests=8,  # ScaleOut's default: the router, not this cap, spreads load
+        stats_period_s=STATS_PERIOD_S,
         settings={
             "model": str(tiny_model),
             "models_dir": str(models_dir),
@@ -61,6 +67,7 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         models = tmp_path_factory.mktemp("models")
         serve.run(build(_options(tiny_model, models)), name=APP_NAME, route_prefix="/")
+        FRESH["rss"] = _replica_rss()
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -86,6 +93,26 @@ def _replica_actors() -> dict[str, Any]:
             name = entry["name"].split("::", 1)[1]
             out[name] = ray.get_actor(entry["name"], namespace=entry["namespace"])
     return out
+
+
+def test_equal_requests_at_once_spread_evenly(cluster: str, data_dir: Path) -> None:
+    """8 equal requests at once on 2 idle replicas: 4 each, give or take one. The router counts
+    a request against its replica from the moment it picks it (it sent 7 of 8 to one)."""
+    # Serve pulls a replica's first routing report once the replica runs; until it reaches the
+    # router, the router ranks that replica after those that reported, by design (it knows
+    # nothing of its memory). A few periods later both have reported.
+    time.sleep(10 * STATS_PERIOD_S)
+    start = threading.Barrier(8)
+
+    def one(_: int) -> requests.Response:
+        start.wait()
+        return _post(cluster, SHORT, data_dir)
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(8)))
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses]
+    served_by = Counter(r.headers[REPLICA_HEADER] for r in responses)
+    assert len(served_by) == 2 and all(3 <= n <= 5 for n in served_by.values()), served_by
 
 
 def test_both_replicas_serve_under_concurrency(cluster: str, data_dir: Path) -> None:
@@ -164,7 +191,7 @@ def long_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _idle_rss() -> int:
+def _replica_rss() -> int:
     """The largest resident memory among this cluster's engine replicas (their processes are
     children of the raylet this test started)."""
     sizes = [
@@ -204,7 +231,8 @@ def test_low_budget_replica_gets_no_large_request(
     long = need_bytes(load, upload_seconds(os.path.getsize(data_dir / LONG)))
     assert long > 2 * short, (short, long)
     room = (short * 2 + long) // 2
-    limit = _idle_rss() + room
+    # The low replica starts afresh: its limit is what a fresh replica holds plus the room.
+    limit = FRESH["rss"] + room
     # A fresh application, not an update: a rolling update starts the new replicas while the
     # old ones still hold ranks 0 and 1, so the new ones could start as ranks 2 and 3 (Serve
     # renumbers them later) and neither would take the override meant for rank 1.
