@@ -2,7 +2,9 @@
 
 One cluster serves the whole module (starting Ray and loading the replicas is most of the
 time); the last test redeploys it with one replica given a low memory limit. The cluster is
-started with 2 CPUs and no dashboard, and shut down at the end.
+started with 2 CPUs and no dashboard, and shut down at the end. The first tests run
+``python -m server ray`` itself, in a subprocess that starts (and stops) a cluster of its own
+where the replicas cannot be placed, so no model is loaded.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import wave
@@ -72,6 +76,44 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _ray_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m server ray ARGS`` on a local cluster of its own, on a box without GPUs
+    (CUDA_VISIBLE_DEVICES hides any this machine has)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-m", "server", "ray", "--port", str(free_port()), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # the bound below is seconds; this only keeps a regression from hanging
+    )
+
+
+def test_cuda_replicas_on_a_cluster_without_gpus_exit_naming_the_gpu() -> None:
+    done = _ray_command("--device", "cuda", "--num-cpus", "2", "--placement-timeout", "5")
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "1 of 1 replicas of WhisperReplica could not be placed within 5 s" in last, last
+    assert "needs GPU: 1 per replica; the cluster has GPU: 0 (0 free)" in last, last
+
+
+def test_auto_device_takes_cpus_and_names_cpus_it_lacks() -> None:
+    # The default device on a cluster without GPUs is the CPU, said so; replicas that ask
+    # for more CPUs than the cluster has are named the same way.
+    done = _ray_command(
+        "--replicas", "2", "--cpus-per-replica", "4", "--num-cpus", "2",
+        "--placement-timeout", "5",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "--device auto: the cluster has no GPU (GPU: 0), replicas on CPUs" in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "2 of 2 replicas of WhisperReplica could not be placed within 5 s" in last, last
+    assert "needs CPU: 4 per replica; the cluster has CPU: 2" in last, last
+    assert "GPU" not in last.split("Ask for")[0], last
 
 
 def _post(url: str, name: str, data_dir: Path, **form: str) -> requests.Response:
