@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from server.config import Settings, env_name, settings_table
 from server.memory import host_heap
+from server.scaleout.placement import PLACEMENT_TIMEOUT_S
 
 
 def load_settings(**overrides: object) -> Settings:
@@ -137,6 +138,13 @@ def cmd_install_model(args: argparse.Namespace) -> None:
     print(install_default_model(settings.models_dir))
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text}")
+    return value
+
+
 def cmd_ray(args: argparse.Namespace) -> None:
     try:
         import ray  # noqa: F401
@@ -202,7 +210,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Replicas read the WHISPER_* variables of this process.",
     )
     ray_cmd.add_argument("--replicas", type=int, default=1, help="engine replicas (one per GPU)")
-    ray_cmd.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ray_cmd.add_argument(
+        "--device",
+        choices=["auto", "cuda", "cpu"],
+        default="auto",
+        help="auto: one GPU per replica where the cluster has GPUs, else CPU replicas (said so)",
+    )
     ray_cmd.add_argument("--cpus-per-replica", type=float, default=1.0)
     ray_cmd.add_argument(
         "--router",
@@ -221,6 +234,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ray_cmd.add_argument("--host", default="127.0.0.1", help="the Serve proxy's address")
     ray_cmd.add_argument("--port", type=int, default=8000)
     ray_cmd.add_argument("--num-cpus", type=int, help="CPUs of a local cluster (default: all)")
+    ray_cmd.add_argument(
+        "--placement-timeout",
+        type=_positive_seconds,
+        default=PLACEMENT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="give the cluster this long to place every replica, then exit 1 naming the "
+        f"missing resource (default {PLACEMENT_TIMEOUT_S:g})",
+    )
     ray_cmd.set_defaults(func=cmd_ray)
 
     args = parser.parse_args(argv)

@@ -117,7 +117,7 @@ def test_both_configs_deploy_the_same_application(manifest: dict[str, Any]) -> N
 def test_scaleout_rejects_unknown_args() -> None:
     with pytest.raises(TypeError):
         app_builder({"replica": 2})
-    assert ScaleOut().device == "cuda"
+    assert ScaleOut().device == "auto"
 
 
 def test_ray_command_without_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

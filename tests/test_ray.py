@@ -2,7 +2,9 @@
 
 One cluster serves the whole module (starting Ray and loading the replicas is most of the
 time); the last test redeploys it with one replica given a low memory limit. The cluster is
-started with 2 CPUs and no dashboard, and shut down at the end.
+started with 2 CPUs and no dashboard, and shut down at the end. The first tests run
+``python -m server ray`` itself, in a subprocess that starts (and stops) a cluster of its own
+where the replicas cannot be placed, so no model is loaded.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import shutil
+import subprocess
+import sys
+import threading
 import time
 import wave
 from collections import Counter
@@ -31,6 +36,11 @@ from tests.conftest import free_port
 
 SHORT = "jfk.mp3"  # 66 kB, 11 s
 LONG = "long.wav"  # written by `long_upload`: 9.6 MB, 5 min (a sentence, then silence)
+STATS_PERIOD_S = 0.5  # how often the replicas report to the router
+
+#: The replicas' resident memory when the module's cluster started, before any request: what a
+#: freshly started replica holds (one that served requests at once holds more).
+FRESH: dict[str, int] = {}
 
 
 def _options(tiny_model: Path, models_dir: Path, **changes: Any) -> ScaleOut:
@@ -38,8 +48,8 @@ def _options(tiny_model: Path, models_dir: Path, **changes: Any) -> ScaleOut:
         replicas=2,
         device="cpu",
         cpus_per_replica=0.5,
-        max_ongoing_requests=2,
-        stats_period_s=0.5,
+        max_ongoing_requests=8,  # ScaleOut's default: the router, not this cap, spreads load
+        stats_period_s=STATS_PERIOD_S,
         settings={
             "model": str(tiny_model),
             "models_dir": str(models_dir),
@@ -61,10 +71,49 @@ def cluster(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         models = tmp_path_factory.mktemp("models")
         serve.run(build(_options(tiny_model, models)), name=APP_NAME, route_prefix="/")
+        FRESH["rss"] = _replica_rss()
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _ray_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m server ray ARGS`` on a local cluster of its own, on a box without GPUs
+    (CUDA_VISIBLE_DEVICES hides any this machine has)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    return subprocess.run(
+        [sys.executable, "-m", "server", "ray", "--port", str(free_port()), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # the bound below is seconds; this only keeps a regression from hanging
+    )
+
+
+def test_cuda_replicas_on_a_cluster_without_gpus_exit_naming_the_gpu() -> None:
+    done = _ray_command("--device", "cuda", "--num-cpus", "2", "--placement-timeout", "5")
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "1 of 1 replicas of WhisperReplica could not be placed within 5 s" in last, last
+    assert "needs GPU: 1 per replica; the cluster has GPU: 0 (0 free)" in last, last
+
+
+def test_auto_device_takes_cpus_and_names_cpus_it_lacks() -> None:
+    # The default device on a cluster without GPUs is the CPU, said so; replicas that ask
+    # for more CPUs than the cluster has are named the same way.
+    done = _ray_command(
+        "--replicas", "2", "--cpus-per-replica", "4", "--num-cpus", "2",
+        "--placement-timeout", "5",
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "--device auto: the cluster has no GPU (GPU: 0), replicas on CPUs" in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "2 of 2 replicas of WhisperReplica could not be placed within 5 s" in last, last
+    assert "needs CPU: 4 per replica; the cluster has CPU: 2" in last, last
+    assert "GPU" not in last.split("Ask for")[0], last
 
 
 def _post(url: str, name: str, data_dir: Path, **form: str) -> requests.Response:
@@ -86,6 +135,26 @@ def _replica_actors() -> dict[str, Any]:
             name = entry["name"].split("::", 1)[1]
             out[name] = ray.get_actor(entry["name"], namespace=entry["namespace"])
     return out
+
+
+def test_equal_requests_at_once_spread_evenly(cluster: str, data_dir: Path) -> None:
+    """8 equal requests at once on 2 idle replicas: 4 each, give or take one. The router counts
+    a request against its replica from the moment it picks it (it sent 7 of 8 to one)."""
+    # Serve pulls a replica's first routing report once the replica runs; until it reaches the
+    # router, the router ranks that replica after those that reported, by design (it knows
+    # nothing of its memory). A few periods later both have reported.
+    time.sleep(10 * STATS_PERIOD_S)
+    start = threading.Barrier(8)
+
+    def one(_: int) -> requests.Response:
+        start.wait()
+        return _post(cluster, SHORT, data_dir)
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(one, range(8)))
+    assert [r.status_code for r in responses] == [200] * 8, [r.text for r in responses]
+    served_by = Counter(r.headers[REPLICA_HEADER] for r in responses)
+    assert len(served_by) == 2 and all(3 <= n <= 5 for n in served_by.values()), served_by
 
 
 def test_both_replicas_serve_under_concurrency(cluster: str, data_dir: Path) -> None:
@@ -164,7 +233,7 @@ def long_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _idle_rss() -> int:
+def _replica_rss() -> int:
     """The largest resident memory among this cluster's engine replicas (their processes are
     children of the raylet this test started)."""
     sizes = [
@@ -204,7 +273,8 @@ def test_low_budget_replica_gets_no_large_request(
     long = need_bytes(load, upload_seconds(os.path.getsize(data_dir / LONG)))
     assert long > 2 * short, (short, long)
     room = (short * 2 + long) // 2
-    limit = _idle_rss() + room
+    # The low replica starts afresh: its limit is what a fresh replica holds plus the room.
+    limit = FRESH["rss"] + room
     # A fresh application, not an update: a rolling update starts the new replicas while the
     # old ones still hold ranks 0 and 1, so the new ones could start as ranks 2 and 3 (Serve
     # renumbers them later) and neither would take the override meant for rank 1.

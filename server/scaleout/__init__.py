@@ -3,7 +3,8 @@ engine per GPU (or CPU slot), and a request router that places each upload on th
 free memory fits it best.
 
 Ray is an optional extra (``pip install '.[ray]'``). Only :mod:`server.scaleout.fit` (the pure
-ranking, tested without Ray) imports without it; the other modules need Ray:
+ranking, tested without Ray) and :mod:`server.scaleout.placement` (the device chosen, the wait
+for placement; Ray imported where used) import without it; the other modules need Ray:
 
 - :mod:`server.scaleout.replica`: the replica deployment (our app and engine, its routing stats)
 - :mod:`server.scaleout.router`: the memory-aware ``RequestRouter``

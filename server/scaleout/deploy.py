@@ -1,8 +1,9 @@
 """Building the Serve application and running it: ``python -m server ray`` and ``serve run``.
 
 The application is two deployments: ``WhisperIngress`` (CPU, no model) takes HTTP and forwards
-to ``WhisperReplica``, one engine per GPU (``num_gpus=1``; CPU slots with ``device="cpu"``),
-whose handle routes with :class:`~server.scaleout.router.MemoryAwareRouter`. Replicas get the
+to ``WhisperReplica``, one engine per GPU (``num_gpus=1``; CPU slots with ``device="cpu"``, or
+with ``auto`` on a cluster without GPUs), whose handle routes with
+:class:`~server.scaleout.router.MemoryAwareRouter`. Replicas get the
 ``WHISPER_*`` variables of the process that deploys them, so one environment configures the
 whole cluster.
 
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,13 @@ import ray
 from ray import serve
 
 from server.scaleout.ingress import WhisperIngress
+from server.scaleout.placement import (
+    PLACEMENT_TIMEOUT_S,
+    PlacementError,
+    choose_device,
+    replica_demand,
+    wait_until_running,
+)
 from server.scaleout.replica import WhisperReplica
 
 logger = logging.getLogger(__name__)
@@ -33,6 +41,9 @@ logger = logging.getLogger(__name__)
 APP_NAME = "whisper"
 REPLICA_DEPLOYMENT = "WhisperReplica"
 INGRESS_DEPLOYMENT = "WhisperIngress"
+#: CPUs the ingress reserves: none, as Serve's own proxy. It holds no model and only waits on
+#: replicas; a reserved slice kept `--replicas N` CPU replicas from fitting an N-CPU node.
+INGRESS_CPUS = 0.0
 ROUTERS = {
     "memory": "server.scaleout.router:MemoryAwareRouter",
     # Serve's default: two replicas at random, the shorter queue (for comparison).
@@ -47,6 +58,8 @@ class ScaleOut:
     Attributes:
         replicas: Replicas of the engine (one per GPU); with ``autoscale``, the initial count.
         device: ``cuda``: each replica takes one GPU. ``cpu``: replicas take CPU slots only.
+            ``auto``: ``cuda`` where the cluster has a GPU when the application is built,
+            else ``cpu`` (logged). On a cluster whose GPU nodes start on demand, name ``cuda``.
         cpus_per_replica: Ray CPUs each replica reserves (its decoding threads on the CPU).
         max_ongoing_requests: Requests one replica runs or queues at once; more wait in the
             router (for a replica that fits them) rather than in the replica.
@@ -60,7 +73,7 @@ class ScaleOut:
     """
 
     replicas: int = 1
-    device: Literal["cuda", "cpu"] = "cuda"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     cpus_per_replica: float = 1.0
     max_ongoing_requests: int = 8
     router: Literal["memory", "default"] = "memory"
@@ -71,6 +84,13 @@ class ScaleOut:
     by_rank: tuple[Mapping[str, Any], ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
 
+    def initial_replicas(self) -> int:
+        """Replicas started at first: ``replicas``, within ``autoscale``'s bounds if any."""
+        if self.autoscale is None:
+            return self.replicas
+        low, high = self.autoscale
+        return max(low, min(self.replicas, high))
+
 
 def whisper_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The ``WHISPER_*`` variables of this process, for the replicas."""
@@ -78,13 +98,23 @@ def whisper_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k.startswith("WHISPER_")}
 
 
+def resolve_device(options: ScaleOut) -> ScaleOut:
+    """``options`` with ``device`` ``auto`` made ``cuda`` or ``cpu`` from the cluster's
+    resources (Ray must be connected), and the choice logged; other devices as they are."""
+    if options.device != "auto":
+        return options
+    device, why = choose_device(options.device, ray.cluster_resources())
+    logger.info("%s", why)
+    return replace(options, device=device)
+
+
 def build(options: ScaleOut) -> serve.Application:
-    """The Serve application for ``options``."""
+    """The Serve application for ``options`` (``device`` ``auto`` is resolved on the cluster
+    Ray is connected to)."""
+    options = resolve_device(options)
     settings = {"device": options.device, **options.settings}
-    actor: dict[str, Any] = {
-        "num_cpus": options.cpus_per_replica,
-        "num_gpus": 1 if options.device == "cuda" else 0,
-    }
+    demand = replica_demand(options.device, options.cpus_per_replica)
+    actor: dict[str, Any] = {"num_cpus": demand["CPU"], "num_gpus": demand.get("GPU", 0)}
     if options.env:
         actor["runtime_env"] = {"env_vars": dict(options.env)}
     autoscaling: dict[str, Any] | None = None
@@ -92,7 +122,7 @@ def build(options: ScaleOut) -> serve.Application:
         low, high = options.autoscale
         autoscaling = {
             "min_replicas": low,
-            "initial_replicas": max(low, min(options.replicas, high)),
+            "initial_replicas": options.initial_replicas(),
             "max_replicas": high,
             "target_ongoing_requests": options.target_ongoing_requests,
         }
@@ -110,7 +140,7 @@ def build(options: ScaleOut) -> serve.Application:
             "request_routing_stats_timeout_s": max(options.stats_period_s * 5, 5.0),
         },
     )(WhisperReplica)
-    ingress_actor: dict[str, Any] = {"num_cpus": 0.1}
+    ingress_actor: dict[str, Any] = {"num_cpus": INGRESS_CPUS}
     if "runtime_env" in actor:
         ingress_actor["runtime_env"] = actor["runtime_env"]
     ingress = serve.deployment(
@@ -138,20 +168,55 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
 
 def start(
-    options: ScaleOut, *, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None
-) -> None:
-    """Connect to the cluster (``RAY_ADDRESS``) or start a local one, and deploy."""
+    options: ScaleOut,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    num_cpus: int | None = None,
+    placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+) -> ScaleOut:
+    """Connect to the cluster (``RAY_ADDRESS``) or start a local one, deploy, and wait until
+    the application runs.
+
+    Returns:
+        The options deployed (``device`` resolved).
+
+    Raises:
+        PlacementError: A replica was not placed within ``placement_timeout_s`` (the message
+            names the missing resource; on a cluster this did not start, the application is
+            deleted so the cluster stops asking for it), or the application failed to deploy.
+    """
     env = dict(options.env)
-    if not os.environ.get("RAY_ADDRESS"):
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
         # A local cluster's workers must import this package from where it is now.
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=num_cpus, include_dashboard=False)
     else:
         ray.init()
+    options = resolve_device(replace(options, env=env))
     serve.start(http_options={"host": host, "port": port})
-    options = ScaleOut(**{**options.__dict__, "env": env})
-    serve.run(build(options), name=APP_NAME, route_prefix="/")
+    # Not serve.run: it waits, without a bound, for replicas the cluster may never place.
+    serve.run_many(
+        [serve.RunTarget(build(options), name=APP_NAME, route_prefix="/")],
+        wait_for_applications_running=False,
+    )
+    try:
+        wait_until_running(
+            APP_NAME,
+            expected={INGRESS_DEPLOYMENT: 1, REPLICA_DEPLOYMENT: options.initial_replicas()},
+            demand={
+                INGRESS_DEPLOYMENT: {"CPU": INGRESS_CPUS},
+                REPLICA_DEPLOYMENT: replica_demand(options.device, options.cpus_per_replica),
+            },
+            placement_timeout_s=placement_timeout_s,
+        )
+    except PlacementError:
+        if not local:  # a local cluster ends with this process (ray.shutdown)
+            serve.delete(APP_NAME)
+        raise
+    return options
 
 
 def main(args: Any) -> None:
@@ -165,7 +230,17 @@ def main(args: Any) -> None:
         target_ongoing_requests=args.target_ongoing_requests,
         env=whisper_env(),
     )
-    start(options, host=args.host, port=args.port, num_cpus=args.num_cpus)
+    try:
+        options = start(
+            options,
+            host=args.host,
+            port=args.port,
+            num_cpus=args.num_cpus,
+            placement_timeout_s=args.placement_timeout,
+        )
+    except PlacementError as exc:
+        ray.shutdown()  # a local cluster started here goes with it
+        sys.exit(f"python -m server ray: {exc}")
     print(
         f"serving on http://{args.host}:{args.port} with {options.replicas} replica(s) "
         f"({options.device}); Ctrl-C stops",
@@ -186,6 +261,7 @@ __all__ = [
     "app_builder",
     "build",
     "main",
+    "resolve_device",
     "start",
     "whisper_env",
 ]
