@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.memory.planner import DEFAULT_LADDER, Step, parse_ladder
 from server.memory.sizes import MemoryAmount
+from server.origins import parse_origin
 
 
 def _split_list(value: Any) -> Any:
@@ -55,6 +56,13 @@ class Settings(BaseSettings):
 
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated origins allowed by CORS. Empty: CORS off."""
+
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated origins (`https://app.example.com`) whose web pages may open /v1/realtime
+    or send requests that change state (POST, DELETE) besides the server's own page; the
+    WHISPER_CORS_ORIGINS are allowed too. A browser request from any other origin gets 403
+    `origin_not_allowed`; clients that send no `Origin` (SDKs, curl) are not affected. `*`:
+    any origin."""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server's loggers."""
@@ -263,10 +271,21 @@ class Settings(BaseSettings):
     speaker changes is split at the word where it does. Off: each segment goes whole to the
     speaker heard most in it, which is faster (see bench/README.md for both)."""
 
-    @field_validator("api_keys", "cors_origins", "model_aliases", mode="before")
+    @field_validator("api_keys", "cors_origins", "allowed_origins", "model_aliases", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry != "*" and parse_origin(entry) is None:
+                raise ValueError(
+                    f"{entry!r} is not an origin; write scheme://host[:port], such as "
+                    "https://app.example.com, or *"
+                )
+        return value
 
     @field_validator("device_index", mode="before")
     @classmethod

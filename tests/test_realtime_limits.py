@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from server.config import Settings
@@ -372,3 +372,59 @@ def test_only_audio_and_valid_events_keep_a_session_from_going_idle(
                     codes.append(next_error(ws)["code"])
         assert codes[-1] == "session_idle_timeout", "invalid events kept the session open"
         assert set(codes[:-1]) == {"invalid_json"}
+
+
+# ---- origins -------------------------------------------------------------------------------------
+
+
+def test_pages_from_other_origins_cannot_open_sessions_or_change_state(
+    server_factory: Any, tiny_model: Path
+) -> None:
+    server = server_factory(model=str(tiny_model), allowed_origins="https://captions.example")
+    own = server.url  # the page at /ui is served from here
+    evil = "https://evil.example"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(ws_url(server), origin=evil)  # type: ignore[arg-type]
+    response = refused.value.response
+    assert response.status_code == 403
+    assert json.loads(response.body)["error"]["code"] == "origin_not_allowed"
+    for origin in (own, "https://captions.example", None):  # own page, allowed, not a browser
+        with opened(connect(ws_url(server), origin=origin)):  # type: ignore[arg-type]
+            pass
+    model = server.engine.served.id
+    with httpx.Client(base_url=server.url) as http:
+        for method, path in [
+            ("POST", f"/v1/models/{model}"),
+            ("DELETE", "/v1/models/nope"),
+            ("POST", "/v1/audio/transcriptions"),
+            ("POST", "/v1/audio/translations"),
+        ]:
+            answer = http.request(method, path, headers={"Origin": evil})
+            assert answer.status_code == 403, (method, path, answer.text)
+            assert answer.json()["error"]["code"] == "origin_not_allowed"
+            assert answer.headers["x-request-id"]
+        # The same requests from the server's own page, or with no Origin, are served.
+        assert http.post(f"/v1/models/{model}", headers={"Origin": own}).status_code == 200
+        assert http.post(f"/v1/models/{model}").status_code == 200
+        no_file = http.post("/v1/audio/transcriptions", headers={"Origin": own})
+        assert no_file.status_code == 400  # reached the route: the file is missing
+        # Reads pass (the browser keeps their answers from the page anyway).
+        assert http.get("/v1/models", headers={"Origin": evil}).status_code == 200
+    assert_released(server)
+
+
+def test_cors_origins_may_send_what_they_may_read(server_factory: Any, tiny_model: Path) -> None:
+    server = server_factory(model=str(tiny_model), cors_origins="https://app.example")
+    model = server.engine.served.id
+    for origin, status in [("https://app.example", 200), ("https://evil.example", 403)]:
+        answer = httpx.post(f"{server.url}/v1/models/{model}", headers={"Origin": origin})
+        assert answer.status_code == status, answer.text
+
+
+def test_allowed_origins_are_checked_when_the_server_starts() -> None:
+    assert Settings(allowed_origins="*, http://localhost:3000").allowed_origins == [
+        "*",
+        "http://localhost:3000",
+    ]
+    with pytest.raises(ValueError, match="not an origin"):
+        Settings(allowed_origins="localhost:3000/app")
