@@ -33,6 +33,7 @@ from server.errors import (
 )
 from server.memory import format_bytes, host_heap
 from server.metrics import Metrics
+from server.origins import OriginMiddleware, OriginPolicy
 from server.realtime import LiveSessions
 from server.routes import audio, health, models, realtime, ui
 
@@ -278,6 +279,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         BodyLimitMiddleware,
         limit=settings.max_upload_size.resolve(0),
         idle_timeout=settings.upload_idle_timeout,
+    )
+    # Inside the request context (refusals get an id and are logged), outside everything else.
+    app.add_middleware(
+        OriginMiddleware,
+        policy=OriginPolicy([*settings.allowed_origins, *settings.cors_origins]),
     )
     app.add_middleware(RequestContextMiddleware)
     return app

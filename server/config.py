@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.memory.planner import DEFAULT_LADDER, Step, parse_ladder
 from server.memory.sizes import MemoryAmount
+from server.origins import parse_origin
 
 
 def _split_list(value: Any) -> Any:
@@ -55,6 +56,13 @@ class Settings(BaseSettings):
 
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated origins allowed by CORS. Empty: CORS off."""
+
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated origins (`https://app.example.com`) whose web pages may open /v1/realtime
+    or send requests that change state (POST, DELETE) besides the server's own page; the
+    WHISPER_CORS_ORIGINS are allowed too. A browser request from any other origin gets 403
+    `origin_not_allowed`; clients that send no `Origin` (SDKs, curl) are not affected. `*`:
+    any origin."""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """Log level of the server's loggers."""
@@ -177,6 +185,13 @@ class Settings(BaseSettings):
     longer utterance is committed at this length and continues in a new item; without it, an
     append past it gets an `error` event and its audio is dropped."""
 
+    realtime_max_backlog_seconds: float = Field(120.0, ge=1, le=3600)
+    """Most audio a session may hold not yet transcribed, in seconds: the utterance in progress
+    and the committed items waiting for their decode (at least
+    WHISPER_REALTIME_MAX_ITEM_SECONDS). An append that would pass it gets an
+    `input_audio_backlog_full` error and its audio is dropped; what was accepted before is still
+    transcribed."""
+
     realtime_delta_interval: float = Field(1.0, ge=0, le=30)
     """Seconds of new audio after which the utterance in progress is decoded again for deltas
     (only one decode per session runs at a time, so a busy server decodes less often). 0: no
@@ -187,7 +202,8 @@ class Settings(BaseSettings):
     deltas and the final text then come from the same search."""
 
     realtime_idle_timeout: float = Field(120.0, gt=0)
-    """Seconds a session may go without any client event before the server closes it."""
+    """Seconds a session may go without audio or a valid client event before the server closes
+    it (an event answered with an error does not count)."""
 
     realtime_max_session_duration: float = Field(3600.0, gt=0)
     """Longest a session may stay open, in seconds; then it gets a `session_expired` error and is
@@ -255,10 +271,21 @@ class Settings(BaseSettings):
     speaker changes is split at the word where it does. Off: each segment goes whole to the
     speaker heard most in it, which is faster (see bench/README.md for both)."""
 
-    @field_validator("api_keys", "cors_origins", "model_aliases", mode="before")
+    @field_validator("api_keys", "cors_origins", "allowed_origins", "model_aliases", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry != "*" and parse_origin(entry) is None:
+                raise ValueError(
+                    f"{entry!r} is not an origin; write scheme://host[:port], such as "
+                    "https://app.example.com, or *"
+                )
+        return value
 
     @field_validator("device_index", mode="before")
     @classmethod
@@ -293,6 +320,16 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return MemoryAmount.parse(str(value))
+
+    @model_validator(mode="after")
+    def _backlog_holds_an_item(self) -> Settings:
+        if self.realtime_max_backlog_seconds < self.realtime_max_item_seconds:
+            raise ValueError(
+                f"WHISPER_REALTIME_MAX_BACKLOG_SECONDS ({self.realtime_max_backlog_seconds:g}) "
+                "must be at least WHISPER_REALTIME_MAX_ITEM_SECONDS "
+                f"({self.realtime_max_item_seconds:g}): a session must be able to hold one item"
+            )
+        return self
 
     def key_values(self) -> list[str]:
         """The configured API keys as plain strings (never log these)."""

@@ -93,6 +93,15 @@ class AuthenticationError(ClientError):
     code = "invalid_api_key"
 
 
+class OriginNotAllowedError(ClientError):
+    """A browser request from a web page whose origin may not use this server (see
+    :mod:`server.origins`)."""
+
+    status = 403
+    type = "permission_error"
+    code = "origin_not_allowed"
+
+
 class NotFoundError(ClientError):
     """A model or route that does not exist."""
 

@@ -204,7 +204,17 @@ def _keywords(
     form: Mapping[str, Sequence[Any]], hotwords: str | None, max_chars: int
 ) -> str | None:
     """``keywords[]`` and ``hotwords`` as the one hotwords string faster-whisper prompts with."""
-    keywords = _list(form, "keywords")
+    return hotwords_of(_list(form, "keywords"), hotwords, max_chars)
+
+
+def hotwords_of(keywords: Sequence[str], hotwords: str | None, max_chars: int) -> str | None:
+    """Keywords (and faster-whisper's ``hotwords``) as the one hotwords string faster-whisper
+    prompts with, under the limits every endpoint applies: at most :data:`MAX_KEYWORDS`
+    keywords, and ``max_chars`` (``WHISPER_MAX_PROMPT_CHARS``) characters together.
+
+    Raises:
+        InvalidRequestError: past either limit (``param`` ``keywords``).
+    """
     if len(keywords) > MAX_KEYWORDS:
         raise InvalidRequestError(
             f"{len(keywords)} keywords were sent; the limit is {MAX_KEYWORDS}.", param="keywords"
@@ -212,8 +222,8 @@ def _keywords(
     joined = " ".join([*keywords, *([hotwords] if hotwords else [])])
     if len(joined) > max_chars:
         raise InvalidRequestError(
-            f"'keywords[]' and 'hotwords' are {len(joined)} characters together; the limit is "
-            f"{max_chars}.",
+            f"The keywords{' and hotwords' if hotwords else ''} are {len(joined)} characters "
+            f"together; the limit is {max_chars} (WHISPER_MAX_PROMPT_CHARS).",
             param="keywords",
         )
     return joined or None

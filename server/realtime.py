@@ -1,8 +1,10 @@
 """Live transcription sessions (OpenAI's Realtime API, ``intent=transcription``).
 
-One session is one WebSocket. The client appends audio; the session decodes it to 16 kHz
-(:mod:`server.realtime_audio`), cuts it into items (utterances) with server VAD (Silero, scored
-frame by frame as the audio arrives) or at the client's commits, and transcribes each item
+One session is one WebSocket. The client appends audio; the session bounds each append by its
+size and reserves its memory (:mod:`server.realtime_buffers`), decodes it to 16 kHz off the
+event loop (:mod:`server.realtime_audio`), cuts it into items (utterances) with server VAD
+(Silero, scored frame by frame as the audio arrives; :mod:`server.realtime_turns`) or at the
+client's commits, and transcribes each item
 through the engine: a :class:`~server.job.Job` per decode, run by :meth:`Engine.run` like any
 request, so the memory planner plans and reserves each decode and the engine's slots and
 scheduler bound the work.
@@ -20,12 +22,9 @@ decode) is the text to keep.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -34,7 +33,7 @@ from concurrent.futures import Future
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -42,13 +41,22 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from server.chinese import convert_transcript, target
 from server.config import Settings
 from server.engine import Engine
-from server.errors import APIError, InsufficientMemoryError, ModelNotReadyError, RateLimitError
+from server.errors import (
+    APIError,
+    InsufficientMemoryError,
+    InvalidRequestError,
+    ModelNotReadyError,
+    RateLimitError,
+    ServerError,
+)
 from server.formats import logprobs_body, usage_seconds
 from server.job import Job
 from server.languages import parse_language
 from server.metrics import Metrics
 from server.model_store import ModelSource
-from server.realtime_audio import InputDecoder
+from server.protocol import hotwords_of
+from server.realtime_audio import InputDecoder, Piece, base64_size
+from server.realtime_buffers import AudioBuffer, SessionMemory
 from server.realtime_events import (
     BufferAppend,
     BufferClear,
@@ -57,7 +65,6 @@ from server.realtime_events import (
     EventError,
     SessionConfig,
     SessionUpdate,
-    TurnDetection,
     apply_beta,
     apply_ga,
     error_event,
@@ -66,8 +73,9 @@ from server.realtime_events import (
     server_event,
     session_body,
 )
+from server.realtime_turns import StablePrefix, Turn, TurnDetector, logprobs_within
 from server.runners import SAMPLE_RATE, VAD_FRAME, StreamingVad
-from server.transcript import TokenLogprob, Transcript
+from server.transcript import Transcript
 
 logger = logging.getLogger(__name__)
 
@@ -78,198 +86,12 @@ _WINDOWS = (10, 15, 20, 30)
 #: WebSocket close codes: policy violation (auth, bad intent) and "try again later" (limits).
 CLOSE_POLICY = 1008
 CLOSE_TRY_LATER = 1013
+#: The codes of appends refused for the server's bounds, not for what they hold: such audio
+#: still shows the client is there (other events answered with an error do not).
+_AUDIO_REFUSED = {"input_audio_buffer_full", "input_audio_backlog_full", "insufficient_memory"}
 
 
-# ---- turn detection (pure) ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Turn:
-    """A change heard by the VAD: speech ``started`` or ``stopped`` at ``sample`` (16 kHz
-    samples from the start of the session's audio). A stop also says where the silence that
-    ended the turn began (``speech_end``)."""
-
-    kind: Literal["started", "stopped"]
-    sample: int
-    speech_end: int | None = None
-
-
-class TurnDetector:
-    """Server VAD's decisions from Silero's per-frame speech probabilities.
-
-    Speech starts at the first frame at or above ``threshold`` (the item then reaches back
-    ``prefix_padding_ms``); it stops once the frames have stayed below the lower threshold
-    (``threshold - 0.15``, as Silero's own segmentation uses) for ``silence_duration_ms``,
-    counted from the first such frame; a frame at or above ``threshold`` ends the silence.
-    """
-
-    def __init__(self, settings: TurnDetection, *, frame: int = VAD_FRAME) -> None:
-        self.settings = settings
-        self.frame = frame
-        self.frames = 0  # frames scored so far
-        self.speaking = False
-        self._silence_from: int | None = None
-
-    @property
-    def prefix_samples(self) -> int:
-        return self.settings.prefix_padding_ms * SAMPLE_RATE // 1000
-
-    @property
-    def quiet_since(self) -> int | None:
-        """Where the silence that may end the turn in progress began, or None."""
-        return self._silence_from if self.speaking else None
-
-    def feed(self, probabilities: np.ndarray) -> list[Turn]:
-        """The turns the next frames' probabilities complete."""
-        turns: list[Turn] = []
-        on = self.settings.threshold
-        off = max(on - 0.15, 0.01)
-        silence = self.settings.silence_duration_ms * SAMPLE_RATE // 1000
-        for p in probabilities:
-            start, end = self.frames * self.frame, (self.frames + 1) * self.frame
-            self.frames += 1
-            if not self.speaking:
-                if p >= on:
-                    self.speaking = True
-                    self._silence_from = None
-                    turns.append(Turn("started", max(0, start - self.prefix_samples)))
-                continue
-            if p >= on:
-                self._silence_from = None
-            elif p < off and self._silence_from is None:
-                self._silence_from = start
-            if self._silence_from is not None and end - self._silence_from >= silence:
-                turns.append(Turn("stopped", end, speech_end=self._silence_from))
-                self.speaking = False
-                self._silence_from = None
-        return turns
-
-    def reset(self) -> None:
-        """Back to silence (the client committed or cleared the speech in progress)."""
-        self.speaking = False
-        self._silence_from = None
-
-
-# ---- the delta policy (pure) ------------------------------------------------------------------
-
-# A unit is a run of non-space characters, or one CJK/kana/hangul character (scripts written
-# without spaces), with the whitespace before it.
-_UNITS = re.compile(
-    r"\s*(?:[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]"
-    r"|[^\s\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]+)"
-)
-
-
-def _units(text: str) -> list[str]:
-    return _UNITS.findall(text.strip())
-
-
-class StablePrefix:
-    """Which text of an item in progress may be sent as deltas.
-
-    Each interim decode is a hypothesis of the whole item so far. Only the words (or, in
-    scripts without spaces, characters) that the last two hypotheses agree on are sent
-    ("local agreement": a word cut off at the end of the audio, or one the next second of
-    audio changes, differs between the two and waits), and only while they extend what was
-    sent. The deltas therefore always add up to a prefix of a decoded text.
-    """
-
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-        self._last: list[str] = []
-        #: Where the last delta lies in the text it came from: ``text[start:end]``.
-        self.span = (0, 0)
-
-    @property
-    def text(self) -> str:
-        """What the deltas sent add up to."""
-        return "".join(self.sent)
-
-    def interim(self, text: str) -> str | None:
-        """The delta an interim decode's ``text`` allows, if any."""
-        units = _units(text)
-        agreed = 0
-        for a, b in zip(self._last, units, strict=False):
-            if a != b:
-                break
-            agreed += 1
-        self._last = units
-        return self._extend(units[:agreed])
-
-    def final(self, text: str) -> str | None:
-        """The last delta, when the final ``text`` extends what was sent."""
-        return self._extend(_units(text))
-
-    def _extend(self, units: list[str]) -> str | None:
-        n = len(self.sent)
-        if len(units) <= n or units[:n] != self.sent:
-            return None
-        delta = "".join(units[n:])
-        start = len(self.text)
-        if not self.sent:
-            delta = delta.lstrip()
-        self.sent = units
-        self.span = (start, len(self.text))
-        return delta
-
-
-def logprobs_within(
-    logprobs: tuple[TokenLogprob, ...], text: str, start: int, end: int
-) -> tuple[TokenLogprob, ...]:
-    """The tokens of a decode whose text ``text`` (stripped, as :attr:`Transcript.text`) spells
-    ``text[start:end]``: those that begin there, counted in UTF-8 bytes (a token may hold part
-    of a character; converting Chinese script keeps the characters and their widths)."""
-    joined = b"".join(bytes(t.bytes) for t in logprobs)
-    lead = len(joined) - len(joined.lstrip())
-    first = 0 if start == 0 else lead + len(text[:start].encode())
-    last = lead + len(text[:end].encode())
-    out, at = [], 0
-    for token in logprobs:
-        if first <= at < last:
-            out.append(token)
-        at += len(token.bytes)
-    return tuple(out)
-
-
-# ---- audio held by a session -------------------------------------------------------------------
-
-
-class _Buffer:
-    """The session's 16 kHz audio not yet committed or dropped, indexed by samples from the
-    start of the session."""
-
-    def __init__(self) -> None:
-        self._chunks: deque[np.ndarray] = deque()
-        self.start = 0  # session sample of the first sample held
-        self.end = 0  # session sample after the last one
-
-    def __len__(self) -> int:
-        return self.end - self.start
-
-    def append(self, samples: np.ndarray) -> None:
-        if len(samples):
-            self._chunks.append(samples)
-            self.end += len(samples)
-
-    def slice(self, a: int, b: int) -> np.ndarray:
-        """Samples ``a`` to ``b`` (clipped to what is held)."""
-        a, b = max(a, self.start), min(b, self.end)
-        if b <= a:
-            return np.zeros(0, np.float32)
-        held = np.concatenate(list(self._chunks)) if len(self._chunks) != 1 else self._chunks[0]
-        return np.array(held[a - self.start : b - self.start], dtype=np.float32)
-
-    def drop_before(self, sample: int) -> None:
-        """Forget everything before ``sample``."""
-        sample = min(max(sample, self.start), self.end)
-        while self._chunks and self.start + len(self._chunks[0]) <= sample:
-            self.start += len(self._chunks.popleft())
-        if self._chunks and sample > self.start:
-            self._chunks[0] = self._chunks[0][sample - self.start :]
-            self.start = sample
-
-    def clear(self) -> None:
-        self.drop_before(self.end)
+# ---- items ------------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -375,7 +197,7 @@ class RealtimeSession:
         self.config = SessionConfig(model=model)
         self.source: ModelSource | None = None
         self._input = InputDecoder(self.config.format)
-        self._buffer = _Buffer()
+        self._buffer = AudioBuffer()
         self._vad: StreamingVad | None = None
         self._turns: TurnDetector | None = None
         self._vad_origin = 0  # session sample where the VAD started listening
@@ -391,6 +213,14 @@ class RealtimeSession:
         self._max_item = int(settings.realtime_max_item_seconds * SAMPLE_RATE)
         self._audio_s = 0.0
         self._items = 0
+        #: The session's host RAM; the route holds it open for the session's life.
+        self.memory = SessionMemory(engine, settings, self.id, self._held)
+
+    def _held(self) -> int:
+        """Samples held not yet transcribed: the buffer and the committed items."""
+        return len(self._buffer) + sum(
+            len(i.samples) for i in self._finals if i.samples is not None
+        )
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -433,36 +263,19 @@ class RealtimeSession:
             )
 
     async def _receive_loop(self, started: float) -> str:
-        """Read client events until the session ends; returns why it ended."""
+        """Read client events until the session ends; returns why it ended. Only audio and
+        events acted on keep the session from going idle: one answered with an error (not JSON,
+        unknown, invalid) does not."""
         settings = self.settings
         deadline = started + settings.realtime_max_session_duration
+        active = time.monotonic()
         while True:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = min(deadline, active + settings.realtime_idle_timeout) - now
             try:
-                message = await asyncio.wait_for(
-                    self.ws.receive(), timeout=max(0.0, min(settings.realtime_idle_timeout, left))
-                )
+                message = await asyncio.wait_for(self.ws.receive(), timeout=max(0.0, left))
             except TimeoutError:
-                if time.monotonic() >= deadline:
-                    minutes = settings.realtime_max_session_duration / 60
-                    await self.close_with(
-                        EventError(
-                            f"The session hit its maximum duration of {minutes:g} minutes "
-                            "(WHISPER_REALTIME_MAX_SESSION_DURATION); open a new one.",
-                            code="session_expired",
-                        ),
-                        1000,
-                    )
-                    return "expired"
-                await self.close_with(
-                    EventError(
-                        f"No event for {settings.realtime_idle_timeout:g} s "
-                        "(WHISPER_REALTIME_IDLE_TIMEOUT); the session was closed.",
-                        code="session_idle_timeout",
-                    ),
-                    1000,
-                )
-                return "idle"
+                return await self._time_out(deadline)
             except (WebSocketDisconnect, RuntimeError):
                 return "disconnected"
             if message["type"] == "websocket.disconnect":
@@ -471,13 +284,50 @@ class RealtimeSession:
             if data is None:
                 data = message.get("bytes") or b""
             try:
-                await self._handle(parse_client_event(data))
+                event = parse_client_event(data)
             except EventError as exc:
                 await self._send(error_event(exc, exc.event_id))
+                continue
+            try:
+                await self._handle(event)
+                active = time.monotonic()
             except APIError as exc:
-                await self._send(error_event(exc))
+                await self._send(error_event(exc, getattr(exc, "event_id", None) or event.event_id))
+                if exc.code in _AUDIO_REFUSED:
+                    active = time.monotonic()  # audio the server could not take now
+            except Exception:
+                # A fault of ours: say so and close properly rather than drop the socket.
+                logger.exception("realtime %s: %s failed", self.id, event.type)
+                await self.close_with(
+                    ServerError("The server failed on this event; it has been logged."), 1011
+                )
+                return "error"
             if self._closed:
                 return "disconnected"
+
+    async def _time_out(self, deadline: float) -> str:
+        """Close the session that has run too long or stayed idle; returns which."""
+        settings = self.settings
+        if time.monotonic() >= deadline:
+            minutes = settings.realtime_max_session_duration / 60
+            await self.close_with(
+                EventError(
+                    f"The session hit its maximum duration of {minutes:g} minutes "
+                    "(WHISPER_REALTIME_MAX_SESSION_DURATION); open a new one.",
+                    code="session_expired",
+                ),
+                1000,
+            )
+            return "expired"
+        await self.close_with(
+            EventError(
+                f"No valid event for {settings.realtime_idle_timeout:g} s "
+                "(WHISPER_REALTIME_IDLE_TIMEOUT); the session was closed.",
+                code="session_idle_timeout",
+            ),
+            1000,
+        )
+        return "idle"
 
     async def close_with(self, error: APIError, code: int) -> None:
         """Send ``error`` as an ``error`` event, then close the socket with ``code``."""
@@ -501,7 +351,8 @@ class RealtimeSession:
     # ---- configuration ------------------------------------------------------------------------
 
     def _resolve(self, config: SessionConfig) -> ModelSource:
-        """The model ``config`` names, and its language and prompt checked.
+        """The model ``config`` names, and its language, prompt and keywords checked (under the
+        limits of the HTTP endpoints).
 
         Raises:
             ModelNotReadyError, ModelNotFoundError, InvalidRequestError.
@@ -522,6 +373,10 @@ class RealtimeSession:
                 param="prompt",
                 code="invalid_value",
             )
+        try:
+            hotwords_of(config.keywords, None, limit)
+        except InvalidRequestError as exc:
+            raise EventError(exc.message, param="keywords", code="invalid_value") from exc
         return source or engine.served
 
     def _configure(self, config: SessionConfig) -> None:
@@ -565,6 +420,7 @@ class RealtimeSession:
             if self._turns is not None:
                 self._turns.reset()
             self._buffer.clear()
+            self.memory.settle()
             await self._send(server_event("input_audio_buffer.cleared"))
         else:  # transcription_session.update
             config = apply_beta(self.config, event)
@@ -587,17 +443,10 @@ class RealtimeSession:
         await self._send(server_event(kind, session=self._session_body(dialect)))
 
     async def _append(self, event: BufferAppend) -> None:
-        try:
-            data = base64.b64decode(event.audio, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise EventError(
-                "'audio' is not valid base64; send the audio bytes base64-encoded.",
-                event_id=event.event_id,
-                param="audio",
-                code="invalid_value",
-            ) from exc
-        samples = self._input(data)
-        if self._turns is None and len(self._buffer) + len(samples) > self._max_item:
+        """Bound the append by its size, reserve its memory, then decode it off the event loop
+        (base64, resampling and the VAD) and take it in, slice by slice."""
+        adds = self._input.samples_for(base64_size(event.audio))
+        if self._turns is None and len(self._buffer) + adds > self._max_item:
             limit = self.settings.realtime_max_item_seconds
             raise EventError(
                 f"The input audio buffer would exceed {limit:g} s "
@@ -607,6 +456,23 @@ class RealtimeSession:
                 param="audio",
                 code="input_audio_buffer_full",
             )
+        vad = self._vad if self._turns is not None else None
+        with self.memory.append(adds=adds, frame_chars=len(event.audio), event_id=event.event_id):
+            try:
+                pieces = await asyncio.to_thread(self._input.decode_base64, event.audio, vad)
+            except ValueError as exc:
+                raise EventError(
+                    "'audio' is not valid base64; send the audio bytes base64-encoded.",
+                    event_id=event.event_id,
+                    param="audio",
+                    code="invalid_value",
+                ) from exc
+            for piece in pieces:
+                await self._take(piece)
+        self._maybe_interim()
+
+    async def _take(self, piece: Piece) -> None:
+        samples = piece.samples
         self._audio_s += len(samples) / SAMPLE_RATE
         self.metrics.realtime_audio_seconds.inc(len(samples) / SAMPLE_RATE)
         self._buffer.append(samples)
@@ -614,13 +480,13 @@ class RealtimeSession:
             if self._pending is None and len(samples):
                 self._pending = _Item(new_id("item"), self._buffer.start, time.monotonic())
         else:
-            await self._detect(samples)
-        self._maybe_interim()
+            assert piece.probabilities is not None
+            await self._detect(piece.probabilities)
 
-    async def _detect(self, samples: np.ndarray) -> None:
-        """Feed the VAD; send and act on the turns it completes."""
-        assert self._vad is not None and self._turns is not None
-        for turn in self._turns.feed(self._vad(samples)):
+    async def _detect(self, probabilities: np.ndarray) -> None:
+        """Send and act on the turns the VAD's latest frames complete."""
+        assert self._turns is not None
+        for turn in self._turns.feed(probabilities):
             at = turn.sample + self._vad_origin
             if turn.kind == "started":
                 item = _Item(new_id("item"), max(at, self._buffer.start), time.monotonic())
@@ -644,8 +510,9 @@ class RealtimeSession:
                 await self._commit_pending(at, speech_end=turn.speech_end + self._vad_origin)
         pending = self._pending
         if pending is not None and self._buffer.end - pending.start >= self._max_item:
-            # Past the longest item: commit here and go on in a new item.
-            at = self._buffer.end
+            # Past the longest item: commit it at that length and go on in a new item (an
+            # append is taken in slices of 1 s at most, so one cut is enough).
+            at = pending.start + self._max_item
             await self._send(
                 server_event(
                     "input_audio_buffer.speech_stopped", audio_end_ms=_ms(at), item_id=pending.id
@@ -734,7 +601,10 @@ class RealtimeSession:
             await self._wake.wait()
             self._wake.clear()
             while self._finals:
-                await self._complete(self._finals.popleft())
+                # Held (and counted) until it is transcribed.
+                await self._complete(self._finals[0])
+                self._finals.popleft()
+                self.memory.settle()
             pending = self._pending
             if (
                 pending is not None
@@ -869,7 +739,7 @@ class RealtimeSession:
             language=tag.code if tag is not None else None,
             prompt=config.prompt,
             beam_size=self.settings.realtime_beam_size,
-            hotwords=" ".join(config.keywords) or None,
+            hotwords=hotwords_of(config.keywords, None, self.settings.max_prompt_chars),
             logprobs=config.logprobs,
             chinese=target(tag, self.settings.chinese_script),
             chunk_length=window_for(
@@ -915,11 +785,11 @@ def _ms(sample: int) -> int:
 
 @contextmanager
 def admitted(
-    sessions: LiveSessions, engine: Engine, key: str | None, session_bytes: int, owner: str
+    sessions: LiveSessions, engine: Engine, key: str | None, memory: SessionMemory
 ) -> Iterator[None]:
     """Everything a session holds while it is open: its place among the live sessions, a slot
-    in the request queue (and the key's share of it), and its audio buffers counted against
-    host RAM.
+    in the request queue (and the key's share of it), and its audio counted against host RAM
+    (``memory``, the session's).
 
     Raises:
         RateLimitError: too many sessions, or the queue (or the key's share) is full.
@@ -927,7 +797,7 @@ def admitted(
     with ExitStack() as stack:
         stack.enter_context(sessions.admit())
         stack.enter_context(engine.admission.admit(key))
-        stack.enter_context(engine.hold_upload(session_bytes, owner))
+        stack.enter_context(memory)
         yield
 
 

@@ -5,12 +5,18 @@ beta ``pcm16``) or G.711 at 8 kHz (``audio/pcmu`` / ``g711_ulaw``, ``audio/pcma`
 ``g711_alaw``). The G.711 tables are computed here with numpy (``audioop`` left the standard
 library in Python 3.13), and the rate is changed by a streaming polyphase FIR filter, so a sample
 split across two appends, or a filter spanning two appends, gives the same samples as the whole
-stream converted at once.
+stream converted at once. An append is decoded a second of audio at a time, so its working
+memory is a second's whatever its size, and how many samples it gives is known before a byte of
+it is decoded (:meth:`InputDecoder.samples_for`).
 """
 
 from __future__ import annotations
 
+import binascii
 import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -48,7 +54,29 @@ def _alaw_table() -> np.ndarray:
     return np.where(code & 0x80, magnitude, -magnitude).astype(np.int16)
 
 
+#: Seconds of audio decoded at a time, at most: the working memory of an append, and the
+#: stretch the session takes in at once (WHISPER_REALTIME_MAX_ITEM_SECONDS is 1 s or more, so
+#: one slice crosses the end of an item at most once).
+SLICE_SECONDS = 1.0
+#: What ``base64.b64decode(..., validate=True)`` accepts, checked before any of it is decoded.
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
 _G711 = {"g711_ulaw": _ulaw_table(), "g711_alaw": _alaw_table()}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A slice of an append, decoded: 16 kHz samples and, with server VAD, the speech
+    probability of each VAD frame they complete."""
+
+    samples: np.ndarray
+    probabilities: np.ndarray | None
+
+
+def base64_size(text: str) -> int:
+    """The bytes base64 ``text`` holds, read from its length (nothing is decoded)."""
+    padding = 2 if text.endswith("==") else 1 if text.endswith("=") else 0
+    return max(0, len(text) * 3 // 4 - padding)
 
 
 def decode_g711(data: bytes, fmt: Literal["g711_ulaw", "g711_alaw"]) -> np.ndarray:
@@ -61,9 +89,11 @@ class Resampler:
 
     The signal is zero-stuffed by L, low-pass filtered by a Kaiser-windowed sinc (flat to 87.5 %
     of the lower Nyquist frequency, 60 dB down at it, so nothing above 8 kHz folds into what
-    Whisper hears) and kept every M-th sample. Only the outputs kept are computed. The
-    samples a filter still needs are carried to the next call; the output lags the input by half
-    the filter (under 2 ms).
+    Whisper hears) and kept every M-th sample. Only the outputs kept are computed, and only from
+    the input samples their filter phase touches: each tap adds a strided view of the input to
+    the outputs of its phase, so the memory is linear in the input (no copy of the input per
+    output). The samples a filter still needs are carried to the next call; the output lags the
+    input by half the filter (under 2 ms).
     """
 
     def __init__(self, in_rate: int, out_rate: int = SAMPLE_RATE) -> None:
@@ -90,22 +120,41 @@ class Resampler:
         if self.up == self.down == 1:
             return samples.astype(np.float32, copy=False)
         x = np.concatenate([self._x, samples.astype(np.float32, copy=False)])
-        taps = len(self._h)
-        last = len(x) * self.up - taps  # the last filter start with all its input known
+        up, down, taps = self.up, self.down, len(self._h)
+        last = len(x) * up - taps  # the last filter start with all its input known
         if last < self._start:
             self._x = x
             return np.zeros(0, dtype=np.float32)
-        count = (last - self._start) // self.down + 1
-        stuffed = np.zeros(len(x) * self.up, dtype=np.float32)
-        stuffed[:: self.up] = x
-        starts = self._start + self.down * np.arange(count)
-        windows = np.lib.stride_tricks.sliding_window_view(stuffed, taps)[starts]
-        out = windows @ self._h[::-1]
-        self._start += count * self.down
-        dropped = self._start // self.up
-        self._x = x[dropped:]
-        self._start -= dropped * self.up
-        return out.astype(np.float32, copy=False)
+        count = (last - self._start) // down + 1
+        out = np.zeros(count, dtype=np.float32)
+        term = np.empty((count + up - 1) // up, dtype=np.float32)
+        # Output j starts its filter at upsampled sample s = start + j*down and meets input
+        # samples only at taps k with (s + k) % up == 0. Outputs j, j+up, j+2*up, ... share that
+        # phase and step through the input by `down` samples each.
+        h = self._h[::-1]  # the filter as a correlation, as the windows met it
+        for first in range(min(up, count)):
+            s = self._start + first * down
+            phase = -s % up
+            base = (s + phase) // up
+            outs = out[first::up]
+            n = len(outs)
+            for m, k in enumerate(range(phase, taps, up)):
+                i = base + m
+                np.multiply(x[i : i + down * (n - 1) + 1 : down], h[k], out=term[:n])
+                outs += term[:n]
+        self._start += count * down
+        dropped = self._start // up
+        self._x = x[dropped:].copy()  # not a view that would keep all of ``x`` alive
+        self._start -= dropped * up
+        return out
+
+    def outputs_for(self, samples: int) -> int:
+        """How many samples the next call returns, given ``samples`` more (the same whether
+        they come in one call or several)."""
+        if self.up == self.down == 1:
+            return samples
+        last = (len(self._x) + samples) * self.up - len(self._h)
+        return 0 if last < self._start else (last - self._start) // self.down + 1
 
 
 class InputDecoder:
@@ -134,9 +183,47 @@ class InputDecoder:
             linear = decode_g711(data, self.format)
         return self._resample(linear.astype(np.float32) / 32768.0)
 
-    def input_seconds(self, nbytes: int) -> float:
-        """How long ``nbytes`` of this format play."""
-        return nbytes / SAMPLE_BYTES[self.format] / self.rate
+    def samples_for(self, nbytes: int) -> int:
+        """How many 16 kHz samples the next ``nbytes`` give, at once or in slices: an append is
+        bounded by this before it is decoded."""
+        return self._resample.outputs_for(
+            (len(self._partial) + nbytes) // SAMPLE_BYTES[self.format]
+        )
+
+    def decode_base64(
+        self, text: str, score: Callable[[np.ndarray], np.ndarray] | None = None
+    ) -> list[Piece]:
+        """Decode one append's base64 audio a slice at a time, so that the working memory is a
+        slice's whatever the append's size; a slow call, made off the event loop.
+
+        Args:
+            text: The append's ``audio``.
+            score: Server VAD's scorer, given each slice's samples in order, or None.
+
+        Returns:
+            The pieces: each slice's samples, and their frames' speech probabilities when
+            ``score`` is given.
+
+        Raises:
+            ValueError: ``text`` is not base64 (nothing was decoded: the stream is as it was).
+        """
+        if len(text) % 4 or not _BASE64.fullmatch(text):
+            raise ValueError("not base64")
+        # Whole groups of 4 characters (3 bytes), so that each slice decodes on its own.
+        step = max(4, int(SLICE_SECONDS * self.rate * SAMPLE_BYTES[self.format]) // 3 * 4)
+        pieces = []
+        for i in range(0, len(text), step):
+            samples = self(binascii.a2b_base64(text[i : i + step]))
+            pieces.append(Piece(samples, score(samples) if score is not None else None))
+        return pieces
 
 
-__all__ = ["INPUT_RATES", "InputDecoder", "InputFormat", "Resampler", "decode_g711"]
+__all__ = [
+    "INPUT_RATES",
+    "InputDecoder",
+    "InputFormat",
+    "Piece",
+    "Resampler",
+    "base64_size",
+    "decode_g711",
+]

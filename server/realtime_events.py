@@ -233,7 +233,7 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
     """One client message -> a typed event.
 
     Raises:
-        EventError: not JSON, not an object, a type this server does not handle (the
+        EventError: not JSON (or nested too deeply to parse), not an object, a type this server does not handle (the
             conversation and response events of a voice session), or fields of the wrong
             shape.
     """
@@ -244,6 +244,12 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
             f"The message is not valid JSON ({exc}); send each event as a JSON object.",
             code="invalid_json",
         ) from exc
+    except RecursionError:
+        # The parser recurses per level of nesting; no event is nested more than a few deep.
+        raise EventError(
+            "The message nests too deeply to parse; send each event as a JSON object.",
+            code="invalid_json",
+        ) from None
     if not isinstance(data, dict):
         raise EventError("Each event must be a JSON object with a 'type'.", code="invalid_event")
     event_id = data.get("event_id") if isinstance(data.get("event_id"), str) else None

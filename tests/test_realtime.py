@@ -13,6 +13,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -572,7 +573,7 @@ def test_limits_and_a_client_that_vanishes_mid_utterance(
         assert full["error"]["code"] == "input_audio_buffer_full"
         # The connection stays usable: speech, then the client vanishes mid-utterance (no
         # close handshake) while its item is decoding.
-        for chunk in list(chunks(audio, 48000))[:25]:
+        for chunk in islice(chunks(audio, 48000), 25):  # paced as sent, not all first
             first.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
         first.send(json.dumps({"type": "input_audio_buffer.commit"}))
         first.socket.close()
@@ -580,7 +581,7 @@ def test_limits_and_a_client_that_vanishes_mid_utterance(
     # With server VAD: the client vanishes while it is still speaking (interim decodes running).
     with connect(ws_url(server)) as third:
         assert json.loads(third.recv(timeout=10))["type"] == "session.created"
-        for chunk in list(chunks(audio, 48000))[:30]:
+        for chunk in islice(chunks(audio, 48000), 30):
             third.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
         third.socket.close()
     assert_released(server)

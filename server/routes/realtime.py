@@ -21,9 +21,7 @@ from server.realtime import (
     RealtimeSession,
     admitted,
 )
-from server.realtime_audio import INPUT_RATES
 from server.realtime_events import Dialect, error_event
-from server.runners import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["realtime"])
@@ -81,10 +79,6 @@ async def realtime(ws: WebSocket, intent: str | None = None, model: str | None =
         return
     engine = app.state.engine
     sessions: LiveSessions = app.state.realtime
-    # The audio a session may hold at once: the item in progress and one committed item
-    # awaiting its decode, as 16 kHz float32, plus the raw input of one item.
-    seconds = settings.realtime_max_item_seconds
-    held = int(seconds * SAMPLE_RATE * 4 * 2 + seconds * INPUT_RATES["pcm16"] * 2)
     session = RealtimeSession(
         ws,
         engine=engine,
@@ -94,7 +88,7 @@ async def realtime(ws: WebSocket, intent: str | None = None, model: str | None =
         model=model,
     )
     try:
-        with admitted(sessions, engine, key_id, held, session.id):
+        with admitted(sessions, engine, key_id, session.memory):
             await ws.accept(subprotocol=subprotocol)
             logger.info(
                 "realtime %s opened by %s (%s dialect)", session.id, ws.client, session.dialect

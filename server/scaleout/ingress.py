@@ -28,7 +28,8 @@ from server.scaleout.router import UPLOAD_BYTES_KWARG
 logger = logging.getLogger(__name__)
 
 #: Headers that describe one hop of the connection, not the request, and are not forwarded.
-_HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"host"}
+#: (``Host`` is: the replica tells the server's own page from other origins by it.)
+_HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
 
 
 def _error(exc: APIError) -> JSONResponse:
