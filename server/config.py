@@ -151,6 +151,18 @@ class Settings(BaseSettings):
     """Seconds the server waits for the next part of an upload; a client that stalls mid-body
     longer than this gets 408 and its connection is freed."""
 
+    upload_min_rate: int = Field(8192, ge=0)
+    """Least average speed of a request body, in bytes a second, after the first
+    WHISPER_UPLOAD_RATE_GRACE seconds (Apache's `MinRate`): a body gets the grace plus one
+    second for every this many bytes that arrived, so a client that sends a byte now and then
+    cannot hold its connection. Past it: 408 `upload_too_slow` and the connection is closed.
+    Time the server itself holds the body back (it has not read what came yet) does not count.
+    0: no bound."""
+
+    upload_rate_grace: float = Field(20.0, gt=0, le=3600)
+    """Seconds every request body gets before WHISPER_UPLOAD_MIN_RATE applies, counted from
+    the end of its headers (a slow start, a short form)."""
+
     request_timeout: float = Field(1800.0, gt=0)
     """Seconds a request may take from upload to response before it fails with 504."""
 

@@ -126,7 +126,9 @@ class PayloadTooLargeError(ClientError):
 
 
 class UploadTimeoutError(ClientError):
-    """The client stopped sending its upload for longer than ``WHISPER_UPLOAD_IDLE_TIMEOUT``."""
+    """The client stopped sending its upload for longer than ``WHISPER_UPLOAD_IDLE_TIMEOUT``
+    (``upload_timeout``), or sends it slower than ``WHISPER_UPLOAD_MIN_RATE``
+    (``upload_too_slow``)."""
 
     status = 408
     code = "upload_timeout"
