@@ -35,7 +35,7 @@ import psutil
 from server.admission import Admission
 from server.audio import Piece, PieceReader
 from server.config import Settings
-from server.diarization import Diarizer, SpeakerEncoder, load_encoder
+from server.diarization import Diarizer, SpeakerEncoder, load_encoder, speaker_shortfall
 from server.errors import (
     APIError,
     ConflictError,
@@ -872,6 +872,12 @@ class Engine:
         if run.diarizer is not None:
             segments = run.diarizer.label(segments, run.channels if job.channels else None)
             segments = [replace(s, id=n) for n, s in enumerate(segments)]
+            assert job.diarization is not None
+            shortfall = speaker_shortfall(job.diarization, segments, len(job.channels))
+            if shortfall is not None:
+                # Not a memory degradation (not counted as one), but reported like one.
+                run.degraded["speakers"] = shortfall
+                logger.warning("request %s: %s", job.request_id, shortfall)
             if job.channels and on_segment is not None:
                 # Channels were transcribed one after the other: their segments are streamed
                 # once all are known, in time order.
