@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     WHISPER_METRICS_PUBLIC) needs `Authorization: Bearer <key>`; /health and /ready stay open.
     Empty: no auth."""
 
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Comma-separated API keys that see every key's requests in GET /v1/memory (their ids,
+    reservations and plan decisions); any other key sees its own and only counts of the rest.
+    They are accepted wherever WHISPER_API_KEYS are (setting them turns auth on too); a key
+    listed in both is an admin key."""
+
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated origins allowed by CORS. Empty: CORS off."""
 
@@ -267,7 +273,7 @@ class Settings(BaseSettings):
     speaker changes is split at the word where it does. Off: each segment goes whole to the
     speaker heard most in it, which is faster (see bench/README.md for both)."""
 
-    @field_validator("api_keys", "cors_origins", "model_aliases", mode="before")
+    @field_validator("api_keys", "admin_api_keys", "cors_origins", "model_aliases", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
@@ -307,8 +313,16 @@ class Settings(BaseSettings):
         return MemoryAmount.parse(str(value))
 
     def key_values(self) -> list[str]:
-        """The configured API keys as plain strings (never log these)."""
-        return [k.get_secret_value() for k in self.api_keys if k.get_secret_value()]
+        """The configured API keys as plain strings, admin keys included (never log these)."""
+        return [*_secrets(self.api_keys), *self.admin_key_values()]
+
+    def admin_key_values(self) -> list[str]:
+        """The admin keys (WHISPER_ADMIN_API_KEYS) as plain strings (never log these)."""
+        return _secrets(self.admin_api_keys)
+
+
+def _secrets(keys: list[SecretStr]) -> list[str]:
+    return [k.get_secret_value() for k in keys if k.get_secret_value()]
 
 
 def env_name(field: str) -> str:

@@ -295,13 +295,13 @@ class Engine:
         """Requests admitted now (running or waiting)."""
         return self.admission.depth
 
-    def hold_upload(self, nbytes: int, owner: str) -> Reservation:
+    def hold_upload(self, nbytes: int, owner: str, api_key: str | None = None) -> Reservation:
         """Count an upload held in memory against host RAM until the reservation is released.
 
         It is already in memory, so it is counted, never refused: what it takes is what later
-        plans no longer see as free.
+        plans no longer see as free. ``api_key``: the id of the key ``owner`` came with.
         """
-        return self.reservations.reserve(HOST, nbytes, owner)
+        return self.reservations.reserve(HOST, nbytes, owner, api_key)
 
     def reserved_bytes(self, device: str) -> int:
         """Memory reserved on ``device`` now: by sequential requests, by requests waiting in the
@@ -582,8 +582,9 @@ class Engine:
             if scheduled:
                 one = replace(plan.shape, batch_size=1)
                 key, working = batched_key(place), model.cost.estimate(one).device_bytes
-            held.enter_context(self.reservations.reserve(key, working, job.request_id))
-            held.enter_context(self.reservations.reserve(HOST, plan.host_bytes, job.request_id))
+            owner = job.request_id
+            held.enter_context(self.reservations.reserve(key, working, owner, job.api_key))
+            held.enter_context(self.reservations.reserve(HOST, plan.host_bytes, owner, job.api_key))
 
         plan, waited = self._decide(
             model,
@@ -609,6 +610,7 @@ class Engine:
         self.stats.recent.append(
             {
                 "request_id": job.request_id,
+                "api_key": job.api_key,
                 "at": time.time(),
                 "action": plan.action,
                 "device": place if plan.device == device_kind(place) else plan.device,

@@ -354,6 +354,8 @@ class RealtimeSession:
         dialect: ``ga`` or ``beta``: how ``*.created`` is sent. Each update is answered in the
             dialect it came in.
         model: The ``model`` query parameter, if any.
+        api_key: The id of the API key the session was opened with (its decodes are shown to
+            that key in GET /v1/memory).
     """
 
     def __init__(
@@ -365,8 +367,10 @@ class RealtimeSession:
         metrics: Metrics,
         dialect: Dialect,
         model: str | None,
+        api_key: str | None = None,
     ) -> None:
         self.ws = ws
+        self.api_key = api_key
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
@@ -864,6 +868,7 @@ class RealtimeSession:
         tag = parse_language(config.language)
         return Job(
             request_id=f"{self.id}/{item_id}",
+            api_key=self.api_key,
             audio=samples,
             source=self.source,
             language=tag.code if tag is not None else None,
@@ -927,7 +932,7 @@ def admitted(
     with ExitStack() as stack:
         stack.enter_context(sessions.admit())
         stack.enter_context(engine.admission.admit(key))
-        stack.enter_context(engine.hold_upload(session_bytes, owner))
+        stack.enter_context(engine.hold_upload(session_bytes, owner, key))
         yield
 
 

@@ -98,6 +98,7 @@ async def realtime(ws: WebSocket, intent: str | None = None, model: str | None =
         metrics=app.state.metrics,
         dialect=_dialect(ws, offered),
         model=model,
+        api_key=key_id,
     )
     try:
         with admitted(sessions, engine, key_id, held, session.id):
