@@ -29,6 +29,7 @@ from server.errors import (
     PayloadTooLargeError,
     ServerError,
     UploadTimeoutError,
+    quote,
     status_error,
 )
 from server.memory import format_bytes, host_heap
@@ -196,9 +197,9 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, StarletteHTTPException)
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 404:
-            detail = f"No route {request.method} {request.url.path}; see /docs for the API."
+            detail = f"No route {request.method} {quote(request.url.path)}; see /docs for the API."
         elif exc.status_code == 405:
-            detail = f"Method {request.method} is not allowed on {request.url.path}."
+            detail = f"Method {request.method} is not allowed on {quote(request.url.path)}."
         err = status_error(exc.status_code, detail)
         err.headers.update(exc.headers or {})
         return error_response(err, _request_id(request))

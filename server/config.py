@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     WHISPER_METRICS_PUBLIC) needs `Authorization: Bearer <key>`; /health and /ready stay open.
     Empty: no auth."""
 
+    admin_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """Comma-separated API keys that see every key's requests in GET /v1/memory (their ids,
+    reservations and plan decisions); any other key sees its own and only counts of the rest.
+    They are accepted wherever WHISPER_API_KEYS are (setting them turns auth on too); a key
+    listed in both is an admin key."""
+
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Comma-separated origins allowed by CORS. Empty: CORS off."""
 
@@ -158,6 +164,18 @@ class Settings(BaseSettings):
     upload_idle_timeout: float = Field(60.0, gt=0)
     """Seconds the server waits for the next part of an upload; a client that stalls mid-body
     longer than this gets 408 and its connection is freed."""
+
+    upload_min_rate: int = Field(8192, ge=0)
+    """Least average speed of a request body, in bytes a second, after the first
+    WHISPER_UPLOAD_RATE_GRACE seconds (Apache's `MinRate`): a body gets the grace plus one
+    second for every this many bytes that arrived, so a client that sends a byte now and then
+    cannot hold its connection. Past it: 408 `upload_too_slow` and the connection is closed.
+    Time the server itself holds the body back (it has not read what came yet) does not count.
+    0: no bound."""
+
+    upload_rate_grace: float = Field(20.0, gt=0, le=3600)
+    """Seconds every request body gets before WHISPER_UPLOAD_MIN_RATE applies, counted from
+    the end of its headers (a slow start, a short form)."""
 
     request_timeout: float = Field(1800.0, gt=0)
     """Seconds a request may take from upload to response before it fails with 504."""
@@ -271,7 +289,14 @@ class Settings(BaseSettings):
     speaker changes is split at the word where it does. Off: each segment goes whole to the
     speaker heard most in it, which is faster (see bench/README.md for both)."""
 
-    @field_validator("api_keys", "cors_origins", "allowed_origins", "model_aliases", mode="before")
+    @field_validator(
+        "api_keys",
+        "admin_api_keys",
+        "cors_origins",
+        "allowed_origins",
+        "model_aliases",
+        mode="before",
+    )
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
@@ -332,8 +357,16 @@ class Settings(BaseSettings):
         return self
 
     def key_values(self) -> list[str]:
-        """The configured API keys as plain strings (never log these)."""
-        return [k.get_secret_value() for k in self.api_keys if k.get_secret_value()]
+        """The configured API keys as plain strings, admin keys included (never log these)."""
+        return [*_secrets(self.api_keys), *self.admin_key_values()]
+
+    def admin_key_values(self) -> list[str]:
+        """The admin keys (WHISPER_ADMIN_API_KEYS) as plain strings (never log these)."""
+        return _secrets(self.admin_api_keys)
+
+
+def _secrets(keys: list[SecretStr]) -> list[str]:
+    return [k.get_secret_value() for k in keys if k.get_secret_value()]
 
 
 def env_name(field: str) -> str:

@@ -44,8 +44,9 @@ def check_api_key(token: str | None, settings: Settings) -> str | None:
         token: The key the client sent (the bearer token), or None.
 
     Returns:
-        The key's id (``key-<n>``, its position in the list: per-key limits are keyed by it,
-        the key itself is never kept), or None when no keys are configured.
+        The key's id (``key-<n>``, its position in WHISPER_API_KEYS, or ``admin-<n>`` in
+        WHISPER_ADMIN_API_KEYS: per-key limits and what /v1/memory shows are keyed by it, the
+        key itself is never kept), or None when no keys are configured.
 
     Raises:
         AuthenticationError: no key, or no match.
@@ -53,6 +54,8 @@ def check_api_key(token: str | None, settings: Settings) -> str | None:
     keys = settings.key_values()
     if not keys:
         return None
+    admins = len(settings.admin_key_values())
+    ids = [f"key-{n}" for n in range(len(keys) - admins)] + [f"admin-{n}" for n in range(admins)]
     if token is None or not token.strip():
         raise AuthenticationError(
             "Missing API key: send it as 'Authorization: Bearer <key>'.",
@@ -62,12 +65,17 @@ def check_api_key(token: str | None, settings: Settings) -> str | None:
     matched = -1
     for index, key in enumerate(keys):
         if hmac.compare_digest(given, key.encode()):
-            matched = index
+            matched = index  # the last match: an admin key listed in both lists is an admin
     if matched < 0:
         raise AuthenticationError(
             "Incorrect API key provided.", headers={"WWW-Authenticate": "Bearer"}
         )
-    return f"key-{matched}"
+    return ids[matched]
+
+
+def is_admin_key(key_id: str | None) -> bool:
+    """Whether a key id from :func:`check_api_key` is one of WHISPER_ADMIN_API_KEYS."""
+    return key_id is not None and key_id.startswith("admin-")
 
 
 def bearer_token(authorization: str) -> str | None:

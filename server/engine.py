@@ -35,7 +35,7 @@ import psutil
 from server.admission import Admission
 from server.audio import Piece, PieceReader
 from server.config import Settings
-from server.diarization import Diarizer, SpeakerEncoder, load_encoder
+from server.diarization import Diarizer, SpeakerEncoder, load_encoder, speaker_shortfall
 from server.errors import (
     APIError,
     ConflictError,
@@ -50,6 +50,7 @@ from server.memory import (
     Budget,
     Degradation,
     MemoryProbe,
+    MemorySnapshot,
     Plan,
     PlanRequest,
     Policy,
@@ -67,7 +68,7 @@ from server.memory import (
     step_down,
 )
 from server.memory.host_heap import release_freed_memory
-from server.model_pool import LoadedModel, ModelPool
+from server.model_pool import LoadedModel, LoadNeeds, ModelPool
 from server.model_store import ModelSource, ModelStore, install_speaker_encoder
 from server.runners import (
     SAMPLE_RATE,
@@ -295,13 +296,13 @@ class Engine:
         """Requests admitted now (running or waiting)."""
         return self.admission.depth
 
-    def hold_upload(self, nbytes: int, owner: str) -> Reservation:
+    def hold_upload(self, nbytes: int, owner: str, api_key: str | None = None) -> Reservation:
         """Count an upload held in memory against host RAM until the reservation is released.
 
         It is already in memory, so it is counted, never refused: what it takes is what later
-        plans no longer see as free.
+        plans no longer see as free. ``api_key``: the id of the key ``owner`` came with.
         """
-        return self.reservations.reserve(HOST, nbytes, owner)
+        return self.reservations.reserve(HOST, nbytes, owner, api_key)
 
     def reserved_bytes(self, device: str) -> int:
         """Memory reserved on ``device`` now: by sequential requests, by requests waiting in the
@@ -417,13 +418,13 @@ class Engine:
                 if idle >= ttl:
                     self.unload(model, f"idle for {idle:.0f} s (WHISPER_MODEL_TTL={ttl:g})")
 
-    def free_budget(self, device: str) -> Budget:
+    def free_budget(self, device: str, snapshot: MemorySnapshot | None = None) -> Budget:
         """What new work (a model load, a request) may use on ``device`` now: the planner's own
         budget, ``min(free - reserved - headroom, limit - resident - reserved)`` (call under the
-        ledger's lock)."""
-        policy = self.policy(device)
-        snapshot = self.probe(device).snapshot()
+        ledger's lock). ``snapshot``: a reading of ``device`` taken already."""
+        snapshot = snapshot or self.probe(device).snapshot()
         if device_kind(device) == "cuda":
+            policy = self.policy(device)
             return memory_budget(
                 snapshot.device,
                 headroom=policy.device_headroom,
@@ -431,22 +432,29 @@ class Engine:
                 resident=policy.resident_bytes,
                 reserved=self.reserved_bytes(device),
             )
+        return self._host_budget(snapshot)
+
+    def _host_budget(self, snapshot: MemorySnapshot) -> Budget:
+        """Host RAM new work may use, from any device's reading (each reads the host too)."""
+        policy = self.policy("cpu")
         return memory_budget(
             snapshot.host,
             headroom=policy.host_headroom,
             limit=policy.host_limit,
             resident=policy.host_resident_bytes,
-            reserved=self.reservations.total(HOST) + self.reserved_bytes(device),
+            reserved=self.reservations.total(HOST) + self.reserved_bytes("cpu"),
         )
 
     @contextmanager
-    def _room_for_load(self, device: str, model_id: str, need: int, weights: int) -> Iterator[None]:
-        """Plan a model load as a request is planned: ``need`` (its weights and one window's
-        work) must fit what is free on ``device``. When it does not, idle models there are
-        unloaded first (least recently used first), then it waits (bounded by
-        WHISPER_MAX_MEMORY_WAIT), then it is refused. The weights stay reserved while they
-        load, so concurrent plans do not spend the same memory. Loads at start-up (the served
-        model) and under WHISPER_MEMORY_POLICY=off are not planned.
+    def _room_for_load(self, device: str, model_id: str, needs: LoadNeeds) -> Iterator[None]:
+        """Plan a model load as a request is planned, with what the load really takes: room on
+        ``device`` for its weights and one window's work, and host RAM for its peak while it
+        loads (the file's tensors and their converted copies at once: on the CPU that is more
+        than twice the weights). Where either does not fit, idle models there are unloaded
+        first (least recently used first), before the load, not after it; then it waits
+        (bounded by WHISPER_MAX_MEMORY_WAIT), then it is refused. The peak and the weights stay
+        reserved while it loads, so concurrent plans do not spend the same memory. Loads at
+        start-up (the served model) and under WHISPER_MEMORY_POLICY=off are not planned.
 
         Raises:
             InsufficientMemoryError: no room, after unloading and waiting.
@@ -454,43 +462,72 @@ class Engine:
         if not self._started or self.settings.memory_policy == "off":
             yield
             return
+        on_gpu = device_kind(device) == "cuda"
+        # On the CPU the device is host RAM: the load's peak and its lasting need share it.
+        host_need = (
+            needs.host_peak_bytes if on_gpu else max(needs.host_peak_bytes, needs.device_bytes)
+        )
         waited = 0.0
         while True:
             since = self.reservations.generation
+            held = ExitStack()
             with self.reservations.planning():
-                budget = self.free_budget(device)
-                reservation = (
-                    self.reservations.reserve(device, weights, f"load:{model_id}")
-                    if need <= budget.amount
-                    else None
-                )
-            if reservation is not None:
+                short = self._load_shortfall(device, needs.device_bytes, host_need)
+                if short is None:
+                    if on_gpu:
+                        held.enter_context(
+                            self.reservations.reserve(
+                                device, needs.weights_bytes, f"load:{model_id}"
+                            )
+                        )
+                    held.enter_context(
+                        self.reservations.reserve(HOST, host_need, f"load:{model_id}")
+                    )
+            if short is None:
                 break
-            idle = self.pool.idle(device)
+            place, need, budget = short
+            idle = self.pool.idle(place)
             if idle:
                 self.unload(
                     idle[0],
-                    f"to make room for {model_id} ({format_bytes(need)} needed, {budget.why})",
+                    f"to make room for loading {model_id} ({format_bytes(need)} needed on "
+                    f"{place}, {budget.why})",
                 )
                 continue
             if waited >= self.settings.max_memory_wait:
+                where = "of host RAM while it loads" if place == "cpu" else f"on {place}"
                 raise InsufficientMemoryError(
                     f"Not enough memory to load model {model_id!r} on {device}: it needs about "
-                    f"{format_bytes(need)} and {budget.why}; retry after the delay in "
+                    f"{format_bytes(need)} {where} and {budget.why}; retry after the delay in "
                     "Retry-After.",
                     retry_after=self.settings.retry_after,
                 )
             started = time.monotonic()
             self.reservations.wait_for_release(timeout=0.5, since=since)
             waited += time.monotonic() - started
-        with reservation:
+        with held:
             yield
         if device == "cpu":
             # The weights are now part of what the process holds outside reservations; count
             # them at once, as settle() would if nothing else were running.
             with self.reservations.planning():
-                self.idle_host_bytes += weights
+                self.idle_host_bytes += needs.weights_bytes
         release_freed_memory()  # loading parses files and converts weights; keep none of that
+
+    def _load_shortfall(
+        self, device: str, device_need: int, host_need: int
+    ) -> tuple[str, int, Budget] | None:
+        """Where a load does not fit now (the place, what it needs there and the budget
+        there), or None when it fits everywhere (call under the ledger's lock)."""
+        snapshot = self.probe(device).snapshot()
+        if device_kind(device) == "cuda":
+            budget = self.free_budget(device, snapshot)
+            if device_need > budget.amount:
+                return device, device_need, budget
+        host = self._host_budget(snapshot)
+        if host_need > host.amount:
+            return "cpu", host_need, host
+        return None
 
     # ---- memory ---------------------------------------------------------------------------
 
@@ -582,8 +619,9 @@ class Engine:
             if scheduled:
                 one = replace(plan.shape, batch_size=1)
                 key, working = batched_key(place), model.cost.estimate(one).device_bytes
-            held.enter_context(self.reservations.reserve(key, working, job.request_id))
-            held.enter_context(self.reservations.reserve(HOST, plan.host_bytes, job.request_id))
+            owner = job.request_id
+            held.enter_context(self.reservations.reserve(key, working, owner, job.api_key))
+            held.enter_context(self.reservations.reserve(HOST, plan.host_bytes, owner, job.api_key))
 
         plan, waited = self._decide(
             model,
@@ -609,6 +647,7 @@ class Engine:
         self.stats.recent.append(
             {
                 "request_id": job.request_id,
+                "api_key": job.api_key,
                 "at": time.time(),
                 "action": plan.action,
                 "device": place if plan.device == device_kind(place) else plan.device,
@@ -872,6 +911,12 @@ class Engine:
         if run.diarizer is not None:
             segments = run.diarizer.label(segments, run.channels if job.channels else None)
             segments = [replace(s, id=n) for n, s in enumerate(segments)]
+            assert job.diarization is not None
+            shortfall = speaker_shortfall(job.diarization, segments, len(job.channels))
+            if shortfall is not None:
+                # Not a memory degradation (not counted as one), but reported like one.
+                run.degraded["speakers"] = shortfall
+                logger.warning("request %s: %s", job.request_id, shortfall)
             if job.channels and on_segment is not None:
                 # Channels were transcribed one after the other: their segments are streamed
                 # once all are known, in time order.

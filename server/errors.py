@@ -10,6 +10,26 @@ from __future__ import annotations
 
 from typing import Any
 
+#: Most characters of a client's value that an error message quotes back: enough to recognise
+#: it, never the whole of a 5 kB field (messages are logged, shown, and sent on).
+QUOTE_CHARS = 40
+
+
+def quote(value: object) -> str:
+    """A client's value as an error message quotes it: ``repr`` of its first
+    :data:`QUOTE_CHARS` characters, and how long it was when it was longer.
+
+    Args:
+        value: What the client sent (text, a number, a list).
+
+    Returns:
+        ``'abc'``, or the first characters and the length: ``'abcd'... (5000 characters)``.
+    """
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= QUOTE_CHARS:
+        return repr(text)
+    return f"{text[:QUOTE_CHARS]!r}... ({len(text)} characters)"
+
 
 class APIError(Exception):
     """An error with an HTTP status and an OpenAI error envelope.
@@ -135,7 +155,9 @@ class PayloadTooLargeError(ClientError):
 
 
 class UploadTimeoutError(ClientError):
-    """The client stopped sending its upload for longer than ``WHISPER_UPLOAD_IDLE_TIMEOUT``."""
+    """The client stopped sending its upload for longer than ``WHISPER_UPLOAD_IDLE_TIMEOUT``
+    (``upload_timeout``), or sends it slower than ``WHISPER_UPLOAD_MIN_RATE``
+    (``upload_too_slow``)."""
 
     status = 408
     code = "upload_timeout"

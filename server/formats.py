@@ -140,8 +140,9 @@ def to_verbose_json(
     Returns:
         ``task``, ``language`` (the English name; ``"english"`` for translations),
         ``duration``, ``text``, ``segments`` and/or ``words``, ``usage``, and
-        ``x_whisper_degraded`` (``[{"kind", "reason"}]``) only when the planner degraded the
-        request. OpenAI's clients ignore the unknown field.
+        ``x_whisper_degraded`` (``[{"kind", "reason"}]``) only when something was given up (the
+        planner's degradations; fewer speakers than ``min_speakers``). OpenAI's clients ignore
+        the unknown field.
     """
     language = "english" if transcript.task == "translate" else language_name(transcript.language)
     body: dict[str, Any] = {
@@ -172,7 +173,8 @@ def to_diarized_json(transcript: Transcript) -> dict[str, Any]:
     """``response_format=diarized_json``, shaped like OpenAI's ``TranscriptionDiarized``:
     ``task``, ``duration``, ``text``, ``segments`` (``transcript.text.segment`` objects with
     ``id``, ``start``, ``end``, ``speaker`` and ``text``; segments without text are left out),
-    ``usage``, and ``x_whisper_degraded`` when the planner degraded the request."""
+    ``usage``, and ``x_whisper_degraded`` when something was given up (the planner's
+    degradations; ``speakers``: fewer speakers than ``min_speakers`` asked for)."""
     body: dict[str, Any] = {
         "task": "transcribe",
         "duration": round(transcript.duration, _TIME_DIGITS),
@@ -204,7 +206,8 @@ def segment_event(segment: Segment) -> dict[str, Any]:
 
 
 def degradations_body(transcript: Transcript) -> list[dict[str, str]]:
-    """What the memory planner changed, as the ``x_whisper_degraded`` extra field."""
+    """What was given up (the memory planner's changes, a ``min_speakers`` not met), as the
+    ``x_whisper_degraded`` extra field."""
     return [{"kind": kind, "reason": reason} for kind, reason in transcript.degradations]
 
 

@@ -62,6 +62,8 @@ class Job:
             though the client cannot ask for them (WHISPER_DIARIZATION_WORDS).
         channels: When the channels are the speakers (a call), one source per channel: each
             is transcribed on its own, instead of ``audio``.
+        api_key: The id of the API key the request came with (None without keys): its
+            reservations and plan decisions are shown to that key (GET /v1/memory).
     """
 
     request_id: str
@@ -81,6 +83,7 @@ class Job:
     chunk_length: int | None = None
     diarization: DiarizationOptions | None = None
     channels: tuple[AudioSource, ...] = ()
+    api_key: str | None = None
 
     @classmethod
     def from_request(
@@ -95,6 +98,7 @@ class Job:
         diarization: DiarizationOptions | None = None,
         channels: tuple[AudioSource, ...] = (),
         diarization_words: bool = True,
+        api_key: str | None = None,
     ) -> Job:
         """The job for a parsed request; OpenAI's field names become faster-whisper's."""
         strategy = req.chunking_strategy
@@ -123,6 +127,7 @@ class Job:
             chinese=target(req.language_tag, chinese_script) if req.task == "transcribe" else None,
             diarization=diarization,
             channels=channels,
+            api_key=api_key,
         )
 
     @property

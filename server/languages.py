@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, quote
 
 # openai-whisper's ``tokenizer.LANGUAGES``, in its order (the order of the language tokens).
 # The names are what OpenAI's verbose_json reports in ``language``.
@@ -216,7 +216,7 @@ def parse_language(value: str | None) -> LanguageTag | None:
         region = next((p for p in subtags if p in _REGION_SCRIPTS), None)
         return LanguageTag(primary, _script(subtags), region)
     raise InvalidRequestError(
-        f"Unsupported language {value!r}. Send an ISO-639-1 code such as 'en' or 'zh', a "
+        f"Unsupported language {quote(value)}. Send an ISO-639-1 code such as 'en' or 'zh', a "
         "BCP-47 tag such as 'zh-CN' or 'pt-BR', or an English language name such as "
         "'english', or leave 'language' out to detect it. "
         f"Supported codes: {', '.join(sorted(LANGUAGES))}.",

@@ -28,9 +28,27 @@ from server.runners import WhisperRunner, download_model
 logger = logging.getLogger(__name__)
 
 
-#: Called around a load with (device, source id, bytes the load needs, bytes of its weights);
-#: returns what to hold while the load runs (the engine plans and reserves it).
-LoadGate = Callable[[str, str, int, int], AbstractContextManager[object]]
+@dataclass(frozen=True)
+class LoadNeeds:
+    """What loading one model takes, for the engine to plan (see :data:`LoadGate`).
+
+    Attributes:
+        device_bytes: On its device once loaded: the weights and one window's working memory
+            (or it would load only to refuse every request). On the CPU, host RAM.
+        weights_bytes: The weights, which stay resident.
+        host_peak_bytes: Host RAM while it loads, above what the process held before: the
+            file's tensors and their converted copies at once (:meth:`CostModel.load_host_bytes`),
+            on a GPU too (the file passes through the host).
+    """
+
+    device_bytes: int
+    weights_bytes: int
+    host_peak_bytes: int
+
+
+#: Called around a load with (device, source id, what it needs); returns what to hold while the
+#: load runs (the engine plans and reserves it).
+LoadGate = Callable[[str, str, LoadNeeds], AbstractContextManager[object]]
 
 
 @dataclass(eq=False)
@@ -217,12 +235,14 @@ class ModelPool:
             profile = None
         cost = CostModel(dims, profile=profile)
         weights = cost.weights_bytes(compute_type)
-        # Loading needs room for the weights and for one window's work, or the model would
-        # load only to refuse every request.
         smallest = Shape(kind, compute_type, 1, 1, False, 30, False)
-        need = weights + cost.estimate(smallest).device_bytes
+        needs = LoadNeeds(
+            device_bytes=weights + cost.estimate(smallest).device_bytes,
+            weights_bytes=weights,
+            host_peak_bytes=cost.load_host_bytes(compute_type, kind),
+        )
         gate = (
-            self._gate(device, source.id, need, weights)
+            self._gate(device, source.id, needs)
             if self._gate is not None and not planned
             else nullcontext()
         )
@@ -252,4 +272,4 @@ class ModelPool:
         return LoadedModel(source, device, compute_type, runner, cost, weights)
 
 
-__all__ = ["LoadGate", "LoadedModel", "ModelPool"]
+__all__ = ["LoadGate", "LoadNeeds", "LoadedModel", "ModelPool"]

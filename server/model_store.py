@@ -27,7 +27,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from server.errors import DiarizationUnavailableError, ModelNotFoundError, ModelNotReadyError
+from server.errors import (
+    DiarizationUnavailableError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    quote,
+)
 
 if TYPE_CHECKING:
     from server.config import Settings
@@ -271,7 +276,7 @@ class ModelStore:
             return ModelSource(name, None, repo=name)  # fetched into the store on first use
         known = [served.id, *self.aliases, *self.local_ids()]
         raise ModelNotFoundError(
-            f"The model {name!r} does not exist on this server; use one of "
+            f"The model {quote(name)} does not exist on this server; use one of "
             f"{', '.join(dict.fromkeys(known))}.",
             param="model",
         )

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, quote
 from server.formats import ResponseFormat
 from server.languages import LanguageTag, parse_language
 
@@ -35,6 +35,10 @@ MAX_KNOWN_SPEAKERS = 4
 #: Most speakers ``min_speakers``/``max_speakers`` may name.
 MAX_SPEAKERS = 32
 BY_CHANNEL = ("auto", "on", "off")
+# Numbers as a form field may spell them: ASCII digits only. Python's int() and float() also
+# take other scripts' digits ('٣'), underscores ('1_000'), 'nan' and 'infinity'.
+_INTEGER = re.compile(r"[+-]?[0-9]+\Z")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[\w.+-]+)*;base64,", re.I)
 
 
@@ -138,7 +142,29 @@ def _bool(form: Mapping[str, Sequence[Any]], name: str) -> bool | None:
         return True
     if lowered in ("false", "0", "no", "off"):
         return False
-    raise InvalidRequestError(f"'{name}' must be true or false, got {value!r}.", param=name)
+    raise InvalidRequestError(f"'{name}' must be true or false, got {quote(value)}.", param=name)
+
+
+def parse_number(text: str, *, integer: bool = False) -> int | float | None:
+    """A number written in ASCII decimal (``-2``, ``0.5``, ``1e-3``), or None if ``text`` is
+    not one; whitespace around it is ignored.
+
+    Args:
+        text: The field as sent.
+        integer: Accept whole numbers only (no point, no exponent).
+
+    Returns:
+        The number (it may be infinite: ``1e999``), or None.
+    """
+    text = text.strip(" \t\r\n")
+    if not (_INTEGER if integer else _DECIMAL).match(text):
+        return None
+    if not integer:
+        return float(text)
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (4300): out of any range
+        return -math.inf if text.startswith("-") else math.inf
 
 
 def _number(
@@ -147,14 +173,15 @@ def _number(
     value = _text(form, name)
     if value is None or value.strip() == "":
         return None
-    try:
-        number = int(value) if integer else float(value)
-    except ValueError:
-        kind = "an integer" if integer else "a number"
-        raise InvalidRequestError(f"'{name}' must be {kind}, got {value!r}.", param=name) from None
-    if not math.isfinite(number) or not lo <= number <= hi:
+    number = parse_number(value, integer=integer)
+    if number is None:
+        kind = "a whole number" if integer else "a number"
         raise InvalidRequestError(
-            f"'{name}' must be between {lo:g} and {hi:g}, got {value!r}.", param=name
+            f"'{name}' must be {kind} in ASCII digits, got {quote(value)}.", param=name
+        )
+    if not lo <= number <= hi:  # NaN and infinities are outside too
+        raise InvalidRequestError(
+            f"'{name}' must be between {lo:g} and {hi:g}, got {quote(value)}.", param=name
         )
     return number
 
@@ -196,7 +223,9 @@ def _choices(
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         options = " and/or ".join(repr(a) for a in allowed)
-        raise InvalidRequestError(f"Unknown {name} value {unknown}; use {options}.", param=name)
+        raise InvalidRequestError(
+            f"Unknown {name} value {quote(unknown[0])}; use {options}.", param=name
+        )
     return frozenset(values)
 
 
@@ -261,39 +290,41 @@ def _chunking(form: Mapping[str, Sequence[Any]]) -> ChunkingStrategy | None:
     kind = fields.get("type", "server_vad")
     if kind not in ("auto", "server_vad"):
         raise InvalidRequestError(
-            f"chunking_strategy type must be 'auto' or 'server_vad', got {kind!r}.",
+            f"chunking_strategy type must be 'auto' or 'server_vad', got {quote(kind)}.",
             param="chunking_strategy",
         )
-    try:
-        return ChunkingStrategy(
-            type=kind,
-            threshold=_opt_float(fields.get("threshold"), 0.0, 1.0),
-            prefix_padding_ms=_opt_int(fields.get("prefix_padding_ms"), 0, 10_000),
-            silence_duration_ms=_opt_int(fields.get("silence_duration_ms"), 0, 10_000),
-        )
-    except (TypeError, ValueError, OverflowError) as exc:
+    threshold = _vad_number(fields, "threshold", 0.0, 1.0)
+    padding = _vad_number(fields, "prefix_padding_ms", 0, 10_000, integer=True)
+    silence = _vad_number(fields, "silence_duration_ms", 0, 10_000, integer=True)
+    return ChunkingStrategy(
+        type=kind,
+        threshold=threshold,
+        prefix_padding_ms=None if padding is None else int(padding),
+        silence_duration_ms=None if silence is None else int(silence),
+    )
+
+
+def _vad_number(
+    fields: Mapping[str, Any], name: str, lo: float, hi: float, *, integer: bool = False
+) -> float | None:
+    """One number of a ``chunking_strategy`` object: a JSON number, or text in ASCII digits
+    (the bracketed form fields are text)."""
+    value = fields.get(name)
+    if value is None:
+        return None
+    number: float | None = None
+    if isinstance(value, str):
+        number = parse_number(value, integer=integer)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, float) and (not integer or value.is_integer()):
+        number = value
+    kind = "a whole number" if integer else "a number"
+    if number is None or not lo <= number <= hi:  # NaN and infinities are outside too
         raise InvalidRequestError(
-            f"Invalid chunking_strategy: {exc}.", param="chunking_strategy"
-        ) from exc
-
-
-def _opt_float(value: Any, lo: float, hi: float) -> float | None:
-    if value is None:
-        return None
-    number = float(value)
-    if not math.isfinite(number) or not lo <= number <= hi:
-        raise ValueError(f"{number} is outside {lo}..{hi}")
-    return number
-
-
-def _opt_int(value: Any, lo: int, hi: int) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{value} is not a finite number")
-    number = int(value)
-    if not lo <= number <= hi:
-        raise ValueError(f"{number} is outside {lo}..{hi}")
+            f"chunking_strategy {name} must be {kind} from {lo:g} to {hi:g}, got {quote(value)}.",
+            param="chunking_strategy",
+        )
     return number
 
 
@@ -339,7 +370,7 @@ def parse_form(
     except ValueError:
         choices = ", ".join(f.value for f in ResponseFormat)
         raise InvalidRequestError(
-            f"Unknown response_format {fmt_text!r}; use one of {choices}.",
+            f"Unknown response_format {quote(fmt_text)}; use one of {choices}.",
             param="response_format",
         ) from None
 
@@ -409,7 +440,7 @@ def _data_url(url: str, index: int) -> bytes:
     mime = (match.group("mime") or "").lower()
     if mime and not mime.startswith(("audio/", "video/", "application/octet-stream")):
         raise InvalidRequestError(
-            f"known_speaker_references[{index}] is a data URL of {mime!r}, not audio; send a "
+            f"known_speaker_references[{index}] is a data URL of {quote(mime)}, not audio; send a "
             "2-10 s clip of the speaker's voice in any supported audio format.",
             param=param,
         )
@@ -486,7 +517,7 @@ def _speakers(form: Mapping[str, Sequence[Any]], fmt: ResponseFormat, task: Task
     mode = {"true": "on", "false": "off"}.get(mode, mode)
     if mode not in BY_CHANNEL:
         raise InvalidRequestError(
-            f"diarize_by_channel must be auto, on or off, got {by_channel!r}.",
+            f"diarize_by_channel must be auto, on or off, got {quote(by_channel)}.",
             param="diarize_by_channel",
         )
     return {

@@ -176,6 +176,8 @@ class RealtimeSession:
         dialect: ``ga`` or ``beta``: how ``*.created`` is sent. Each update is answered in the
             dialect it came in.
         model: The ``model`` query parameter, if any.
+        api_key: The id of the API key the session was opened with (its decodes are shown to
+            that key in GET /v1/memory).
     """
 
     def __init__(
@@ -187,8 +189,10 @@ class RealtimeSession:
         metrics: Metrics,
         dialect: Dialect,
         model: str | None,
+        api_key: str | None = None,
     ) -> None:
         self.ws = ws
+        self.api_key = api_key
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
@@ -214,7 +218,7 @@ class RealtimeSession:
         self._audio_s = 0.0
         self._items = 0
         #: The session's host RAM; the route holds it open for the session's life.
-        self.memory = SessionMemory(engine, settings, self.id, self._held)
+        self.memory = SessionMemory(engine, settings, self.id, self._held, api_key)
 
     def _held(self) -> int:
         """Samples held not yet transcribed: the buffer and the committed items."""
@@ -734,6 +738,7 @@ class RealtimeSession:
         tag = parse_language(config.language)
         return Job(
             request_id=f"{self.id}/{item_id}",
+            api_key=self.api_key,
             audio=samples,
             source=self.source,
             language=tag.code if tag is not None else None,

@@ -92,13 +92,20 @@ class SessionMemory:
         settings: The server's (item and backlog limits, the memory policy).
         owner: The session's id, shown in ``GET /v1/memory``.
         held: Samples the session holds now, not yet transcribed.
+        api_key: The id of the API key the session came with (see Reservations.reserve).
     """
 
     def __init__(
-        self, engine: Engine, settings: Settings, owner: str, held: Callable[[], int]
+        self,
+        engine: Engine,
+        settings: Settings,
+        owner: str,
+        held: Callable[[], int],
+        api_key: str | None = None,
     ) -> None:
         self.engine = engine
         self.owner = owner
+        self.api_key = api_key  # whose reservations these are, in /v1/memory's per-key view
         self.max_backlog = int(settings.realtime_max_backlog_seconds * SAMPLE_RATE)
         self._enforce = settings.memory_policy != "off"
         self._held_now = held
@@ -111,7 +118,9 @@ class SessionMemory:
     def __enter__(self) -> SessionMemory:
         # Counted, not refused: the session's check when it opens refuses it when the planner
         # cannot fit a decode of its longest item, which needs more.
-        self._fixed = self.engine.reservations.reserve(HOST, self._fixed_bytes, self.owner)
+        self._fixed = self.engine.reservations.reserve(
+            HOST, self._fixed_bytes, self.owner, api_key=self.api_key
+        )
         return self
 
     def __exit__(
@@ -167,7 +176,7 @@ class SessionMemory:
                         "This audio was dropped; send smaller appends, or retry once the items "
                         "committed have completed."
                     )
-            work = ledger.reserve(HOST, working, f"{self.owner}/append")
+            work = ledger.reserve(HOST, working, f"{self.owner}/append", api_key=self.api_key)
             self._incoming += audio
             self.settle()
         try:
@@ -188,7 +197,11 @@ class SessionMemory:
         ledger = self.engine.reservations
         with ledger.planning():
             old = self._held
-            self._held = ledger.reserve(HOST, nbytes, f"{self.owner}/audio") if nbytes else None
+            self._held = (
+                ledger.reserve(HOST, nbytes, f"{self.owner}/audio", api_key=self.api_key)
+                if nbytes
+                else None
+            )
             self._held_bytes = nbytes
             if old is not None:
                 old.release()

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.errors import InvalidRequestError
+from server.errors import InvalidRequestError, quote
 from server.realtime_audio import InputFormat
 
 Dialect = Literal["ga", "beta"]
@@ -257,7 +257,7 @@ def parse_client_event(text: str | bytes) -> ClientEvent:
     model = _CLIENT_EVENTS.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise EventError(
-            f"Unsupported event type {kind!r} for a transcription session; this server "
+            f"Unsupported event type {quote(kind)} for a transcription session; this server "
             f"handles {', '.join(_CLIENT_EVENTS)}.",
             event_id=event_id,
             param="type",
@@ -286,7 +286,7 @@ def _turn_detection(
         return None
     if sent.type != "server_vad":
         raise EventError(
-            f"Turn detection {sent.type!r} is not supported; use 'server_vad' or null "
+            f"Turn detection {quote(sent.type)} is not supported; use 'server_vad' or null "
             "(the client commits).",
             event_id=event_id,
             param=f"{param}.type",

@@ -110,11 +110,12 @@ class TranscriptionService:
         # The admission slot is held until the response is complete; for a stream that is
         # after the last event, so the stream's generator takes it over.
         slot = ExitStack()
-        slot.enter_context(engine.admission.admit(getattr(request.state, "api_key_id", None)))
+        key_id = getattr(request.state, "api_key_id", None)
+        slot.enter_context(engine.admission.admit(key_id))
         request_id = getattr(request.state, "request_id", "-")
         try:
             # The upload is in memory already: count it against host RAM while it is held.
-            slot.enter_context(engine.hold_upload(len(req.file), request_id))
+            slot.enter_context(engine.hold_upload(len(req.file), request_id, key_id))
             # Only the header is read here; the engine decodes the audio piece by piece, each
             # under the planner's reservation.
             audio = await anyio.to_thread.run_sync(
@@ -132,6 +133,7 @@ class TranscriptionService:
             job = Job.from_request(
                 req,
                 request_id=request_id,
+                api_key=key_id,
                 audio=audio,
                 source=source,
                 default_beam_size=settings.default_beam_size,

@@ -57,7 +57,8 @@ class Transcript:
         language: ISO code of the spoken (or forced) language, e.g. ``"en"``.
         duration: Length of the decoded audio in seconds.
         segments: The segments in time order.
-        degradations: What the memory planner changed, as ``(kind, reason)`` pairs.
+        degradations: What was given up, as ``(kind, reason)`` pairs: the memory planner's
+            changes, and ``speakers`` when fewer speakers than ``min_speakers`` were told apart.
     """
 
     task: str

@@ -182,6 +182,8 @@ def check_answer(resp: requests.Response, expect: dict[str, Any]) -> None:
         for key in ("param", "code"):
             if key in expect:
                 assert error[key] == expect[key], error
+        assert len(error["message"]) <= expect.get("max_message_chars", 2000), error
+        assert expect.get("message_excludes", "\0") not in error["message"], error
     else:
         text = resp.text.lower()
         for word in expect.get("text_contains", []):
@@ -221,6 +223,20 @@ def test_corpus_is_complete() -> None:
         f"bad_inputs/{p.name}" for p in CORPUS.iterdir() if p.suffix not in (".py", ".json")
     }
     assert generated <= sources, f"files no case sends: {sorted(generated - sources)}"
+
+
+def test_long_values_are_quoted_by_their_start(servers: dict[str, LiveServer]) -> None:
+    """A 5 kB model id in the path (GET, POST and DELETE /v1/models/{id}) and a 5 kB unknown
+    route: the 404's message quotes the first characters and says how long the value was."""
+    server = servers["default"]
+    model = "m" * 5000
+    for method in ("GET", "POST", "DELETE"):
+        resp = requests.request(method, f"{server.url}/v1/models/{model}", timeout=30)
+        check_answer(resp, {"status": 404, "param": "model", "code": "model_not_found"})
+        message = resp.json()["error"]["message"]
+        assert "m" * 60 not in message and "(5000 characters)" in message, message
+    resp = requests.get(f"{server.url}/{'r' * 5000}", timeout=30)
+    check_answer(resp, {"status": 404, "max_message_chars": 200})
 
 
 # ---- clients that go away ------------------------------------------------------------------------

@@ -207,6 +207,153 @@ def test_a_stalled_upload_frees_its_connection(server: LiveServer) -> None:
     assert IDLE_TIMEOUT * 0.8 <= elapsed < IDLE_TIMEOUT + 2, elapsed
 
 
+# ---- the body's pace -----------------------------------------------------------------------------
+
+GRACE = 1.0
+MIN_RATE = 2000  # bytes a second
+
+
+@pytest.fixture(scope="module")
+def paced(server_factory: Callable[..., LiveServer], tiny_model: Path) -> LiveServer:
+    """A 1 s grace, then 2000 bytes a second on average; a 30 s idle timeout (so that only the
+    pace can end a body that keeps dribbling); at most 3 connections."""
+    return server_factory(
+        model=str(tiny_model),
+        upload_rate_grace=GRACE,
+        upload_min_rate=MIN_RATE,
+        upload_idle_timeout=30.0,
+        max_connections=3,
+    )
+
+
+_SLOW_HEAD = (
+    b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n"
+    b"X-Request-Id: slow-body-test\r\nContent-Type: multipart/form-data; boundary=b\r\n\r\n"
+    b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+)
+
+
+def test_a_dribbled_body_gets_408_whatever_its_idle_gaps(
+    paced: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The headers of a 10 MB upload, then a byte every 0.3 s: each byte would restart an idle
+    timeout, but the body's deadline only moves by a byte's worth, so after the grace it is
+    answered 408 upload_too_slow, under its request id, and closed; the access log says 408."""
+    with caplog.at_level(logging.INFO, logger="server"):
+        with _connect(paced) as sock:
+            received, elapsed = _dribble(sock, _SLOW_HEAD, every=0.3, limit=10 * GRACE + 10)
+        headers = _assert_envelope(received, 408, "upload_too_slow")
+        assert headers["x-request-id"] == "slow-body-test"
+        assert GRACE * 0.8 <= elapsed < GRACE + 3, elapsed
+        assert "WHISPER_UPLOAD_MIN_RATE" in json.loads(_parse(received)[2])["error"]["message"]
+        deadline = time.monotonic() + 5
+        lines: list[str] = []
+        while time.monotonic() < deadline and not lines:
+            lines = [
+                r.getMessage()
+                for r in caplog.records
+                if r.name == "server.access" and r.getMessage().startswith("slow-body-test")
+            ]
+            time.sleep(0.05)
+    assert lines and lines[0].split()[3] == "408", caplog.text
+
+
+def test_dribbled_bodies_cannot_hold_the_connection_cap(paced: LiveServer) -> None:
+    """As many dribbled uploads as WHISPER_MAX_CONNECTIONS fill the cap (a real request gets
+    503 meanwhile), but not for good: each is answered 408 after the grace, and /health and a
+    real upload are served again."""
+    socks = [_connect(paced) for _ in range(3)]
+    try:
+        for sock in socks:
+            sock.sendall(_SLOW_HEAD)
+        time.sleep(0.2)
+        assert requests.get(paced.url + "/health", timeout=5).status_code == 503
+        answers: list[bytes] = [b""] * len(socks)
+        started = time.monotonic()
+        while time.monotonic() - started < GRACE + 10 and not all(answers):
+            time.sleep(0.3)
+            for i, sock in enumerate(socks):
+                if answers[i]:
+                    continue
+                sock.settimeout(0.01)
+                try:
+                    answers[i] = sock.recv(65536)
+                except TimeoutError:
+                    sock.sendall(b"a")
+    finally:
+        for sock in socks:
+            sock.close()
+    for answer in answers:
+        assert _parse(answer)[0] == 408, answer[:200]
+    assert time.monotonic() - started < GRACE + 5
+    deadline = time.monotonic() + 5
+    status = 0
+    while time.monotonic() < deadline and status != 200:
+        status = requests.get(paced.url + "/health", timeout=5).status_code
+        time.sleep(0.05)
+    assert status == 200
+
+
+def test_a_steady_upload_past_the_grace_is_served(paced: LiveServer, data_dir: Path) -> None:
+    """An upload that takes several times the grace, but comes at well over the least rate,
+    is transcribed."""
+    audio = (data_dir / "jfk.flac").read_bytes()
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="response_format"\r\n\r\ntext\r\n'
+        b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.flac"\r\n\r\n'
+        + audio
+        + b"\r\n--b--\r\n"
+    )
+    head = (
+        "POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    started = time.monotonic()
+    with _connect(paced) as sock:
+        sock.sendall(head)
+        step = len(body) // 8 + 1
+        for i in range(0, len(body), step):
+            time.sleep(GRACE / 2)
+            sock.sendall(body[i : i + step])
+        response = _read_until_closed(sock, timeout=60)
+    assert time.monotonic() - started > 3 * GRACE
+    assert response.startswith(b"HTTP/1.1 200 "), response[:300]
+
+
+def test_a_body_left_unread_by_the_app_is_still_paced(
+    server_factory: Callable[..., LiveServer], tiny_model: Path
+) -> None:
+    """A request the app answers without reading its body (no API key: 401) whose client goes
+    on dribbling that body: the connection is closed after the grace, not kept for good."""
+    server = server_factory(
+        model=str(tiny_model),
+        api_keys="k1",
+        upload_rate_grace=GRACE,
+        upload_min_rate=MIN_RATE,
+        upload_idle_timeout=30.0,
+    )
+    with _connect(server) as sock:
+        sock.sendall(_SLOW_HEAD)
+        assert _one_response(sock)[0] == 401
+        started = time.monotonic()
+        closed = False
+        while time.monotonic() - started < GRACE + 10:
+            try:
+                sock.sendall(b"a")
+                sock.settimeout(0.3)
+                if sock.recv(65536) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+    assert closed
+    assert time.monotonic() - started < GRACE + 4
+
+
 # ---- what the protocol refuses -------------------------------------------------------------------
 
 
@@ -327,3 +474,33 @@ def test_metrics_public_opens_only_metrics(
     resp = requests.get(server.url + "/metrics", timeout=5)
     assert resp.status_code == 200 and "whisper_requests_total" in resp.text
     assert requests.get(server.url + "/v1/models", timeout=5).status_code == 401
+
+
+def test_the_body_clock_counts_only_time_the_client_is_waited_for() -> None:
+    """BodyPace: bytes earn time at the least rate; time held (the server not reading) is not
+    counted."""
+    from server.connections import BodyPace
+
+    pace = BodyPace(grace=10.0, min_rate=1000, now=100.0)
+    assert pace.left(105.0) == 5.0
+    pace.add(2000)  # two more seconds
+    assert pace.left(105.0) == 7.0
+    pace.hold(105.0)
+    assert pace.left(500.0) == 7.0 and not pace.running
+    pace.run(500.0)
+    assert pace.left(508.0) == -1.0
+
+
+def test_a_websocket_outlives_the_body_grace(paced: LiveServer) -> None:
+    """The body's clock belongs to HTTP requests: a realtime session upgraded from one (whose
+    request h11 still counts as sending its body when it is handed over) stays open past the
+    grace."""
+    from websockets.sync.client import connect
+
+    url = paced.url.replace("http://", "ws://") + "/v1/realtime?intent=transcription"
+    with connect(url, open_timeout=10) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"].endswith("session.created")
+        time.sleep(GRACE + 2)
+        ws.send(json.dumps({"type": "no.such.event"}))
+        event = json.loads(ws.recv(timeout=10))
+    assert event["type"] == "error" and event["error"]["code"] == "unsupported_event", event

@@ -28,6 +28,7 @@ from server.memory import CostModel, PlanRequest, Policy, Shape, plan_request, r
 from server.memory.cost import DIARIZATION_BYTES_PER_SECOND, DIARIZATION_FIXED_BYTES, MiB
 from server.memory.probes import DeviceMemory, MemorySnapshot
 from server.model_store import install_speaker_encoder
+from server.transcript import Segment
 from tests.conftest import DATA, LiveServer, wer, within
 
 LJ = "en_ljspeech_LJ001-0001_to_0032_concat"
@@ -158,6 +159,65 @@ def test_speaker_bounds_are_kept(client: openai.OpenAI, two_people: Conversation
         extra_body={"max_speakers": 1},
     )
     assert {s.speaker for s in result.segments} == {"A"}
+
+
+def test_more_speakers_asked_for_than_heard_is_reported(
+    server: LiveServer, conversation: Conversation
+) -> None:
+    """min_speakers=32 on three voices: the transcript names the speakers it told apart, and
+    says that it fell short, in the X-Whisper-Degraded header and the body (and, streamed, in
+    the done event); a min_speakers that is met says nothing."""
+
+    def post(min_speakers: int, stream: bool = False) -> requests.Response:
+        return requests.post(
+            server.url + "/v1/audio/transcriptions",
+            files={"file": ("conversation.wav", conversation.wav())},
+            data={
+                "model": "whisper-1",
+                "response_format": "diarized_json",
+                "min_speakers": str(min_speakers),
+                "stream": str(stream).lower(),
+            },
+            timeout=300,
+        )
+
+    resp = post(32)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    found = {s["speaker"] for s in body["segments"]}
+    assert 1 <= len(found) < 32
+    assert resp.headers["x-whisper-degraded"].split(",") == ["speakers"]
+    (note,) = body["x_whisper_degraded"]
+    assert note["kind"] == "speakers"
+    assert note["reason"].startswith(f"min_speakers=32, but {len(found)} speakers were told")
+
+    streamed = post(32, stream=True)
+    done = json.loads(streamed.text.strip().split("\n\n")[-1].removeprefix("data: "))
+    assert done["type"] == "transcript.text.done"
+    assert [d["kind"] for d in done["x_whisper_degraded"]] == ["speakers"]
+
+    met = post(2)
+    assert met.status_code == 200 and "x-whisper-degraded" not in met.headers
+    assert "x_whisper_degraded" not in met.json()
+
+
+def test_the_shortfall_counts_the_speakers_rendered() -> None:
+    """Segments without text are not rendered, so their speakers do not count; a call's
+    shortfall says that its channels are the speakers."""
+    from server.diarization import speaker_shortfall
+
+    segments = [
+        Segment(id=0, seek=0, start=0, end=1, text=" hi", speaker="A"),
+        Segment(id=1, seek=0, start=1, end=2, text=" ", speaker="B"),
+    ]
+    assert speaker_shortfall(DiarizationOptions(), segments) is None
+    assert speaker_shortfall(DiarizationOptions(min_speakers=1), segments) is None
+    assert speaker_shortfall(DiarizationOptions(min_speakers=2), segments) == (
+        "min_speakers=2, but 1 speaker was told apart: the audio holds fewer distinct voices, "
+        "or too little speech to tell more apart"
+    )
+    reason = speaker_shortfall(DiarizationOptions(min_speakers=3), segments, channels=2)
+    assert reason is not None and "the 2 channels are the speakers" in reason
 
 
 def test_diarized_segments_stream_with_their_speakers(

@@ -7,6 +7,9 @@ its files), so they load as separate models at a fraction of a real model's cost
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +25,8 @@ from server.config import Settings
 from server.engine import Engine
 from server.errors import InsufficientMemoryError
 from server.job import Job
-from server.memory import Shape
+from server.memory import MemoryAmount, Shape
+from server.model_store import install_default_model
 from tests.conftest import free_port, make_engine, run_server
 
 
@@ -47,11 +51,13 @@ def jfk_job(engine: Engine, data_dir: Path, model: str | None = None) -> Job:
     return Job(request_id="lifecycle", audio=audio.samples, source=source)
 
 
-def sizes(engine: Engine) -> tuple[int, int]:
-    """(weights, working memory of the smallest window) of the served tiny.en on the CPU."""
+def sizes(engine: Engine) -> tuple[int, int, int]:
+    """(weights, working memory of the smallest window, the peak of loading it) of the served
+    tiny.en on the CPU."""
     (model,) = engine.pool.loaded()
     smallest = Shape("cpu", model.compute_type, 1, 1, False, 30, False)
-    return model.weights_bytes, model.cost.estimate(smallest).device_bytes
+    peak = model.cost.load_host_bytes(model.compute_type, "cpu")
+    return model.weights_bytes, model.cost.estimate(smallest).device_bytes, peak
 
 
 # ---- planned loads and the eviction rung (the engine, under a host memory limit) ------------
@@ -62,11 +68,11 @@ def test_a_load_that_does_not_fit_unloads_an_idle_model_first(
 ) -> None:
     store = store_with_copies(tiny_model, tmp_path, "tiny-b", "tiny-c")
     probe = make_engine(tiny_model, tmp_path / "probe")
-    weights, work = sizes(probe)
+    weights, _, peak = sizes(probe)
     probe.close()
-    # Room for the served model and one more, not two more.
+    # Room for the served model and the load of one more, not for a load beside two.
     engine = make_engine(
-        tiny_model, store, host_memory_limit=str(2 * weights + work + (1 << 20)), model_ttl=-1
+        tiny_model, store, host_memory_limit=str(weights + peak + (1 << 20)), model_ttl=-1
     )
     engine.load(engine.store.resolve("tiny-b", engine.served))  # type: ignore[arg-type]
     assert loaded_ids(engine) == {engine.served.id, "tiny-b"}  # type: ignore[union-attr]
@@ -79,7 +85,7 @@ def test_a_load_that_does_not_fit_unloads_an_idle_model_first(
 def test_a_load_with_no_room_and_nothing_idle_is_refused(tiny_model: Path, tmp_path: Path) -> None:
     store = store_with_copies(tiny_model, tmp_path, "tiny-b")
     probe = make_engine(tiny_model, tmp_path / "probe")
-    weights, work = sizes(probe)
+    weights, work, _ = sizes(probe)
     probe.close()
     engine = make_engine(
         tiny_model,
@@ -105,8 +111,16 @@ def test_an_idle_model_is_unloaded_before_a_request_is_degraded(
     # The served model, one request as asked and 1 MiB: not a second model besides.
     limit = model.weights_bytes + estimate.device_bytes + estimate.host_bytes(11.0) + (1 << 20)
     probe.close()
-    engine = make_engine(tiny_model, store, host_memory_limit=str(limit), model_ttl=-1)
+    # Room to load tiny-b first (its load peaks above the request's needs)...
+    peak = model.cost.load_host_bytes(model.compute_type, "cpu")
+    engine = make_engine(
+        tiny_model, store, host_memory_limit=str(model.weights_bytes + peak), model_ttl=-1
+    )
     engine.load(engine.store.resolve("tiny-b", engine.served))  # type: ignore[arg-type]
+    # ...then the limit the request meets.
+    engine.settings = engine.settings.model_copy(
+        update={"host_memory_limit": MemoryAmount.parse(str(limit))}
+    )
 
     transcript = engine.run(jfk_job(engine, data_dir))
     kinds = [kind for kind, _ in transcript.degradations]
@@ -115,6 +129,67 @@ def test_an_idle_model_is_unloaded_before_a_request_is_degraded(
     assert "country" in transcript.text
     assert loaded_ids(engine) == {engine.served.id}  # type: ignore[union-attr]
     engine.close()
+
+
+# A fresh process (its resident memory is the server's alone): tiny.en served, base loaded and
+# left idle, then the limit set at what the process holds plus argv[3] bytes, and tiny.en loaded
+# again under another name. It prints its peak resident memory (VmHWM, reset just before).
+_LOAD_UNDER_A_LIMIT = """
+import json, sys
+from pathlib import Path
+from server.config import Settings
+from server.engine import Engine
+from server.memory import MemoryAmount
+from server.memory.host_heap import configure
+
+configure()
+tiny, store, extra = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+engine = Engine(Settings(model=tiny, models_dir=store, model_ttl=-1, host_headroom="0"))
+engine.start()
+engine.load(engine.store.resolve("whisper-base", engine.served))
+engine.settle()
+limit = engine.footprint() + extra
+engine.settings = engine.settings.model_copy(
+    update={"host_memory_limit": MemoryAmount.parse(str(limit))}
+)
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # resets VmHWM to the resident memory now
+error = None
+try:
+    engine.load(engine.store.resolve("tiny-c", engine.served))
+except Exception as exc:
+    error = str(exc)
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+            if line.startswith("VmHWM:"))
+print(json.dumps({"limit": limit, "peak": peak, "error": error, "unloads": engine.stats.unloads,
+                  "loaded": sorted(m.source.id for m in engine.pool.loaded())}))
+engine.close()
+"""
+
+
+def test_a_load_is_planned_with_its_real_peak_and_evicts_first(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Loading a model on the CPU holds its file and its converted weights at once (tiny.en:
+    172 MiB at the peak for 39 MiB of int8 weights). Under a host limit 130 MiB above what the
+    process holds (room for the weights and a window, not for the peak), the idle base model is
+    unloaded before the load, and the process's real peak RSS stays under the limit; planned
+    with the weights alone, the load went ahead beside base and peaked above it."""
+    store = store_with_copies(tiny_model, tmp_path / "store", "tiny-c")
+    install_default_model(store)  # whisper-base, the model to evict
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_UNDER_A_LIMIT, str(tiny_model), str(store), str(130 << 20)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).parents[1],
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["error"] is None, result
+    assert result["unloads"] == 1 and "whisper-base" not in result["loaded"], result
+    assert "tiny-c" in result["loaded"], result
+    assert result["peak"] <= result["limit"], (result["peak"] - result["limit"]) / 2**20
 
 
 # ---- over HTTP: TTL, load and unload by hand, one load for concurrent first uses ------------

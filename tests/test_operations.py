@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from tests.conftest import LiveServer
@@ -79,6 +80,87 @@ def test_cors_off_by_default_and_on_when_configured(
     server = server_factory(model=str(tiny_model), cors_origins="https://app.example")
     on = requests.options(server.url + "/v1/audio/transcriptions", headers=headers, timeout=5)
     assert on.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_memory_report_shows_a_key_its_own_requests(
+    server_factory, tiny_model: Path, data_dir: Path
+) -> None:
+    """With keys, /v1/memory shows a key the reservations and decisions of its own requests
+    (and the server's own), and only counts of another key's; an admin key
+    (WHISPER_ADMIN_API_KEYS) sees them all. Request ids are the clients' own X-Request-Id, so
+    they may carry names."""
+    server = server_factory(model=str(tiny_model), api_keys="alice,bob", admin_api_keys="root")
+    secret = "alice-meeting-with-carol"
+
+    def memory(key: str) -> dict:
+        resp = requests.get(
+            server.url + "/v1/memory", headers={"Authorization": f"Bearer {key}"}, timeout=10
+        )
+        assert resp.status_code == 200, resp.text
+        assert secret not in resp.text or key in ("alice", "root"), resp.text
+        return resp.json()
+
+    long_audio = (data_dir / LONG).read_bytes()
+    done: dict[str, int] = {}
+
+    def upload() -> None:
+        done["status"] = requests.post(
+            server.url + "/v1/audio/transcriptions",
+            files={"file": ("a.flac", long_audio)},
+            data={"model": "whisper-1", "response_format": "text"},
+            headers={"Authorization": "Bearer alice", "X-Request-Id": secret},
+            timeout=600,
+        ).status_code
+
+    worker = threading.Thread(target=upload)
+    worker.start()
+    try:
+        # While it runs: the admin and alice see its reservations, bob counts them.
+        assert _wait_for(lambda: any(r["owner"] == secret for r in memory("root")["reservations"]))
+        assert _wait_for(lambda: memory("bob")["hidden"]["reservations"] >= 1)
+        assert _wait_for(lambda: any(r["owner"] == secret for r in memory("alice")["reservations"]))
+        seen = memory("alice")
+        assert all(r["api_key"] in (None, "key-0") for r in seen["reservations"])
+    finally:
+        worker.join(timeout=600)
+    assert done["status"] == 200
+
+    bob = memory("bob")
+    assert not any(d["request_id"] == secret for d in bob["recent_decisions"])
+    assert bob["hidden"]["recent_decisions"] >= 1
+    assert bob["requests"]["max_queue"] > 0 and bob["devices"]  # the totals stay
+    alice = memory("alice")
+    assert [d["api_key"] for d in alice["recent_decisions"] if d["request_id"] == secret]
+    assert alice["hidden"] == {"reservations": 0, "reserved_bytes": 0, "recent_decisions": 0}
+    root = memory("root")
+    assert any(d["request_id"] == secret for d in root["recent_decisions"])
+    assert root["hidden"]["recent_decisions"] == 0
+    # The admin key is a key like the others.
+    assert (
+        requests.get(
+            server.url + "/v1/models", headers={"Authorization": "Bearer root"}, timeout=10
+        ).status_code
+        == 200
+    )
+
+
+def test_key_ids_and_admin_keys() -> None:
+    """Keys are known by their position; an admin key (also when listed among the ordinary
+    keys) is ``admin-<n>``; admin keys alone turn auth on."""
+    from server.config import Settings
+    from server.deps import check_api_key, is_admin_key
+    from server.errors import AuthenticationError
+
+    settings = Settings(api_keys="a,b", admin_api_keys="root,b")
+    assert check_api_key("a", settings) == "key-0"
+    assert check_api_key("b", settings) == "admin-1" and is_admin_key("admin-1")
+    assert check_api_key("root", settings) == "admin-0"
+    assert not is_admin_key("key-0") and not is_admin_key(None)
+    only_admin = Settings(admin_api_keys="root")
+    assert check_api_key("root", only_admin) == "admin-0"
+    with pytest.raises(AuthenticationError):
+        check_api_key(None, only_admin)
+    assert check_api_key(None, Settings()) is None
 
 
 def test_per_key_concurrency(server_factory, tiny_model: Path, data_dir: Path) -> None:

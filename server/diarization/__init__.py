@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.diarization.diarizer import DiarizationOptions, Diarizer
+from server.diarization.diarizer import DiarizationOptions, Diarizer, speaker_shortfall
 from server.diarization.encoder import SpeakerEncoder
 from server.diarization.speakers import KnownSpeaker, SpeakerTrack, cluster
 
@@ -31,4 +31,5 @@ __all__ = [
     "SpeakerTrack",
     "cluster",
     "load_encoder",
+    "speaker_shortfall",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -152,6 +153,33 @@ class Diarizer:
             )
             for who, run in merged
         ]
+
+
+def speaker_shortfall(
+    options: DiarizationOptions, segments: Sequence[Segment], channels: int = 0
+) -> str | None:
+    """Why a diarized transcript names fewer speakers than ``min_speakers`` asked for, or None
+    when it names enough (the clustering cannot make voices that are not there, and quietly
+    returning fewer would look like a met bound).
+
+    Args:
+        options: The request's diarization options.
+        segments: The labelled segments, as rendered (those without text are left out).
+        channels: How many channels were the speakers (a call), or 0.
+
+    Returns:
+        The reason, for the response's degradations (kind ``speakers``), or None.
+    """
+    wanted = options.min_speakers
+    found = len({s.speaker for s in segments if s.text.strip()})
+    if wanted is None or found >= wanted:
+        return None
+    if channels:
+        why = f"the {channels} channels are the speakers"
+    else:
+        why = "the audio holds fewer distinct voices, or too little speech to tell more apart"
+    speakers = "1 speaker was" if found == 1 else f"{found} speakers were"
+    return f"min_speakers={wanted}, but {speakers} told apart: {why}"
 
 
 def _windows(feats: np.ndarray) -> tuple[np.ndarray, list[float]]:

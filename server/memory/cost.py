@@ -86,6 +86,13 @@ CPU_ENCODER_ACTIVATIONS = 4
 #: The margin on CPU estimates: none, since their coefficients were fitted to measurements
 #: with a small upward bias (the GPU's first-principles estimate keeps ``CostModel.safety``).
 CPU_SAFETY = 1.0
+#: Host RAM a model load takes besides its file's tensors and their converted copies:
+#: faster-whisper parses tokenizer.json (41 MiB at the peak for the multilingual one, 22 MiB for
+#: tiny.en's, by VmHWM) and CTranslate2 sets up its allocator and thread pools.
+LOAD_FIXED_BYTES = 48 * MiB
+#: The margin on a load's peak: over tiny.en and base at int8 and float32 on the CPU, the
+#: estimate is 5-14 % above the measured VmHWM (``bench/load_peak.py``).
+LOAD_SAFETY = 1.1
 #: Estimates from a profile never fall below this share of the model's own estimate, so one
 #: lucky measurement cannot make a shape look nearly free.
 PROFILE_FLOOR = 0.5
@@ -466,6 +473,34 @@ class CostModel:
         weight, other, _ = _type_sizes(compute_type, device)
         scales = 4 * d.quantizable_rows if weight == 1 else 0
         return d.quantizable_params * weight + scales + d.other_params * other
+
+    def load_host_bytes(self, compute_type: str, device: str = "cuda") -> int:
+        """Host RAM that loading this model peaks at, above what the process held before.
+
+        CTranslate2 reads every tensor of ``model.bin`` into host memory as stored, then
+        converts them to the compute type, and frees the stored ones only once all are
+        converted: on the CPU the peak holds the file and the converted weights at once. The
+        output projection, an alias of the token embeddings in the file, becomes a converted
+        copy of its own. Measured (second load in a serving process, VmHWM above the RSS
+        before; ``bench/load_peak.py``): tiny.en 172 MiB at int8, 329 MiB at float32 (its file
+        72 MiB); base 274 and 589 MiB (file 138 MiB); the weights alone are 39-277 MiB. On a
+        GPU the converted weights go to the device, and the host holds the file (not measured:
+        planned as the file).
+
+        Args:
+            compute_type: As given to CTranslate2.
+            device: ``cuda`` or ``cpu``.
+
+        Returns:
+            Bytes.
+        """
+        d = self.dims
+        held = d.weight_bytes
+        if device == "cpu":
+            weight, _, _ = _type_sizes(compute_type, device)
+            projection = d.n_vocab * d.n_text_state * weight + (4 * d.n_vocab if weight == 1 else 0)
+            held += self.weights_bytes(compute_type, device) + projection
+        return int(LOAD_SAFETY * held) + LOAD_FIXED_BYTES
 
     def correction(self, shape: Shape) -> float:
         """The factor learnt for ``shape`` from out-of-memory errors (1.0 if none)."""

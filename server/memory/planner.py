@@ -434,7 +434,7 @@ class _Planner:
         self.cpu_load_bytes = (
             cpu_load_bytes
             if cpu_load_bytes is not None
-            else cost.weights_bytes(policy.cpu_compute_type, "cpu")
+            else cost.load_host_bytes(policy.cpu_compute_type, "cpu")
         )
 
     @staticmethod
@@ -612,7 +612,8 @@ def plan_request(
         waited: Seconds this request has already waited for memory.
         host_reserved: Bytes reserved on host RAM by running requests (their audio).
         cpu_load_bytes: Host bytes the CPU fallback must load (0 if a CPU model is resident);
-            None assumes the weights at ``policy.cpu_compute_type``.
+            None assumes the peak of loading it at ``policy.cpu_compute_type``
+            (:meth:`CostModel.load_host_bytes`: the file and the converted weights at once).
 
     Returns:
         The plan. For ``action == "run"`` (outside ``off`` mode),

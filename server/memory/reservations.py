@@ -33,12 +33,20 @@ class Reservation:
     """
 
     def __init__(
-        self, ledger: Reservations, key: int, device: str, nbytes: int, owner: str, created: float
+        self,
+        ledger: Reservations,
+        key: int,
+        device: str,
+        nbytes: int,
+        owner: str,
+        created: float,
+        api_key: str | None = None,
     ) -> None:
         self.device = device
         self.nbytes = nbytes
         self.owner = owner
         self.created = created
+        self.api_key = api_key
         self._ledger = ledger
         self._key = key
         self._released = False
@@ -84,13 +92,17 @@ class Reservations:
         self._keys = itertools.count()
         self._generation = 0
 
-    def reserve(self, device: str, nbytes: int, owner: str) -> Reservation:
+    def reserve(
+        self, device: str, nbytes: int, owner: str, api_key: str | None = None
+    ) -> Reservation:
         """Promise ``nbytes`` on ``device`` to ``owner``.
 
         Args:
             device: The device key.
             nbytes: Bytes (at least 0).
             owner: Who holds it (a request id), shown by :meth:`snapshot`.
+            api_key: The id of the API key the owner came with (None: no keys, or the server's
+                own: a batch, a model load), so that a key is shown only its own.
 
         Returns:
             The reservation; release it (or use it as a context manager).
@@ -99,7 +111,7 @@ class Reservations:
             raise ValueError(f"cannot reserve a negative amount ({nbytes})")
         with self._lock:
             key = next(self._keys)
-            reservation = Reservation(self, key, device, int(nbytes), owner, self._clock())
+            reservation = Reservation(self, key, device, int(nbytes), owner, self._clock(), api_key)
             self._held[key] = reservation
             return reservation
 
@@ -120,7 +132,7 @@ class Reservations:
         """The reservations held now, oldest first (for ``GET /v1/memory``).
 
         Returns:
-            One dict per reservation: ``device``, ``owner``, ``bytes``, ``age_s``.
+            One dict per reservation: ``device``, ``owner``, ``api_key``, ``bytes``, ``age_s``.
         """
         with self._lock:
             now = self._clock()
@@ -128,6 +140,7 @@ class Reservations:
                 {
                     "device": r.device,
                     "owner": r.owner,
+                    "api_key": r.api_key,
                     "bytes": r.nbytes,
                     "age_s": round(now - r.created, 3),
                 }

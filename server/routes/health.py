@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.deps import Authorized, EngineDep, MetricsAuthorized, MetricsDep
+from server.deps import Authorized, EngineDep, MetricsAuthorized, MetricsDep, is_admin_key
+from server.memory_view import for_viewer
 from server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
@@ -34,9 +35,11 @@ async def ready(engine: EngineDep) -> JSONResponse:
 
 
 @router.get("/v1/memory", dependencies=[Authorized])
-async def memory(engine: EngineDep) -> dict[str, Any]:
-    """Devices, free/total memory, resident models, reservations and recent plan decisions."""
-    return engine.memory_report()
+async def memory(request: Request, engine: EngineDep) -> dict[str, Any]:
+    """Devices, free/total memory, resident models, reservations and recent plan decisions;
+    with API keys, the caller's own requests only, unless its key is an admin key."""
+    key_id = getattr(request.state, "api_key_id", None)
+    return for_viewer(engine.memory_report(), key_id, sees_all=is_admin_key(key_id))
 
 
 @router.get("/metrics", response_class=Response, dependencies=[MetricsAuthorized])

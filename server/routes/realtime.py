@@ -13,7 +13,13 @@ from fastapi import APIRouter, WebSocket
 
 from server.config import Settings
 from server.deps import bearer_token, check_api_key
-from server.errors import APIError, InvalidRequestError, RateLimitError, ServiceUnavailableError
+from server.errors import (
+    APIError,
+    InvalidRequestError,
+    RateLimitError,
+    ServiceUnavailableError,
+    quote,
+)
 from server.realtime import (
     CLOSE_POLICY,
     CLOSE_TRY_LATER,
@@ -71,7 +77,7 @@ async def realtime(ws: WebSocket, intent: str | None = None, model: str | None =
             subprotocol,
             InvalidRequestError(
                 f"This server serves transcription sessions only; connect with "
-                f"?intent=transcription, not {intent!r}.",
+                f"?intent=transcription, not {quote(intent)}.",
                 param="intent",
             ),
             CLOSE_POLICY,
@@ -86,6 +92,7 @@ async def realtime(ws: WebSocket, intent: str | None = None, model: str | None =
         metrics=app.state.metrics,
         dialect=_dialect(ws, offered),
         model=model,
+        api_key=key_id,
     )
     try:
         with admitted(sessions, engine, key_id, session.memory):

@@ -455,3 +455,27 @@ def test_dims_are_hashable_values() -> None:
     assert KNOWN_DIMS["tiny"] == KNOWN_DIMS["tiny"]
     assert isinstance(hash(KNOWN_DIMS["base"]), int)
     assert isinstance(KNOWN_DIMS["small"], ModelDims)
+
+
+# Peak host memory of loading a second model on the CPU (VmHWM above the RSS before; MiB),
+# from ``bench/load_peak.py``.
+_MEASURED_LOAD_PEAKS = [
+    ("tiny.en", "int8", 172),
+    ("tiny.en", "float32", 329),
+    ("base", "int8", 274),
+    ("base", "float32", 595),
+]
+
+
+@pytest.mark.parametrize(("model", "compute_type", "measured"), _MEASURED_LOAD_PEAKS)
+def test_a_load_s_peak_covers_the_measured_one(
+    model: str, compute_type: str, measured: int, tiny_en_dir: Path
+) -> None:
+    """The load estimate covers the measured peak, without overshooting it by a fifth; on the
+    CPU it is more than the file and the weights together, on a GPU at least the file."""
+    dims = read_model_dims(tiny_en_dir) if model == "tiny.en" else KNOWN_DIMS["base"]
+    cost = CostModel(dims)
+    estimate = cost.load_host_bytes(compute_type, "cpu")
+    assert measured * MiB <= estimate <= 1.2 * measured * MiB
+    assert estimate > dims.weight_bytes + cost.weights_bytes(compute_type, "cpu")
+    assert dims.weight_bytes <= cost.load_host_bytes("float16", "cuda") < estimate

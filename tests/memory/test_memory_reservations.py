@@ -42,11 +42,11 @@ def test_snapshot_lists_owners_oldest_first() -> None:
     ledger = Reservations(clock=clock)
     ledger.reserve("cuda", 1, owner="first")
     clock.now += 2.5
-    ledger.reserve("cpu", 2, owner="second")
+    ledger.reserve("cpu", 2, owner="second", api_key="key-1")
     clock.now += 0.5
     assert ledger.snapshot() == [
-        {"device": "cuda", "owner": "first", "bytes": 1, "age_s": 3.0},
-        {"device": "cpu", "owner": "second", "bytes": 2, "age_s": 0.5},
+        {"device": "cuda", "owner": "first", "api_key": None, "bytes": 1, "age_s": 3.0},
+        {"device": "cpu", "owner": "second", "api_key": "key-1", "bytes": 2, "age_s": 0.5},
     ]
 
 
