@@ -303,6 +303,13 @@ class Engine:
         """
         return self.reservations.reserve(HOST, nbytes, owner)
 
+    def release_leftovers(self, owner: str) -> None:
+        """Once a request has ended (its worker stopped), release whatever it still holds in
+        the ledger, and say so: every path should have released its own, so anything found
+        here is a bug, but not one that shrinks the budget for every later request."""
+        for reservation in self.reservations.release_owner(owner):
+            logger.error("request %s ended holding %r; released it", owner, reservation)
+
     def reserved_bytes(self, device: str) -> int:
         """Memory reserved on ``device`` now: by sequential requests, by requests waiting in the
         scheduler, and by the batch running beyond what those requests hold."""
