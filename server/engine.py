@@ -304,6 +304,13 @@ class Engine:
         """
         return self.reservations.reserve(HOST, nbytes, owner, api_key)
 
+    def release_leftovers(self, owner: str) -> None:
+        """Once a request has ended (its worker stopped), release whatever it still holds in
+        the ledger, and say so: every path should have released its own, so anything found
+        here is a bug, but not one that shrinks the budget for every later request."""
+        for reservation in self.reservations.release_owner(owner):
+            logger.error("request %s ended holding %r; released it", owner, reservation)
+
     def reserved_bytes(self, device: str) -> int:
         """Memory reserved on ``device`` now: by sequential requests, by requests waiting in the
         scheduler, and by the batch running beyond what those requests hold."""
@@ -590,12 +597,14 @@ class Engine:
         shape: Shape,
         audio_seconds: float,
         job: Job,
+        held: ExitStack,
         *,
         scheduled: bool = False,
-    ) -> tuple[Plan, ExitStack]:
+    ) -> Plan:
         """Plan one piece and reserve what the plan needs, as one step under the ledger's lock
         (so two requests never spend the same free memory); wait, bounded, while the planner
-        says memory may free up.
+        says memory may free up. The reservations go into ``held``, the caller's scope for the
+        piece, the moment they are made.
 
         A request headed for the scheduler reserves, besides its piece's host memory, the
         working memory of one of its windows (under the batched key): what its windows need to
@@ -605,12 +614,11 @@ class Engine:
         plan still checks the request's own shape, where its degradations are decided.
 
         Returns:
-            The plan and the reservations to release when the piece is done.
+            The plan.
 
         Raises:
             InsufficientMemoryError: the planner rejected the request.
         """
-        held = ExitStack()
 
         def reserve(plan: Plan) -> None:
             # The plan names the kind of device; the reservation is on the model's own GPU.
@@ -638,7 +646,7 @@ class Engine:
                 f"({plan.why or 'no memory'}); retry after the delay in Retry-After.",
                 retry_after=plan.retry_after or self.settings.retry_after,
             )
-        return plan, held
+        return plan
 
     def _record(
         self, job: Job, plan: Plan, waited: float, place: str, audio_seconds: float
@@ -1002,47 +1010,41 @@ class Engine:
                 seconds = self._next_piece_seconds(job, reader)
             slot = self._sequential_slot(planned)
             scheduled = slot is None
-            try:
-                plan, held = self._plan(model, planned, seconds, job, scheduled=scheduled)
-            except BaseException:
+            # The piece's scope: its slot, its reservations, the samples read under them and
+            # a CPU copy of the model, all released when the block ends, however it ends.
+            with ExitStack() as held:
                 if slot is not None:
-                    slot.close()
-                raise
-            if slot is not None:
-                held.push(slot)
-            if piece is None:
-                # Decoded under the plan's host reservation: the piece is what it paid for.
-                try:
-                    piece = reader.next(plan.host_chunk_seconds, slack_s=_PIECE_SLACK_S)
-                except BaseException:
-                    held.close()
-                    raise
+                    held.enter_context(slot)
+                plan = self._plan(model, planned, seconds, job, held, scheduled=scheduled)
                 if piece is None:
-                    held.close()
-                    return None
-                run.pieces += 1
-                if run.on_decoded is not None:
-                    run.on_decoded()
-                    run.on_decoded = None
-                if shape is None:
-                    known = piece.duration_s if piece.last else None
-                    shape = self.requested_shape(model, job, known)
-                    if shape != planned:
-                        held.close()  # the audio turned out short (or long): plan it as such
-                        self._finish(job.request_id, "replanned")
-                        continue
-            self._note(run.degraded, plan, job)
-            if plan.device == device_kind(model.device):
-                runner = model
-            else:  # the CPU fallback: its copy is held for the piece, like the request's own
-                runner = held.enter_context(self.use_model(job.source, plan.device, planned=True))
-            run_on = (
-                partial(self._run_windowed, queued=scheduled)
-                if scheduled or plan.shape.batched
-                else self._run_sequential
-            )
-            try:
-                with held:
+                    # Decoded under the plan's host reservation: the piece is what it paid for.
+                    piece = reader.next(plan.host_chunk_seconds, slack_s=_PIECE_SLACK_S)
+                    if piece is None:
+                        return None
+                    run.pieces += 1
+                    if run.on_decoded is not None:
+                        run.on_decoded()
+                        run.on_decoded = None
+                    if shape is None:
+                        known = piece.duration_s if piece.last else None
+                        shape = self.requested_shape(model, job, known)
+                        if shape != planned:
+                            # The audio turned out short (or long): plan it as such.
+                            self._finish(job.request_id, "replanned")
+                            continue
+                self._note(run.degraded, plan, job)
+                if plan.device == device_kind(model.device):
+                    runner = model
+                else:  # the CPU fallback: its copy is held for the piece, like the request's
+                    runner = held.enter_context(
+                        self.use_model(job.source, plan.device, planned=True)
+                    )
+                run_on = (
+                    partial(self._run_windowed, queued=scheduled)
+                    if scheduled or plan.shape.batched
+                    else self._run_sequential
+                )
+                try:
                     produced = run_on(
                         runner,
                         job,
@@ -1066,33 +1068,35 @@ class Engine:
                     if run.diarizer is not None:
                         # Under the piece's reservation, which counted the diarization's memory.
                         self._diarize_piece(run, piece, first, on_segment)
-                return shape
-            except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                attempts += 1
-                self.stats.oom_recoveries += 1
-                failed = plan.shape
-                runner.cost = runner.cost.with_correction(failed, 1.5)
-                shape = step_down(failed, self.settings.degrade_ladder)
-                logger.warning(
-                    "request %s: out of memory on %s with %s (%s); estimate raised, "
-                    "retrying from %.1f s with %s",
-                    job.request_id,
-                    plan.device,
-                    failed,
-                    exc,
-                    (piece.start + resume) / SAMPLE_RATE,
-                    shape,
-                )
-                run.degraded.setdefault("oom_retry", f"out of memory with {failed}; retried")
-                if run.segments and job.temperature == 0:
-                    run.prompt = _context(run.segments)
-                if attempts > _MAX_OOM_RETRIES:
-                    raise InsufficientMemoryError(
-                        "The device ran out of memory repeatedly; retry later.",
-                        retry_after=self.settings.retry_after,
-                    ) from exc
+                    return shape
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    error = exc
+            # Out of memory: the piece's memory is given back (above); retry one rung down.
+            attempts += 1
+            self.stats.oom_recoveries += 1
+            failed = plan.shape
+            runner.cost = runner.cost.with_correction(failed, 1.5)
+            shape = step_down(failed, self.settings.degrade_ladder)
+            logger.warning(
+                "request %s: out of memory on %s with %s (%s); estimate raised, "
+                "retrying from %.1f s with %s",
+                job.request_id,
+                plan.device,
+                failed,
+                error,
+                (piece.start + resume) / SAMPLE_RATE,
+                shape,
+            )
+            run.degraded.setdefault("oom_retry", f"out of memory with {failed}; retried")
+            if run.segments and job.temperature == 0:
+                run.prompt = _context(run.segments)
+            if attempts > _MAX_OOM_RETRIES:
+                raise InsufficientMemoryError(
+                    "The device ran out of memory repeatedly; retry later.",
+                    retry_after=self.settings.retry_after,
+                ) from error
 
     def _next_piece_seconds(self, job: Job, reader: PieceReader) -> float:
         """How long the next piece will be, for planning before it is decoded: the rest of the
@@ -1256,8 +1260,12 @@ class Engine:
             ticket = (scheduler.submit if queued else scheduler.decode)(
                 audio, options, cancelled=cancelled
             )
-            for n, s in enumerate(ticket):
-                yield to_segment(s, offset, first_id + n), ticket.language or "en"
+            try:
+                for n, s in enumerate(ticket):
+                    yield to_segment(s, offset, first_id + n), ticket.language or "en"
+            finally:
+                if not ticket.done:  # stopped early (an error, the caller gone): drop the rest
+                    ticket.withdraw()
         except QueueFullError as exc:
             raise RateLimitError(
                 f"The batch queue is full ({exc}); retry after the delay in Retry-After.",
@@ -1305,9 +1313,13 @@ class Engine:
 
         def reserve(plan: Plan) -> None:
             size = max(1, min(plan.shape.batch_size, ready))
+            stale = self._batch_reservations.pop(id(model), None)
             self._batch_reservations[id(model)] = self.reservations.reserve(
                 model.device, self._beyond_queued(model, key, size), "batch"
             )
+            if stale is not None:  # never, as long as the scheduler pairs the two calls
+                logger.error("a batch's reservation was never closed: %r; released it", stale)
+                stale.release()
 
         plan, _ = self._decide(
             model,
@@ -1336,24 +1348,32 @@ class Engine:
 
     @contextmanager
     def _around_batch(self, model: LoadedModel, key: BatchKey, size: int) -> Iterator[None]:
-        """Runs around every batch: sizes the batch's reservation to the windows taken
-        (at most the planner's batch), releases it when the batch ends, and an out-of-memory
-        error raises the batch shape's estimate."""
-        held = self._batch_reservations.pop(id(model), None)
-        reservation = self.reservations.reserve(
-            model.device, self._beyond_queued(model, key, size), "batch"
-        )
-        if held is not None:
-            held.release()
-        try:
-            yield
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                shape = key.memory_shape(device_kind(model.device), model.compute_type, size)
-                model.cost = model.cost.with_correction(shape, 1.5)
-            raise
-        finally:
-            reservation.release()
+        """Runs around every batch :meth:`_max_batch` planned: sizes the batch's reservation
+        to the windows taken (at most the planner's batch), releases it when the batch ends,
+        and an out-of-memory error raises the batch shape's estimate. A batch that found no
+        window left to take (``size`` 0: its requests were cancelled meanwhile, or the
+        scheduler closed) only gives back what was reserved for it."""
+        planned = self._batch_reservations.pop(id(model), None)
+        with ExitStack() as held:
+            if planned is not None:
+                held.enter_context(planned)
+            if size == 0:
+                yield
+                return
+            held.enter_context(
+                self.reservations.reserve(
+                    model.device, self._beyond_queued(model, key, size), "batch"
+                )
+            )
+            if planned is not None:
+                planned.release()  # resized to the batch taken (the new one is held first)
+            try:
+                yield
+            except Exception as exc:
+                if is_out_of_memory(exc):
+                    shape = key.memory_shape(device_kind(model.device), model.compute_type, size)
+                    model.cost = model.cost.with_correction(shape, 1.5)
+                raise
 
     # ---- reporting ------------------------------------------------------------------------
 

@@ -421,6 +421,7 @@ class Ticket(Iterator["Segment"]):
         self._language = language
         self._language_probability = 1.0 if language is not None else 0.0
         self._drive: Callable[[], None] | None = None
+        self._withdrawn = False
         self.cancelled = cancelled
         self.duration = duration
         self.windows = windows
@@ -444,6 +445,13 @@ class Ticket(Iterator["Segment"]):
     def cancel(self) -> None:
         """Cancel the request: its queued windows are dropped before the next batch."""
         self.cancelled.set()
+        self._wake()
+
+    def withdraw(self) -> None:
+        """Drop the request's queued windows before the next batch, as :meth:`cancel` does,
+        without setting the ``cancelled`` event (the caller's, which may stand for more than
+        this ticket): for a caller that stops reading the ticket before its end."""
+        self._withdrawn = True
         self._wake()
 
     def __iter__(self) -> Ticket:
@@ -506,7 +514,10 @@ class Scheduler:
         around_batch: Called on the worker thread with the key and size of each batch; the
             context manager it returns is held while the batch runs (to reserve the batch's
             memory, trace it or inject faults). An exception raised on entering it fails the
-            batch like a model error would.
+            batch like a model error would. Each ``max_batch`` call that returns is followed
+            by exactly one ``around_batch`` scope: when no window is left to take by then
+            (their requests were cancelled, or the scheduler closed), one of size 0 with no
+            batch in it, so that what ``max_batch`` reserved always has a scope to end in.
     """
 
     def __init__(
@@ -738,31 +749,11 @@ class Scheduler:
     # ---- the worker -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        scope = self._around_batch or _no_scope
         while True:
-            picked = self._next_batch()
-            if picked is None:
+            key = self._next_key()
+            if key is None:
                 return
-            key, windows = picked
-            scope = self._around_batch or _no_scope
-            try:
-                with scope(key, len(windows)):
-                    self._decode(key, windows)
-            except Exception as exc:  # the worker must survive anything a batch raises
-                self._fail_batch(windows, exc)
-
-    def _next_batch(self) -> tuple[BatchKey, list[_Window]] | None:
-        """Wait for work and take the next batch, round-robin over requests."""
-        while True:
-            with self._lock:
-                while True:
-                    if self._closed:
-                        return None
-                    self._drop_cancelled()
-                    head = next((r for r in self._requests if r.eligible()), None)
-                    if head is not None:
-                        break
-                    self._wake.wait()
-                key = head.eligible()[0].key
             try:
                 limit = max(1, int(self._max_batch(key)))
             except Exception as exc:
@@ -773,26 +764,56 @@ class Scheduler:
                     ]:
                         self._stop(request, _batch_failed(exc, 0))
                 continue
-            with self._lock:
-                while not self._closed:
-                    self._drop_cancelled()
-                    ready = [w for r in self._requests for w in r.eligible() if w.key == key]
-                    if not ready:
-                        break
-                    wait = min(w.queued_at for w in ready) + self._max_wait - time.monotonic()
-                    if len(ready) >= limit or wait <= 0:
-                        break
-                    self._wake.wait(wait)
+            # Every batch max_batch sized runs under around_batch, even one that finds no window
+            # left to take (size 0): that scope is where what max_batch reserved is given back.
+            windows = self._fill(key, limit)
+            try:
+                with scope(key, len(windows)):
+                    if windows:
+                        self._decode(key, windows)
+            except Exception as exc:  # the worker must survive anything a batch raises
+                if windows:
+                    self._fail_batch(windows, exc)
+                else:
+                    logger.warning("closing an empty batch raised %r", exc)
+
+    def _next_key(self) -> BatchKey | None:
+        """Wait for a window that may join a batch; the key of the batch to size next (None
+        once the scheduler is closed)."""
+        with self._lock:
+            while True:
                 if self._closed:
                     return None
-                windows = self._take(key, limit)
-                if windows:
-                    self._batches += 1
-                    self._windows += len(windows)
-                    self._sizes[len(windows)] += 1
-                    if len({id(w.request) for w in windows}) > 1:
-                        self._mixed += 1
-                    return key, windows
+                self._drop_cancelled()
+                head = next((r for r in self._requests if r.eligible()), None)
+                if head is not None:
+                    return head.eligible()[0].key
+                self._wake.wait()
+
+    def _fill(self, key: BatchKey, limit: int) -> list[_Window]:
+        """Wait (at most ``max_wait_s`` after the oldest window) for ``limit`` windows with
+        ``key``, and take them, round-robin over requests. Empty when none is left by then:
+        their requests were cancelled, or the scheduler closed."""
+        with self._lock:
+            while not self._closed:
+                self._drop_cancelled()
+                ready = [w for r in self._requests for w in r.eligible() if w.key == key]
+                if not ready:
+                    break
+                wait = min(w.queued_at for w in ready) + self._max_wait - time.monotonic()
+                if len(ready) >= limit or wait <= 0:
+                    break
+                self._wake.wait(wait)
+            if self._closed:
+                return []
+            windows = self._take(key, limit)
+            if windows:
+                self._batches += 1
+                self._windows += len(windows)
+                self._sizes[len(windows)] += 1
+                if len({id(w.request) for w in windows}) > 1:
+                    self._mixed += 1
+            return windows
 
     def _take(self, key: BatchKey, limit: int) -> list[_Window]:
         """Up to ``limit`` windows with ``key``: one from each request in turn, starting with
@@ -817,7 +838,8 @@ class Scheduler:
         return taken
 
     def _drop_cancelled(self) -> None:
-        for request in [r for r in self._requests if r.ticket.cancelled.is_set()]:
+        gone = [r for r in self._requests if r.ticket.cancelled.is_set() or r.ticket._withdrawn]
+        for request in gone:
             self._cancelled += len(request.pending)
             logger.info(
                 "request cancelled; dropped %d queued windows of %d",

@@ -4,19 +4,17 @@ response, with admission, timeouts, client disconnects and streaming."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
-from functools import partial
 from typing import Any
 
 import anyio
 from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from server.audio import AudioSource, AudioStream, decode_audio
 from server.chinese import convert_segment, convert_transcript, is_chinese
@@ -45,9 +43,11 @@ from server.job import Job
 from server.metrics import Metrics
 from server.protocol import Task, TranscriptionRequest, parse_form
 from server.transcript import Segment, Transcript
+from server.work import Work
 
 logger = logging.getLogger(__name__)
 _KEEPALIVE_S = 10.0
+_DISCONNECT_POLL_S = 0.5  # how often a waiting request checks that its client is there
 _MAX_FIELDS = 64
 # OpenAI: reference clips of 2-10 s; a little either side is let through (encoders pad).
 _REFERENCE_SECONDS = (1.8, 10.5)
@@ -107,29 +107,20 @@ class TranscriptionService:
                 retry_after=settings.retry_after,
             )
         source = engine.store.resolve(req.model, engine.served)
-        # The admission slot is held until the response is complete; for a stream that is
-        # after the last event, so the stream's generator takes it over.
-        slot = ExitStack()
         key_id = getattr(request.state, "api_key_id", None)
-        slot.enter_context(engine.admission.admit(key_id))
         request_id = getattr(request.state, "request_id", "-")
-        try:
+        # Everything the request holds goes into one scope. Until the engine starts, this
+        # coroutine closes it on the way out; from then on the work owns it (server.work), and
+        # closes it when the worker stops, however this coroutine ends.
+        with ExitStack() as scope:
+            scope.callback(engine.settle)  # last: read the footprint once all is released
+            scope.callback(engine.release_leftovers, request_id)
+            scope.enter_context(engine.admission.admit(key_id))
             # The upload is in memory already: count it against host RAM while it is held.
-            slot.enter_context(engine.hold_upload(len(req.file), request_id, key_id))
+            scope.enter_context(engine.hold_upload(len(req.file), request_id, key_id))
             # Only the header is read here; the engine decodes the audio piece by piece, each
             # under the planner's reservation.
-            audio = await anyio.to_thread.run_sync(
-                partial(AudioStream, req.file, max_duration=settings.max_audio_duration)
-            )
-            slot.callback(audio.close)
-            diarization: DiarizationOptions | None = None
-            channels: tuple[AudioSource, ...] = ()
-            if req.diarize:
-                diarization, channels = await anyio.to_thread.run_sync(
-                    self._diarization, req, audio
-                )
-                for channel in channels:
-                    slot.callback(channel.close)
+            audio, diarization, channels = await anyio.to_thread.run_sync(self._open, req, scope)
             job = Job.from_request(
                 req,
                 request_id=request_id,
@@ -143,18 +134,35 @@ class TranscriptionService:
                 diarization_words=settings.diarization_words,
             )
             if req.stream:
-                return await self._start_stream(job, req, slot.pop_all())
-            started = time.perf_counter()
-            try:
-                transcript = await self._run(job, request)
-            except APIError as exc:
-                self._finished(job, req, started, None, exc)
-                raise
-            self._finished(job, req, started, transcript, None)
-        finally:
-            slot.close()
-            engine.settle()
+                return await self._start_stream(job, req, scope.pop_all())
+            work = Work.start(
+                engine.executor,
+                lambda cancelled: engine.run(job, cancelled=cancelled),
+                scope.pop_all(),
+            )
+        started = time.perf_counter()
+        try:
+            transcript = await self._wait(work, request)
+        except APIError as exc:
+            self._finished(job, req, started, None, exc)
+            raise
+        self._finished(job, req, started, transcript, None)
         return self._render(convert_transcript(transcript, job.chinese), req)
+
+    def _open(
+        self, req: TranscriptionRequest, scope: ExitStack
+    ) -> tuple[AudioStream, DiarizationOptions | None, tuple[AudioSource, ...]]:
+        """Open the upload's audio and, diarized, its options and channels (blocking). Each
+        handle is put in ``scope`` here, in the thread that opens it, so that none is lost
+        when the request is cancelled while this runs."""
+        audio = AudioStream(req.file, max_duration=self.settings.max_audio_duration)
+        scope.callback(audio.close)
+        if not req.diarize:
+            return audio, None, ()
+        diarization, channels = self._diarization(req, audio)
+        for channel in channels:
+            scope.callback(channel.close)
+        return audio, diarization, channels
 
     def _diarization(
         self, req: TranscriptionRequest, audio: AudioStream
@@ -257,38 +265,31 @@ class TranscriptionService:
             elapsed,
         )
 
-    async def _run(self, job: Job, request: Request) -> Transcript:
-        cancelled = threading.Event()
+    async def _wait(self, work: Work[Transcript], request: Request) -> Transcript:
+        """The transcript, once the work has ended; the work is cancelled when the client
+        disconnects (checked every half second) and when this wait ends for any other reason
+        (a timeout, this coroutine cancelled)."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(
-            self.engine.executor, partial(self.engine.run, job, cancelled=cancelled)
-        )
-        watcher = asyncio.create_task(self._watch_disconnect(request, cancelled))
+        deadline = loop.time() + self.settings.request_timeout
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.settings.request_timeout)
-        except TimeoutError:
-            raise RequestTimeoutError(
-                f"Transcription took longer than WHISPER_REQUEST_TIMEOUT="
-                f"{self.settings.request_timeout:g}s; send a shorter file."
-            ) from None
+            while not await work.wait(min(_DISCONNECT_POLL_S, max(0.0, deadline - loop.time()))):
+                if loop.time() >= deadline:
+                    # Answer once the engine has stopped (at its next window), so that a
+                    # client that got its 504 finds the slot free. Only the answer waits: the
+                    # work releases what it holds whether or not anyone waits for it.
+                    work.cancel()
+                    await work.wait()
+                    raise RequestTimeoutError(
+                        f"Transcription took longer than WHISPER_REQUEST_TIMEOUT="
+                        f"{self.settings.request_timeout:g}s; send a shorter file."
+                    )
+                if not work.cancelled.is_set() and await request.is_disconnected():
+                    logger.info("request %s: client disconnected", request.state.request_id)
+                    work.cancel()  # the engine stops at its next window and raises
+            return work.result()
         finally:
-            # Whatever ended the wait (result, timeout, disconnect, server shutdown), the
-            # engine stops at its next window and frees the memory it reserved.
-            cancelled.set()
-            watcher.cancel()
-            if not future.done():
-                # Hold the admission slot until the worker has really stopped.
-                with contextlib.suppress(Exception):
-                    await future
-
-    @staticmethod
-    async def _watch_disconnect(request: Request, cancelled: threading.Event) -> None:
-        while not cancelled.is_set():
-            if await request.is_disconnected():
-                logger.info("request %s: client disconnected", request.state.request_id)
-                cancelled.set()
-                return
-            await asyncio.sleep(0.5)
+            # The work still owns the admission slot and the memory until its worker stops.
+            work.cancel()
 
     def _render(self, transcript: Transcript, req: TranscriptionRequest) -> Response:
         granularities = req.granularities
@@ -306,51 +307,45 @@ class TranscriptionService:
         return Response(body, media_type=media_type, headers=headers)
 
     async def _start_stream(
-        self, job: Job, req: TranscriptionRequest, slot: ExitStack
-    ) -> StreamingResponse:
+        self, job: Job, req: TranscriptionRequest, scope: ExitStack
+    ) -> Response:
         """Start the engine and answer with server-sent events once the first piece of audio
         has decoded. Until then a failure (an upload that is not audio, no memory) is still an
         ordinary error response with its status; after it, an ``error`` event."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Segment] = asyncio.Queue()
-        decoded = asyncio.Event()
-        cancelled = threading.Event()
+        # What the worker reports, in order: _DECODED, segments, then _ENDED once it has
+        # stopped and released everything.
+        events: asyncio.Queue[Segment | _Mark] = asyncio.Queue()
         started = time.perf_counter()
 
         def on_segment(segment: Segment, language: str | None) -> None:
             if is_chinese(job.task, language):
                 segment = convert_segment(segment, job.chinese)
-            loop.call_soon_threadsafe(queue.put_nowait, segment)
+            loop.call_soon_threadsafe(events.put_nowait, segment)
 
         def on_decoded() -> None:
-            loop.call_soon_threadsafe(decoded.set)
+            loop.call_soon_threadsafe(events.put_nowait, _DECODED)
 
-        future = loop.run_in_executor(
+        work = Work.start(
             self.engine.executor,
-            partial(
-                self.engine.run,
-                job,
-                on_segment=on_segment,
-                cancelled=cancelled,
-                on_decoded=on_decoded,
+            lambda cancelled: self.engine.run(
+                job, on_segment=on_segment, cancelled=cancelled, on_decoded=on_decoded
             ),
+            scope,
         )
+        work.add_done_callback(lambda: events.put_nowait(_ENDED))
+        # Logged and counted when the work ends, whether or not anyone reads the stream then.
+        work.add_done_callback(lambda: self._report(job, req, started, work))
         try:
-            ready = asyncio.ensure_future(decoded.wait())
-            waiting: set[asyncio.Future[Any]] = {ready, future}
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            ready.cancel()
-            if future.done() and not decoded.is_set() and future.exception() is not None:
-                error = future.exception()
-                if isinstance(error, APIError):
-                    self._finished(job, req, started, None, error)
-                raise error  # type: ignore[misc]
+            first = await events.get()
+            if first is _ENDED and (error := work.exception()) is not None:
+                raise error
         except BaseException:
-            cancelled.set()
-            slot.close()
+            work.cancel()
             raise
-        return StreamingResponse(
-            self._stream(job, req, slot, future, queue, cancelled, started),
+        return _EventStream(
+            self._stream(job, req, work, events, first),
+            work,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -369,35 +364,23 @@ class TranscriptionService:
         self,
         job: Job,
         req: TranscriptionRequest,
-        slot: ExitStack,
-        future: asyncio.Future[Transcript],
-        queue: asyncio.Queue[Segment],
-        cancelled: threading.Event,
-        started: float,
+        work: Work[Transcript],
+        events: asyncio.Queue[Segment | _Mark],
+        first: Segment | _Mark,
     ) -> AsyncIterator[bytes]:
         try:
-            while True:
-                getter = asyncio.ensure_future(queue.get())
-                waiting: set[asyncio.Future[Any]] = {getter, future}
-                done, _ = await asyncio.wait(
-                    waiting, timeout=_KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getter in done:
-                    yield self._events(getter.result(), req)
-                    continue
-                getter.cancel()
-                if future in done:
-                    break
-                yield b": keep-alive\n\n"
-            while not queue.empty():
-                yield self._events(queue.get_nowait(), req)
+            item = first
+            while item is not _ENDED:
+                if item is _KEEPALIVE:
+                    yield b": keep-alive\n\n"
+                elif isinstance(item, Segment):
+                    yield self._events(item, req)
+                item = await _next_event(events)
             try:
-                transcript = future.result()
+                transcript = work.result()
             except APIError as exc:
-                self._finished(job, req, started, None, exc)
                 yield sse({"type": "error", **exc.body()})
                 return
-            self._finished(job, req, started, transcript, None)
             transcript = convert_transcript(transcript, job.chinese)
             done_event: dict[str, Any] = text_done_event(
                 transcript.text,
@@ -408,11 +391,62 @@ class TranscriptionService:
                 done_event["x_whisper_degraded"] = degradations_body(transcript)
             yield sse(done_event)
         finally:
-            # Reached on completion and when the client disconnects (the generator is closed).
-            cancelled.set()
-            if not future.done():
-                # Hold the admission slot and the audio until the worker has really stopped.
-                with contextlib.suppress(Exception):
-                    await future
-            slot.close()
-            self.engine.settle()
+            work.cancel()  # the client went: the work stops and releases what it holds
+
+    def _report(
+        self, job: Job, req: TranscriptionRequest, started: float, work: Work[Transcript]
+    ) -> None:
+        """:meth:`_finished` for work that has ended: with its transcript or its error."""
+        error = work.exception()
+        if error is None:
+            self._finished(job, req, started, work.result(), None)
+        elif isinstance(error, APIError):
+            self._finished(job, req, started, None, error)
+
+
+class _Mark:
+    """A marker in a stream's queue of events."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_DECODED = _Mark("decoded")  # the first piece decoded: the upload is audio
+_ENDED = _Mark("ended")  # the work has stopped and released what the request held
+_KEEPALIVE = _Mark("keep-alive")  # nothing came for a while
+
+
+async def _next_event(events: asyncio.Queue[Segment | _Mark]) -> Segment | _Mark:
+    """The next event, or :data:`_KEEPALIVE` after a quiet while. No task of its own is left
+    behind: ``wait_for`` cancels and awaits its read however this ends (the old stream's
+    pending reads were what "Task was destroyed but it is pending!" reported)."""
+    try:
+        return await asyncio.wait_for(events.get(), _KEEPALIVE_S)
+    except TimeoutError:
+        return _KEEPALIVE
+
+
+class _EventStream(StreamingResponse):
+    """A stream of server-sent events from running work. Once the response ends, however it
+    ends (sent in full, the client gone, cancelled before its body was ever iterated), the
+    work is asked to stop: a body that never starts has no ``finally`` of its own."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[bytes],
+        work: Work[Transcript],
+        *,
+        media_type: str,
+        headers: dict[str, str],
+    ) -> None:
+        super().__init__(content, media_type=media_type, headers=headers)
+        self._work = work
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._work.cancel()

@@ -123,6 +123,22 @@ class Reservations:
             self._generation += 1
             self._released.notify_all()
 
+    def release_owner(self, owner: str) -> list[Reservation]:
+        """Release every reservation ``owner`` still holds: a safety net for when its request
+        has ended, so that a path that forgot one cannot shrink everyone's budget for good.
+
+        Args:
+            owner: The request id the reservations were made for.
+
+        Returns:
+            The reservations that were still held (none, when every path released its own).
+        """
+        with self._lock:
+            left = [r for r in self._held.values() if r.owner == owner]
+            for reservation in left:
+                self._release(reservation)
+            return left
+
     def total(self, device: str) -> int:
         """Bytes reserved on ``device`` now."""
         with self._lock:
