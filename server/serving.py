@@ -18,7 +18,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from server.audio import AudioSource, AudioStream, decode_audio
+from server.audio import AudioStream, decode_audio
 from server.chinese import convert_segment, convert_transcript, is_chinese
 from server.config import Settings
 from server.diarization import DiarizationOptions
@@ -43,6 +43,7 @@ from server.formats import (
 )
 from server.job import Job
 from server.metrics import Metrics
+from server.pieces import AudioSource
 from server.protocol import Task, TranscriptionRequest, parse_form
 from server.transcript import Segment, Transcript
 

@@ -18,15 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.audio import (
-    SUPPORTED_FORMATS,
-    AudioSpan,
-    DecodedAudio,
-    decode_audio,
-    pcm_slice,
-    split_on_silence,
-)
+from server.audio import SUPPORTED_FORMATS, DecodedAudio, decode_audio
 from server.errors import AudioError, InvalidRequestError
+from server.pieces import AudioSpan, pcm_slice, split_on_silence
 
 DATA = Path(__file__).parent / "data"
 RATE = 16000

@@ -105,7 +105,7 @@ def measure(data: bytes, channels: int, *, max_duration: float) -> ChannelLevels
 
 class ChannelSource:
     """One channel of an upload, decoded as it is read, with the frames that only echo another
-    channel muted (an :class:`~server.audio.AudioSource`).
+    channel muted (an :class:`~server.pieces.AudioSource`).
 
     Args:
         data: The uploaded bytes.
