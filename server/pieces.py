@@ -10,7 +10,8 @@ from typing import Protocol
 
 import numpy as np
 
-from server.runners import SAMPLE_RATE, speech_timestamps
+from server.audio import SAMPLE_RATE
+from server.runners import speech_timestamps
 
 logger = logging.getLogger(__name__)
 

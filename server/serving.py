@@ -18,11 +18,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from server.audio import AudioStream, decode_audio
+from server.audio import ALL_CHANNELS, AudioStream, decode_audio
 from server.chinese import convert_segment, convert_transcript, is_chinese
 from server.config import Settings
 from server.diarization import DiarizationOptions
-from server.diarization.channels import ChannelSource, measure
+from server.diarization.channels import MAX_CHANNELS, ChannelSource, measure
 from server.engine import Engine
 from server.errors import (
     APIError,
@@ -46,6 +46,7 @@ from server.metrics import Metrics
 from server.pieces import AudioSource
 from server.protocol import Task, TranscriptionRequest, parse_form
 from server.transcript import Segment, Transcript
+from server.upload import Upload
 
 logger = logging.getLogger(__name__)
 _KEEPALIVE_S = 10.0
@@ -54,15 +55,9 @@ _MAX_FIELDS = 64
 _REFERENCE_SECONDS = (1.8, 10.5)
 
 
-class _Upload:
-    """A file part read into memory (the form's spooled file is closed right after)."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
 async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]]:
-    """Read the multipart form into ``name -> [values]``, files as :class:`_Upload`."""
+    """Read the multipart form into ``name -> [values]``, files as
+    :class:`~server.upload.Upload` read into memory."""
     # A text part may hold a known speaker's reference clip as a data URL: 10 s of 48 kHz
     # stereo WAV is 2.6 MB in base64.
     part_limit = max(4 << 20, settings.max_prompt_chars * 4 + 1024)
@@ -73,7 +68,7 @@ async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]
             fields: dict[str, list[Any]] = {}
             for name, value in form.multi_items():
                 if isinstance(value, UploadFile):
-                    upload = _Upload(await value.read())
+                    upload = Upload(await value.read())
                     fields.setdefault(name, []).append(upload)
                 else:
                     fields.setdefault(name, []).append(value)
@@ -115,7 +110,7 @@ class TranscriptionService:
         request_id = getattr(request.state, "request_id", "-")
         try:
             # The upload is in memory already: count it against host RAM while it is held.
-            slot.enter_context(engine.hold_upload(len(req.file), request_id))
+            slot.enter_context(engine.hold_upload(req.file.size, request_id))
             # Only the header is read here; the engine decodes the audio piece by piece, each
             # under the planner's reservation.
             audio = await anyio.to_thread.run_sync(
@@ -126,10 +121,8 @@ class TranscriptionService:
             channels: tuple[AudioSource, ...] = ()
             if req.diarize:
                 diarization, channels = await anyio.to_thread.run_sync(
-                    self._diarization, req, audio
+                    self._diarization, req, audio, slot
                 )
-                for channel in channels:
-                    slot.callback(channel.close)
             job = Job.from_request(
                 req,
                 request_id=request_id,
@@ -156,14 +149,15 @@ class TranscriptionService:
         return self._render(convert_transcript(transcript, job.chinese), req)
 
     def _diarization(
-        self, req: TranscriptionRequest, audio: AudioStream
+        self, req: TranscriptionRequest, audio: AudioStream, slot: ExitStack
     ) -> tuple[DiarizationOptions, tuple[AudioSource, ...]]:
         """A diarized request's options (its reference clips decoded), and, when its channels
-        are the speakers, a source per channel (blocking).
+        are the speakers, a source per channel, closed by ``slot`` (blocking).
 
         Raises:
             DiarizationUnavailableError: the speaker encoder is not installed.
-            InvalidRequestError: a reference clip is not 2-10 s of audio.
+            InvalidRequestError: a reference clip is not 2-10 s of audio, or
+                ``diarize_by_channel=on`` for a file of more than MAX_CHANNELS channels.
         """
         self.engine.speaker_encoder()  # a 400 now, before anything is decoded, if missing
         references = []
@@ -196,8 +190,24 @@ class TranscriptionService:
         count = audio.info.source_channels
         if count < 2 or req.diarize_by_channel == "off":
             return options, ()
+        if count > MAX_CHANNELS:
+            if req.diarize_by_channel == "on":
+                raise InvalidRequestError(
+                    f"diarize_by_channel=on takes files of up to {MAX_CHANNELS} channels, one "
+                    f"speaker each; this one has {count}. Send diarize_by_channel=auto or off "
+                    "to diarize the channels mixed down to one.",
+                    param="diarize_by_channel",
+                    code="too_many_channels",
+                )
+            logger.info(
+                "diarizing %d channels as one: more than the %d diarized one by one",
+                count,
+                MAX_CHANNELS,
+            )
+            return options, ()
         limit = self.settings.max_audio_duration
-        levels = measure(req.file, count, max_duration=limit)
+        with AudioStream(req.file, max_duration=limit, channel=ALL_CHANNELS) as every_channel:
+            levels = measure(every_channel)
         if req.diarize_by_channel == "auto" and not levels.separate:
             logger.info(
                 "diarizing %d channels as one: they carry the same voices (waveform r=%.2f, "
@@ -214,10 +224,12 @@ class TranscriptionService:
             levels.envelope_correlation,
             req.diarize_by_channel,
         )
-        sources = tuple(
-            ChannelSource(req.file, c, levels.gain(c), max_duration=limit) for c in range(count)
-        )
-        return options, sources
+        sources = []
+        for c in range(levels.levels.shape[0]):
+            stream = AudioStream(req.file, max_duration=limit, channel=c)
+            slot.callback(stream.close)
+            sources.append(ChannelSource(stream, c, levels.gain(c)))
+        return options, tuple(sources)
 
     def _finished(
         self,
