@@ -6,7 +6,11 @@ its content alone: clients such as the ``openai`` SDK send files named ``upload`
 of a request is ever used as a path. Only the demuxers for the formats OpenAI's API accepts are
 enabled, so FFmpeg's playlist and concat readers can never be reached. Samples come out of
 FFmpeg's resampler as packed (interleaved) 16-bit frames and are read with explicit sizes, for
-every channel count and sample format (see :func:`_samples`).
+every channel count and sample format (see :func:`_samples`). In the server, all of this runs in
+decoder processes of its own (``server.decoders``), so that a fault in FFmpeg takes down one
+decoder, never the server.
+
+This module needs only PyAV and NumPy: the decoder processes import it and nothing heavier.
 
 Every way an upload can be unusable becomes an :class:`~server.errors.AudioError` (HTTP 400)
 with its own ``code``:

@@ -18,9 +18,10 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from server.audio import ALL_CHANNELS, AudioStream, decode_audio
+from server.audio import ALL_CHANNELS, AudioStream
 from server.chinese import convert_segment, convert_transcript, is_chinese
 from server.config import Settings
+from server.decoders import DecoderPool, DecoderStream
 from server.diarization import DiarizationOptions
 from server.diarization.channels import MAX_CHANNELS, ChannelSource, measure
 from server.engine import Engine
@@ -82,10 +83,13 @@ async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]
 class TranscriptionService:
     """Serves ``/v1/audio/transcriptions`` and ``/v1/audio/translations``."""
 
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, engine: Engine, settings: Settings, metrics: Metrics, decoders: DecoderPool
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self.decoders = decoders
 
     async def handle(self, request: Request, task: Task) -> Response:
         settings = self.settings
@@ -114,7 +118,7 @@ class TranscriptionService:
             # Only the header is read here; the engine decodes the audio piece by piece, each
             # under the planner's reservation.
             audio = await anyio.to_thread.run_sync(
-                partial(AudioStream, req.file, max_duration=settings.max_audio_duration)
+                partial(self.decoders.open, req.file, max_duration=settings.max_audio_duration)
             )
             slot.callback(audio.close)
             diarization: DiarizationOptions | None = None
@@ -149,7 +153,7 @@ class TranscriptionService:
         return self._render(convert_transcript(transcript, job.chinese), req)
 
     def _diarization(
-        self, req: TranscriptionRequest, audio: AudioStream, slot: ExitStack
+        self, req: TranscriptionRequest, audio: AudioStream | DecoderStream, slot: ExitStack
     ) -> tuple[DiarizationOptions, tuple[AudioSource, ...]]:
         """A diarized request's options (its reference clips decoded), and, when its channels
         are the speakers, a source per channel, closed by ``slot`` (blocking).
@@ -165,7 +169,7 @@ class TranscriptionService:
             zip(req.known_speaker_names, req.known_speaker_references, strict=True)
         ):
             try:
-                clip = decode_audio(data, max_duration=60.0)
+                clip = self.decoders.decode(Upload(data), max_duration=60.0)
             except AudioError as exc:
                 raise InvalidRequestError(
                     f"known_speaker_references[{index}] ({name!r}) is not audio the server can "
@@ -206,7 +210,9 @@ class TranscriptionService:
             )
             return options, ()
         limit = self.settings.max_audio_duration
-        with AudioStream(req.file, max_duration=limit, channel=ALL_CHANNELS) as every_channel:
+        with contextlib.closing(
+            self.decoders.open(req.file, max_duration=limit, channel=ALL_CHANNELS)
+        ) as every_channel:
             levels = measure(every_channel)
         if req.diarize_by_channel == "auto" and not levels.separate:
             logger.info(
@@ -226,7 +232,7 @@ class TranscriptionService:
         )
         sources = []
         for c in range(levels.levels.shape[0]):
-            stream = AudioStream(req.file, max_duration=limit, channel=c)
+            stream = self.decoders.open(req.file, max_duration=limit, channel=c)
             slot.callback(stream.close)
             sources.append(ChannelSource(stream, c, levels.gain(c)))
         return options, tuple(sources)

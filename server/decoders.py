@@ -1,0 +1,704 @@
+"""Decoding uploads in processes of their own, so that no file can take the server down.
+
+FFmpeg parses every byte a client sends, in native code. A fault there (a crash on a crafted
+file, a decoder that never returns, an allocation that runs away) inside the server process
+would end every request at once, or hold a thread for good. Here each upload is decoded in one
+of ``WHISPER_DECODE_WORKERS`` small processes that import nothing but PyAV and NumPy
+(:mod:`server.audio`); the server reads samples from them as it needs them, a block at a time.
+
+When a decoder process dies (or a call to it runs past :data:`CALL_TIMEOUT_S` and it is killed):
+
+- the request whose call was in flight gets a 400 ``decoder_failed`` (only one call runs in a
+  process at a time, so that is the file that did it);
+- every other stream that lived in that process is opened again in its replacement on its
+  next call, and the samples it already handed out are decoded again and dropped, so those
+  requests go on as if nothing happened;
+- the process is started again on the next call.
+
+The wire between them is a socket pair: a length-prefixed JSON header and raw int16 samples,
+never ``pickle``, so that even a decoder taken over by a hostile file can only send back wrong
+samples, which are checked (shape, size) before use. An upload on disk is handed over as a file
+descriptor (``SCM_RIGHTS``), one in memory as its bytes. Each process caps its own data memory
+(:data:`DATA_LIMIT`), so a decompression bomb fails its request instead of eating the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+import server
+from server.audio import (
+    ALL_CHANNELS,
+    SAMPLE_RATE,
+    AudioInfo,
+    AudioStream,
+    Channel,
+    DecodedAudio,
+    read_whole,
+    to_float,
+)
+from server.errors import AudioError
+from server.upload import Upload
+
+logger = logging.getLogger(__name__)
+
+#: Longest one call to a decoder process may take before the process is killed. A call decodes
+#: at most :data:`BLOCK_BYTES` of samples (half a minute of mono audio), which takes
+#: milliseconds; this is for a decoder that loops or blocks.
+CALL_TIMEOUT_S = 60.0
+#: Longest a new decoder process may take to start (import PyAV) and answer.
+START_TIMEOUT_S = 60.0
+#: Samples per call, in bytes of int16 output: what a decoder process holds at once.
+BLOCK_BYTES = 1 << 20
+#: Data memory (heap and private mappings) a decoder process may take: about 60 MiB idle, and
+#: decoding a block needs a few more.
+DATA_LIMIT = 1 << 30
+_HEADER = struct.Struct(">I")
+_MAX_HEADER = 64 * 1024
+_FAILED = (
+    "The server's audio decoder stopped while reading the uploaded file ({why}), so the file is "
+    "most likely corrupt or crafted. Re-encode it (e.g. to FLAC or WAV) and upload it again."
+)
+
+
+def worker_command() -> list[str]:
+    """The command that starts a decoder process; the socket's descriptor is appended."""
+    return [sys.executable, "-m", "server.decoders"]
+
+
+class DecoderLost(Exception):
+    """The decoder process died, was killed, or sent something that is not a valid reply."""
+
+
+def _send(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
+    raw = json.dumps({**header, "nbytes": len(payload)}).encode()
+    sock.sendall(_HEADER.pack(len(raw)) + raw)
+    if payload:
+        sock.sendall(payload)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytearray:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            raise EOFError("the other end closed the socket")
+        got += n
+    return buf
+
+
+def _recv(sock: socket.socket, max_payload: int) -> tuple[dict[str, Any], bytearray]:
+    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    if size > _MAX_HEADER:
+        raise ValueError(f"header of {size} bytes")
+    header = json.loads(_recv_exact(sock, size))
+    if not isinstance(header, dict):
+        raise ValueError("header is not an object")
+    nbytes = header.get("nbytes", 0)
+    if not isinstance(nbytes, int) or not 0 <= nbytes <= max_payload:
+        raise ValueError(f"payload of {nbytes!r} bytes")
+    return header, _recv_exact(sock, nbytes)
+
+
+# ---- the server's side -------------------------------------------------------------------------
+
+
+class _Worker:
+    """One decoder process and the socket to it. Callers hold :attr:`lock` around a call."""
+
+    def __init__(self, pool: DecoderPool, index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.lock = threading.Lock()
+        self.generation = 0  # bumped each time a process is started
+        self.streams = 0  # open streams placed here (guarded by the pool's lock)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        # Streams to forget: (stream id, generation), sent by whoever holds the lock next.
+        self._closing: list[tuple[int, int]] = []
+        self._closing_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """:attr:`lock` for a call; on leaving, the closes that waited for it are sent."""
+        with self.lock:
+            try:
+                yield
+            finally:
+                self._send_closes()
+        self._send_waiting_closes()
+
+    def forget(self, stream_id: int, generation: int) -> None:
+        """Close a stream in the process without waiting for it: a request that ends (on the
+        event loop) never waits behind another request's call."""
+        with self._closing_lock:
+            self._closing.append((stream_id, generation))
+        self._send_waiting_closes()
+
+    def _send_waiting_closes(self) -> None:
+        while self._closing and self.lock.acquire(blocking=False):
+            try:
+                self._send_closes()
+            finally:
+                self.lock.release()
+
+    def _send_closes(self) -> None:
+        """Send the waiting closes (the caller holds :attr:`lock`); they get no answer."""
+        with self._closing_lock:
+            closing, self._closing = self._closing, []
+        for stream_id, generation in closing:
+            if generation == self.generation and self._sock is not None and self.pid is not None:
+                try:
+                    _send(self._sock, {"op": "close", "id": stream_id})
+                except OSError:
+                    return  # the process is gone, and with it what the stream held
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    def ensure_running(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            return
+        self._reap()
+        parent, child = socket.socketpair()
+        env = {
+            **os.environ,
+            # The worker imports the same `server` package as the server, wherever it lives.
+            "PYTHONPATH": os.pathsep.join(
+                p
+                for p in (str(Path(server.__file__).parent.parent), os.environ.get("PYTHONPATH"))
+                if p
+            ),
+            # NumPy's BLAS threads would only take memory: a decoder does no linear algebra.
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+        try:
+            self._proc = subprocess.Popen(
+                [*worker_command(), str(child.fileno())],
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self._sock = parent
+        self.generation += 1
+        self.pool.started += 1
+        # Wait for it to answer (it imports PyAV first): a slow start is not a slow call.
+        parent.settimeout(START_TIMEOUT_S)
+        try:
+            _send(parent, {"op": "ping"})
+            _recv(parent, 0)
+        except (OSError, EOFError, ValueError) as exc:
+            why = self._exit_reason() or f"no answer: {exc}"
+            self.kill()
+            raise DecoderLost(f"it did not start: {why}") from exc
+        parent.settimeout(self.pool.call_timeout)
+        logger.debug("decoder %d: started process %d", self.index, self._proc.pid)
+
+    def call(
+        self,
+        header: dict[str, Any],
+        payload: bytes = b"",
+        *,
+        fd: int | None = None,
+        max_reply: int = 0,
+    ) -> tuple[dict[str, Any], bytes]:
+        """Send one request and wait for its reply (the caller holds :attr:`lock`).
+
+        Raises:
+            DecoderLost: the process died, ran out of time (it is killed) or replied nonsense.
+        """
+        self.ensure_running()
+        assert self._sock is not None
+        try:
+            _send(self._sock, {**header, "fd": fd is not None}, payload)
+            if fd is not None:
+                socket.send_fds(self._sock, [b"F"], [fd])
+            return _recv(self._sock, max_reply)
+        except TimeoutError as exc:
+            self.kill()
+            raise DecoderLost(f"it took longer than {self.pool.call_timeout:g} s") from exc
+        except (OSError, EOFError, ValueError) as exc:  # ValueError: JSON or framing
+            why = self._exit_reason()
+            self.kill()
+            raise DecoderLost(why or f"it sent an invalid reply: {exc}") from exc
+
+    def _exit_reason(self) -> str | None:
+        if self._proc is None:
+            return None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=1.0)
+        code = self._proc.returncode
+        if code is None:
+            return None
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"it ended on {signal.Signals(-code).name}"
+        return f"it exited with status {code}"
+
+    def kill(self) -> None:
+        """End the process now (its streams are opened again in the next one)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=5.0)
+            if self._proc.returncode is not None and self._proc.returncode != 0:
+                self.pool.lost += 1
+                logger.warning(
+                    "decoder %d: process %d ended (%s)",
+                    self.index,
+                    self._proc.pid,
+                    self._exit_reason(),
+                )
+            self._proc = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()  # the process sees the end of its input and exits
+            self._sock = None
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+
+class DecoderPool:
+    """The decoder processes, and streams opened in them (see the module doc).
+
+    Args:
+        workers: Decoder processes; 0 decodes in the calling process instead (no isolation).
+        call_timeout: Longest one call may take before its process is killed, in seconds.
+    """
+
+    def __init__(self, workers: int, *, call_timeout: float = CALL_TIMEOUT_S) -> None:
+        if workers < 0:
+            raise ValueError(f"workers must be 0 or more, got {workers}")
+        self.call_timeout = call_timeout
+        self._workers = [_Worker(self, i) for i in range(workers)]
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        #: Processes started, and processes that ended other than by being closed.
+        self.started = 0
+        self.lost = 0
+
+    @property
+    def isolated(self) -> bool:
+        """Whether decoding happens in processes of its own."""
+        return bool(self._workers)
+
+    def start(self) -> None:
+        """Start every decoder process now and wait until each answers, rather than on first
+        use (start-up).
+
+        Raises:
+            RuntimeError: a decoder process does not start.
+        """
+        for worker in self._workers:
+            with worker.held():
+                try:
+                    worker.ensure_running()
+                except DecoderLost as exc:
+                    raise RuntimeError(
+                        f"a decoder process did not start ({exc}); see its error above, or "
+                        "set WHISPER_DECODE_WORKERS=0 to decode in the server process"
+                    ) from exc
+
+    def open(
+        self,
+        upload: Upload,
+        *,
+        max_duration: float,
+        sample_rate: int = SAMPLE_RATE,
+        channel: Channel = None,
+    ) -> AudioStream | DecoderStream:
+        """An :class:`~server.audio.AudioStream` of ``upload``, decoded in a decoder process
+        (or here, with no processes). ``upload`` must stay open while the stream is used.
+
+        Raises:
+            AudioError: as the stream's constructor, or ``decoder_failed``.
+            ValueError: ``max_duration``, ``sample_rate`` or ``channel`` is out of range.
+        """
+        if not self._workers:
+            return AudioStream(
+                upload, max_duration=max_duration, sample_rate=sample_rate, channel=channel
+            )
+        if max_duration <= 0 or sample_rate <= 0:
+            raise ValueError("max_duration and sample_rate must be positive")
+        with self._lock:
+            worker = min(self._workers, key=lambda w: w.streams)
+            worker.streams += 1
+        try:
+            return DecoderStream(
+                worker,
+                next(self._ids),
+                upload,
+                {"max_duration": max_duration, "sample_rate": sample_rate, "channel": channel},
+            )
+        except BaseException:
+            self._release(worker)
+            raise
+
+    def decode(self, upload: Upload, *, max_duration: float) -> DecodedAudio:
+        """A whole upload decoded to mono (:func:`~server.audio.decode_audio`, isolated).
+
+        Raises:
+            AudioError: as :func:`~server.audio.decode_audio`, or ``decoder_failed``.
+        """
+        with contextlib.closing(self.open(upload, max_duration=max_duration)) as stream:
+            return read_whole(stream)
+
+    def _release(self, worker: _Worker) -> None:
+        with self._lock:
+            worker.streams -= 1
+
+    def resident_bytes(self) -> int:
+        """Resident memory of the decoder processes, in bytes."""
+        total = 0
+        for worker in self._workers:
+            pid = worker.pid
+            if pid is not None:
+                with contextlib.suppress(psutil.Error):
+                    total += psutil.Process(pid).memory_info().rss
+        return total
+
+    def close(self) -> None:
+        """Stop every decoder process (shutdown)."""
+        for worker in self._workers:
+            with worker.lock:
+                worker.close()
+
+
+class DecoderStream:
+    """An :class:`~server.audio.AudioStream` that lives in a decoder process: the same reading
+    interface, each read fetched in blocks of at most :data:`BLOCK_BYTES`.
+
+    Raises:
+        AudioError: as :class:`~server.audio.AudioStream`, or ``decoder_failed``.
+    """
+
+    def __init__(self, worker: _Worker, stream_id: int, upload: Upload, args: dict[str, Any]):
+        self.sample_rate: int = args["sample_rate"]
+        self.max_duration: float = args["max_duration"]
+        self.channel: Channel = args["channel"]
+        self._worker = worker
+        self._id = stream_id
+        self._upload = upload
+        self._args = args
+        self._generation = -1  # the worker process it is open in
+        self._delivered = 0  # samples handed out
+        self._width: int | None = None if self.channel == ALL_CHANNELS else 1
+        self._finished = False
+        self._duration: float | None = None
+        self._decoded = 0.0
+        self._closed = False
+        with worker.held():
+            self._open_locked()
+
+    # ---- the AudioStream interface ---------------------------------------------------------
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds of audio: exact once the stream has ended, else what the header declares."""
+        return self._duration
+
+    @property
+    def decoded_seconds(self) -> float:
+        return self._decoded
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def read(self, max_samples: int) -> np.ndarray:
+        """As :meth:`server.audio.AudioStream.read`."""
+        return to_float(self.read_int16(max_samples))
+
+    def read_int16(self, max_samples: int) -> np.ndarray:
+        """As :meth:`server.audio.AudioStream.read_int16`."""
+        parts = []
+        want = max(0, max_samples)
+        while want > 0 and not self._finished:
+            chunk = self._read_block(want)  # the process sends at most BLOCK_BYTES a call
+            if len(chunk):
+                parts.append(chunk)
+                want -= len(chunk)
+        if not parts:
+            return np.empty((0,) if self._width == 1 else (0, self._width or 0), dtype=np.int16)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def int16_chunks(self) -> Iterator[np.ndarray]:
+        """As :meth:`server.audio.AudioStream.int16_chunks`."""
+        while not self._finished:
+            chunk = self.read_int16(self.sample_rate)
+            if len(chunk):
+                yield chunk
+
+    def close(self) -> None:
+        """Let the decoder process forget the stream (without waiting for it)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._worker.forget(self._id, self._generation)
+        self._worker.pool._release(self._worker)
+
+    def __enter__(self) -> DecoderStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- calls -----------------------------------------------------------------------------
+
+    def _read_block(self, n: int) -> np.ndarray:
+        if self._closed:
+            raise ValueError("read from a closed stream")
+        worker = self._worker
+        with worker.held():
+            if worker.pid is None or worker.generation != self._generation:
+                # The process this stream lived in is gone (another file crashed it): open it
+                # again in a new one and skip what was already handed out.
+                self._open_locked()
+            header, payload = self._call({"op": "read", "id": self._id, "n": n})
+        samples = self._samples(header, payload, n)
+        self._delivered += len(samples)
+        return samples
+
+    def _open_locked(self) -> None:
+        upload = self._upload
+        fd = upload.fileno()
+        header = {"op": "open", "id": self._id, **self._args}
+        header, _ = self._call(header, b"" if fd is not None else upload.getvalue(), fd=fd)
+        self._generation = self._worker.generation
+        if self._delivered:
+            self._call({"op": "skip", "id": self._id, "n": self._delivered})
+
+    def _call(
+        self, header: dict[str, Any], payload: bytes = b"", *, fd: int | None = None
+    ) -> tuple[dict[str, Any], bytes]:
+        """One call; the reply's stream state is taken over, and its error raised."""
+        try:
+            reply, data = self._worker.call(header, payload, fd=fd, max_reply=2 * BLOCK_BYTES)
+        except DecoderLost as exc:
+            self._finished = True
+            raise AudioError(_FAILED.format(why=exc), code="decoder_failed", param="file") from exc
+        state = reply.get("state")
+        if isinstance(state, dict):
+            self._take_state(state)
+        error = reply.get("error")
+        if isinstance(error, dict):
+            message = str(error.get("message", "decoding failed"))[:2000]
+            if error.get("kind") == "audio":
+                raise AudioError(message, code=str(error.get("code")), param="file")
+            raise RuntimeError(f"decoder process: {message}")
+        return reply, data
+
+    def _take_state(self, state: dict[str, Any]) -> None:
+        info = state.get("info")
+        try:
+            if isinstance(info, dict):
+                self.info = AudioInfo(**info)
+            self._finished = bool(state["finished"])
+            duration = state["duration"]
+            self._duration = None if duration is None else float(duration)
+            self._decoded = float(state["decoded_seconds"])
+        except (KeyError, TypeError, ValueError) as exc:
+            self._worker.kill()
+            raise AudioError(
+                _FAILED.format(why=f"it sent an invalid reply: {exc}"),
+                code="decoder_failed",
+                param="file",
+            ) from exc
+
+    def _samples(self, header: dict[str, Any], payload: bytes, n: int) -> np.ndarray:
+        """The reply's samples, checked against what was asked for.
+
+        Raises:
+            AudioError: ``decoder_failed``: they are not what was asked for.
+        """
+        shape = header.get("shape")
+        ndim = 1 if self._width == 1 else 2
+        if (
+            not isinstance(shape, list)
+            or len(shape) != ndim
+            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or shape[0] > n
+            or int(np.prod(shape)) * 2 != len(payload)
+            or (ndim == 2 and self._width not in (None, shape[1]))
+        ):
+            with self._worker.held():
+                self._worker.kill()
+            raise AudioError(
+                _FAILED.format(why=f"it sent samples of shape {shape!r} for {n}"),
+                code="decoder_failed",
+                param="file",
+            )
+        samples = np.frombuffer(payload, dtype=np.int16).reshape(shape)
+        if ndim == 2 and shape[0]:
+            self._width = shape[1]
+        return samples
+
+
+# ---- the decoder process ---------------------------------------------------------------------
+
+
+def _state(stream: AudioStream) -> dict[str, Any]:
+    return {
+        "info": asdict(stream.info),
+        "finished": stream.finished,
+        "duration": stream.duration,
+        "decoded_seconds": stream.decoded_seconds,
+    }
+
+
+def _error_reply(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, AudioError):
+        return {"error": {"kind": "audio", "code": exc.code, "message": exc.message}}
+    logger.exception("decoder process: unexpected error")
+    return {"error": {"kind": type(exc).__name__, "message": str(exc)}}
+
+
+def serve(sock: socket.socket) -> None:
+    """Answer the server's calls on ``sock`` until it closes (the decoder process's loop)."""
+    streams: dict[int, tuple[AudioStream, Upload]] = {}
+
+    def forget(stream_id: int) -> None:
+        stream, upload = streams.pop(stream_id)
+        stream.close()
+        upload.close()
+
+    def open_stream(stream_id: int, header: dict[str, Any], upload: Upload) -> AudioStream:
+        if stream_id in streams:  # opened again after its process was lost: start over
+            forget(stream_id)
+        try:
+            stream = AudioStream(
+                upload,
+                max_duration=float(header["max_duration"]),
+                sample_rate=int(header["sample_rate"]),
+                channel=header["channel"],
+            )
+        except BaseException:
+            upload.close()
+            raise
+        streams[stream_id] = (stream, upload)
+        return stream
+
+    def read(stream: AudioStream, n: int) -> np.ndarray:
+        # At most BLOCK_BYTES a call, however many channels a sample has.
+        rows = max(1, BLOCK_BYTES // (2 * max(1, stream.width())))
+        return stream.read_int16(min(n, rows))
+
+    def skip(stream: AudioStream, n: int) -> None:
+        while n > 0 and not stream.finished:
+            n -= len(stream.read_int16(min(n, SAMPLE_RATE * 30)))
+
+    while True:
+        try:
+            header, payload = _recv(sock, 1 << 30)
+        except EOFError:
+            return
+        # An upload on disk comes as a descriptor right after its header.
+        upload = None
+        if header.get("op") == "open":
+            if header.get("fd"):
+                upload = Upload(fd=socket.recv_fds(sock, 1, 1)[1][0])
+            else:
+                upload = Upload(payload)
+        reply: dict[str, Any] = {}
+        data = b""
+        stream: AudioStream | None = None
+        try:
+            if header.get("op") == "ping":
+                _send(sock, {})
+                continue
+            if header.get("op") == "close":  # sent without waiting for an answer
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    forget(int(header["id"]))
+                continue
+            stream_id = int(header["id"])
+            if upload is not None:
+                stream = open_stream(stream_id, header, upload)
+            elif stream_id in streams:
+                stream = streams[stream_id][0]
+                if header.get("op") == "read":
+                    samples = read(stream, int(header["n"]))
+                    reply["shape"] = list(samples.shape)
+                    data = samples.tobytes()
+                elif header.get("op") == "skip":
+                    skip(stream, int(header["n"]))
+                else:
+                    raise ValueError(f"unknown call {header.get('op')!r}")
+            else:
+                raise ValueError(f"no stream {stream_id}")
+        except Exception as exc:
+            reply = _error_reply(exc)
+            data = b""
+        if stream is not None:
+            reply["state"] = _state(stream)
+        _send(sock, reply, data)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m server.decoders FD``: a decoder process serving the socket ``FD``."""
+    logging.basicConfig(level=logging.WARNING, format="decoder %(process)d: %(message)s")
+    with contextlib.suppress(ValueError, OSError):  # not every platform caps data memory
+        resource.setrlimit(resource.RLIMIT_DATA, (DATA_LIMIT, DATA_LIMIT))
+    # Ctrl-C and SIGTERM sent to the whole process group are the server's to handle: it
+    # finishes its requests (which may still read from here), then closes the socket, and this
+    # process ends with it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(argv[0]))
+    sock.setblocking(True)
+    serve(sock)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+
+
+__all__ = [
+    "BLOCK_BYTES",
+    "CALL_TIMEOUT_S",
+    "DATA_LIMIT",
+    "START_TIMEOUT_S",
+    "DecoderLost",
+    "DecoderPool",
+    "DecoderStream",
+    "serve",
+]
