@@ -56,9 +56,14 @@ _MAX_FIELDS = 64
 _REFERENCE_SECONDS = (1.8, 10.5)
 
 
-async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]]:
+async def read_form(request: Request, settings: Settings, owner: ExitStack) -> dict[str, list[Any]]:
     """Read the multipart form into ``name -> [values]``, files as
-    :class:`~server.upload.Upload` read into memory."""
+    :class:`~server.upload.Upload`: a file part the parser spooled to disk stays there, and
+    ``owner`` closes every upload (which removes its file) when it is closed.
+
+    Raises:
+        RequestCancelledError: the client went away before the upload finished.
+    """
     # A text part may hold a known speaker's reference clip as a data URL: 10 s of 48 kHz
     # stereo WAV is 2.6 MB in base64.
     part_limit = max(4 << 20, settings.max_prompt_chars * 4 + 1024)
@@ -69,7 +74,7 @@ async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]
             fields: dict[str, list[Any]] = {}
             for name, value in form.multi_items():
                 if isinstance(value, UploadFile):
-                    upload = Upload(await value.read())
+                    upload = owner.enter_context(Upload.take_over(value.file))
                     fields.setdefault(name, []).append(upload)
                 else:
                     fields.setdefault(name, []).append(value)
@@ -78,6 +83,16 @@ async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]
         raise RequestCancelledError(
             "The client closed the connection before the upload finished."
         ) from exc
+
+
+def form_memory(form: dict[str, list[Any]]) -> int:
+    """Bytes of host RAM a parsed form holds: its text fields, and its uploads that are not
+    on disk."""
+    total = 0
+    for values in form.values():
+        for value in values:
+            total += value.memory_bytes if isinstance(value, Upload) else len(value)
+    return total
 
 
 class TranscriptionService:
@@ -93,28 +108,32 @@ class TranscriptionService:
 
     async def handle(self, request: Request, task: Task) -> Response:
         settings = self.settings
-        form = await read_form(request, settings)
-        req = parse_form(
-            form,
-            task=task,
-            max_beam_size=settings.max_beam_size,
-            max_prompt_chars=settings.max_prompt_chars,
-        )
         engine = self.engine
-        if engine.served is None:
-            raise ModelNotReadyError(
-                f"The model is not loaded: {engine.load_error or 'still starting'}.",
-                retry_after=settings.retry_after,
-            )
-        source = engine.store.resolve(req.model, engine.served)
-        # The admission slot is held until the response is complete; for a stream that is
-        # after the last event, so the stream's generator takes it over.
+        # What the request holds (its uploads, admission slot, memory, decoders) is released
+        # when the response is complete; for a stream that is after the last event, so the
+        # stream's generator takes it over.
         slot = ExitStack()
-        slot.enter_context(engine.admission.admit(getattr(request.state, "api_key_id", None)))
-        request_id = getattr(request.state, "request_id", "-")
         try:
-            # The upload is in memory already: count it against host RAM while it is held.
-            slot.enter_context(engine.hold_upload(req.file.size, request_id))
+            form = await read_form(request, settings, slot)
+            req = parse_form(
+                form,
+                task=task,
+                max_beam_size=settings.max_beam_size,
+                max_prompt_chars=settings.max_prompt_chars,
+            )
+            if engine.served is None:
+                raise ModelNotReadyError(
+                    f"The model is not loaded: {engine.load_error or 'still starting'}.",
+                    retry_after=settings.retry_after,
+                )
+            source = engine.store.resolve(req.model, engine.served)
+            slot.enter_context(engine.admission.admit(getattr(request.state, "api_key_id", None)))
+            request_id = getattr(request.state, "request_id", "-")
+            # What of the form is in memory (text fields, small uploads, the reference clips
+            # decoded from their data URLs) is counted against host RAM while it is held; an
+            # upload spooled to disk is not.
+            held = form_memory(form) + sum(len(r) for r in req.known_speaker_references)
+            slot.enter_context(engine.hold_upload(held, request_id))
             # Only the header is read here; the engine decodes the audio piece by piece, each
             # under the planner's reservation.
             audio = await anyio.to_thread.run_sync(
