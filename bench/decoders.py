@@ -46,10 +46,9 @@ def read_all(stream: AudioStream | DecoderStream) -> float:
 
 def worker_cpu(pool: DecoderPool) -> float:
     total = 0.0
-    for worker in pool._workers:
-        if worker.pid is not None:
-            times = psutil.Process(worker.pid).cpu_times()
-            total += times.user + times.system
+    for pid in pool.pids():
+        times = psutil.Process(pid).cpu_times()
+        total += times.user + times.system
     return total
 
 
@@ -83,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     pool = DecoderPool(1)
     pool.start()
-    mem = psutil.Process(pool._workers[0].pid).memory_full_info()  # type: ignore[arg-type]
+    mem = psutil.Process(pool.pids()[0]).memory_full_info()
     print(
         f"idle decoder process: RSS {mem.rss / 2**20:.0f} MiB, USS {mem.uss / 2**20:.0f} MiB "
         f"(its own), PSS {mem.pss / 2**20:.0f} MiB\n"
@@ -101,7 +100,7 @@ def main() -> None:
             f"| {name} ({what}) | {here[0]:.3f} | {here[1] * 1000:.0f} ms | {here[2] * 1000:.0f} ms "
             f"| {there[0]:.3f} | {there[1] * 1000:.0f} ms | {there[2] * 1000:.0f} ms |"
         )
-    mem = psutil.Process(pool._workers[0].pid).memory_full_info()  # type: ignore[arg-type]
+    mem = psutil.Process(pool.pids()[0]).memory_full_info()
     print(
         f"\ndecoder process after the runs: RSS {mem.rss / 2**20:.0f} MiB, "
         f"USS {mem.uss / 2**20:.0f} MiB"

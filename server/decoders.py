@@ -387,14 +387,16 @@ class DecoderPool:
         with self._lock:
             worker.streams -= 1
 
+    def pids(self) -> list[int]:
+        """Process ids of the decoder processes running now."""
+        return [pid for pid in (w.pid for w in self._workers) if pid is not None]
+
     def resident_bytes(self) -> int:
         """Resident memory of the decoder processes, in bytes."""
         total = 0
-        for worker in self._workers:
-            pid = worker.pid
-            if pid is not None:
-                with contextlib.suppress(psutil.Error):
-                    total += psutil.Process(pid).memory_info().rss
+        for pid in self.pids():
+            with contextlib.suppress(psutil.Error):
+                total += psutil.Process(pid).memory_info().rss
         return total
 
     def close(self) -> None:
@@ -412,7 +414,12 @@ class DecoderStream:
         AudioError: as :class:`~server.audio.AudioStream`, or ``decoder_failed``.
     """
 
-    def __init__(self, worker: _Worker, stream_id: int, upload: Upload, args: dict[str, Any]):
+    #: What the container says (updated once the first frame has decoded, as in AudioStream).
+    info: AudioInfo
+
+    def __init__(
+        self, worker: _Worker, stream_id: int, upload: Upload, args: dict[str, Any]
+    ) -> None:
         self.sample_rate: int = args["sample_rate"]
         self.max_duration: float = args["max_duration"]
         self.channel: Channel = args["channel"]

@@ -32,12 +32,15 @@ class Upload:
         ValueError: neither or both of ``data`` and ``fd`` are given.
     """
 
-    def __init__(self, data: bytes | None = None, *, fd: int | None = None, in_ram: bool = False):
+    def __init__(
+        self, data: bytes | None = None, *, fd: int | None = None, in_ram: bool = False
+    ) -> None:
         if (data is None) == (fd is None):
             raise ValueError("give an upload either its bytes or a file descriptor")
         self._data = data
         self._fd = fd
-        self.size = len(data) if data is not None else os.fstat(fd).st_size  # type: ignore[arg-type]
+        #: Bytes in the upload.
+        self.size = len(data) if data is not None else os.fstat(fd).st_size if fd is not None else 0
         #: Bytes of host RAM the upload takes while it is held.
         self.memory_bytes = self.size if data is not None or in_ram else 0
 

@@ -115,8 +115,7 @@ def test_a_decoder_that_hangs_is_killed_after_the_call_timeout() -> None:
     try:
         with Upload(JFK) as upload:
             stream = pool.open(upload, max_duration=60)
-            pid = pool._workers[0].pid
-            assert pid is not None
+            pid = pool.pids()[0]
             os.kill(pid, signal.SIGSTOP)  # a decoder stuck in a loop, as far as the server sees
             with pytest.raises(AudioError, match="longer than 5 s") as caught:
                 stream.read(16000)
@@ -149,8 +148,7 @@ def test_an_upload_on_disk_is_handed_over_as_a_descriptor(
     with Upload(fd=fd) as upload, pool.open(upload, max_duration=60) as stream:
         np.testing.assert_array_equal(stream.read(10**7), in_process(JFK))
     # The decoder process let go of its copy of the descriptor when the stream closed.
-    pid = pool._workers[0].pid
-    assert pid is not None
+    pid = pool.pids()[0]
     held = [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
     assert str(path) not in held
 
@@ -225,11 +223,11 @@ def test_wide_files_stream_every_channel_in_bounded_blocks(pool: DecoderPool) ->
 def test_closing_the_pool_ends_its_processes() -> None:
     pool = DecoderPool(2)
     pool.start()
-    pids = [w.pid for w in pool._workers]
-    assert all(pids) and pool.resident_bytes() > 10 << 20
+    pids = pool.pids()
+    assert len(pids) == 2 and pool.resident_bytes() > 10 << 20
     pool.close()
+    assert pool.pids() == []
     for pid in pids:
-        assert pid is not None
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 

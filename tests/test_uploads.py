@@ -124,7 +124,7 @@ def _captured() -> set[str]:
 
 def server_pids(server: LiveServer) -> list[int]:
     pool: DecoderPool = server.app.state.decoders
-    return [os.getpid(), *(w.pid for w in pool._workers if w.pid is not None)]
+    return [os.getpid(), *pool.pids()]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 120.0, what: Any = None) -> None:
