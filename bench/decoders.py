@@ -1,4 +1,4 @@
-"""What decoding in processes of its own costs (server/decoders.py), against decoding in the
+"""What decoding in processes of its own costs (server/decoders/), against decoding in the
 server's process: CPU seconds per minute of audio (the server's and the decoder's together),
 the latency of a short clip, and the memory a decoder process takes.
 

@@ -1,43 +1,18 @@
-"""Decoding uploads in processes of their own, so that no file can take the server down.
-
-FFmpeg parses every byte a client sends, in native code. A fault there (a crash on a crafted
-file, a decoder that never returns, an allocation that runs away) inside the server process
-would end every request at once, or hold a thread for good. Here each upload is decoded in one
-of ``WHISPER_DECODE_WORKERS`` small processes that import nothing but PyAV and NumPy
-(:mod:`server.audio`); the server reads samples from them as it needs them, a block at a time.
-
-When a decoder process dies (or a call to it runs past :data:`CALL_TIMEOUT_S` and it is killed):
-
-- the request whose call was in flight gets a 400 ``decoder_failed`` (only one call runs in a
-  process at a time, so that is the file that did it);
-- every other stream that lived in that process is opened again in its replacement on its
-  next call, and the samples it already handed out are decoded again and dropped, so those
-  requests go on as if nothing happened;
-- the process is started again on the next call.
-
-The wire between them is a socket pair: a length-prefixed JSON header and raw int16 samples,
-never ``pickle``, so that even a decoder taken over by a hostile file can only send back wrong
-samples, which are checked (shape, size) before use. An upload on disk is handed over as a file
-descriptor (``SCM_RIGHTS``), one in memory as its bytes. Each process caps its own data memory
-(:data:`DATA_LIMIT`), so a decompression bomb fails its request instead of eating the host.
-"""
+"""The server's side of the decoder processes: the pool that starts them and places streams,
+and :class:`DecoderStream`, an audio stream read from one (see ``server.decoders``)."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import os
-import resource
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -55,24 +30,19 @@ from server.audio import (
     read_whole,
     to_float,
 )
+from server.decoders.wire import BLOCK_BYTES, recv, send
 from server.errors import AudioError
 from server.upload import Upload
 
 logger = logging.getLogger(__name__)
 
 #: Longest one call to a decoder process may take before the process is killed. A call decodes
-#: at most :data:`BLOCK_BYTES` of samples (half a minute of mono audio), which takes
-#: milliseconds; this is for a decoder that loops or blocks.
+#: at most :data:`~server.decoders.wire.BLOCK_BYTES` of samples (half a minute of mono audio),
+#: which takes milliseconds; this is for a decoder that loops or blocks.
 CALL_TIMEOUT_S = 60.0
 #: Longest a new decoder process may take to start (import PyAV) and answer.
 START_TIMEOUT_S = 60.0
-#: Samples per call, in bytes of int16 output: what a decoder process holds at once.
-BLOCK_BYTES = 1 << 20
-#: Data memory (heap and private mappings) a decoder process may take: about 60 MiB idle, and
-#: decoding a block needs a few more.
-DATA_LIMIT = 1 << 30
-_HEADER = struct.Struct(">I")
-_MAX_HEADER = 64 * 1024
+
 _FAILED = (
     "The server's audio decoder stopped while reading the uploaded file ({why}), so the file is "
     "most likely corrupt or crafted. Re-encode it (e.g. to FLAC or WAV) and upload it again."
@@ -81,46 +51,11 @@ _FAILED = (
 
 def worker_command() -> list[str]:
     """The command that starts a decoder process; the socket's descriptor is appended."""
-    return [sys.executable, "-m", "server.decoders"]
+    return [sys.executable, "-m", "server.decoders.process"]
 
 
 class DecoderLost(Exception):
     """The decoder process died, was killed, or sent something that is not a valid reply."""
-
-
-def _send(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
-    raw = json.dumps({**header, "nbytes": len(payload)}).encode()
-    sock.sendall(_HEADER.pack(len(raw)) + raw)
-    if payload:
-        sock.sendall(payload)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytearray:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:], size - got)
-        if n == 0:
-            raise EOFError("the other end closed the socket")
-        got += n
-    return buf
-
-
-def _recv(sock: socket.socket, max_payload: int) -> tuple[dict[str, Any], bytearray]:
-    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    if size > _MAX_HEADER:
-        raise ValueError(f"header of {size} bytes")
-    header = json.loads(_recv_exact(sock, size))
-    if not isinstance(header, dict):
-        raise ValueError("header is not an object")
-    nbytes = header.get("nbytes", 0)
-    if not isinstance(nbytes, int) or not 0 <= nbytes <= max_payload:
-        raise ValueError(f"payload of {nbytes!r} bytes")
-    return header, _recv_exact(sock, nbytes)
-
-
-# ---- the server's side -------------------------------------------------------------------------
 
 
 class _Worker:
@@ -169,7 +104,7 @@ class _Worker:
         for stream_id, generation in closing:
             if generation == self.generation and self._sock is not None and self.pid is not None:
                 try:
-                    _send(self._sock, {"op": "close", "id": stream_id})
+                    send(self._sock, {"op": "close", "id": stream_id})
                 except OSError:
                     return  # the process is gone, and with it what the stream held
 
@@ -212,8 +147,8 @@ class _Worker:
         # Wait for it to answer (it imports PyAV first): a slow start is not a slow call.
         parent.settimeout(START_TIMEOUT_S)
         try:
-            _send(parent, {"op": "ping"})
-            _recv(parent, 0)
+            send(parent, {"op": "ping"})
+            recv(parent, 0)
         except (OSError, EOFError, ValueError) as exc:
             why = self._exit_reason() or f"no answer: {exc}"
             self.kill()
@@ -237,10 +172,10 @@ class _Worker:
         self.ensure_running()
         assert self._sock is not None
         try:
-            _send(self._sock, {**header, "fd": fd is not None}, payload)
+            send(self._sock, {**header, "fd": fd is not None}, payload)
             if fd is not None:
                 socket.send_fds(self._sock, [b"F"], [fd])
-            return _recv(self._sock, max_reply)
+            return recv(self._sock, max_reply)
         except TimeoutError as exc:
             self.kill()
             raise DecoderLost(f"it took longer than {self.pool.call_timeout:g} s") from exc
@@ -579,133 +514,3 @@ class DecoderStream:
         if ndim == 2 and shape[0]:
             self._width = shape[1]
         return samples
-
-
-# ---- the decoder process ---------------------------------------------------------------------
-
-
-def _state(stream: AudioStream) -> dict[str, Any]:
-    return {
-        "info": asdict(stream.info),
-        "finished": stream.finished,
-        "duration": stream.duration,
-        "decoded_seconds": stream.decoded_seconds,
-    }
-
-
-def _error_reply(exc: Exception) -> dict[str, Any]:
-    if isinstance(exc, AudioError):
-        return {"error": {"kind": "audio", "code": exc.code, "message": exc.message}}
-    logger.exception("decoder process: unexpected error")
-    return {"error": {"kind": type(exc).__name__, "message": str(exc)}}
-
-
-def serve(sock: socket.socket) -> None:
-    """Answer the server's calls on ``sock`` until it closes (the decoder process's loop)."""
-    streams: dict[int, tuple[AudioStream, Upload]] = {}
-
-    def forget(stream_id: int) -> None:
-        stream, upload = streams.pop(stream_id)
-        stream.close()
-        upload.close()
-
-    def open_stream(stream_id: int, header: dict[str, Any], upload: Upload) -> AudioStream:
-        if stream_id in streams:  # opened again after its process was lost: start over
-            forget(stream_id)
-        try:
-            stream = AudioStream(
-                upload,
-                max_duration=float(header["max_duration"]),
-                sample_rate=int(header["sample_rate"]),
-                channel=header["channel"],
-            )
-        except BaseException:
-            upload.close()
-            raise
-        streams[stream_id] = (stream, upload)
-        return stream
-
-    def read(stream: AudioStream, n: int) -> np.ndarray:
-        # At most BLOCK_BYTES a call, however many channels a sample has.
-        rows = max(1, BLOCK_BYTES // (2 * max(1, stream.width())))
-        return stream.read_int16(min(n, rows))
-
-    def skip(stream: AudioStream, n: int) -> None:
-        while n > 0 and not stream.finished:
-            n -= len(stream.read_int16(min(n, SAMPLE_RATE * 30)))
-
-    while True:
-        try:
-            header, payload = _recv(sock, 1 << 30)
-        except EOFError:
-            return
-        # An upload on disk comes as a descriptor right after its header.
-        upload = None
-        if header.get("op") == "open":
-            if header.get("fd"):
-                upload = Upload(fd=socket.recv_fds(sock, 1, 1)[1][0])
-            else:
-                upload = Upload(payload)
-        reply: dict[str, Any] = {}
-        data = b""
-        stream: AudioStream | None = None
-        try:
-            if header.get("op") == "ping":
-                _send(sock, {})
-                continue
-            if header.get("op") == "close":  # sent without waiting for an answer
-                with contextlib.suppress(KeyError, TypeError, ValueError):
-                    forget(int(header["id"]))
-                continue
-            stream_id = int(header["id"])
-            if upload is not None:
-                stream = open_stream(stream_id, header, upload)
-            elif stream_id in streams:
-                stream = streams[stream_id][0]
-                if header.get("op") == "read":
-                    samples = read(stream, int(header["n"]))
-                    reply["shape"] = list(samples.shape)
-                    data = samples.tobytes()
-                elif header.get("op") == "skip":
-                    skip(stream, int(header["n"]))
-                else:
-                    raise ValueError(f"unknown call {header.get('op')!r}")
-            else:
-                raise ValueError(f"no stream {stream_id}")
-        except Exception as exc:
-            reply = _error_reply(exc)
-            data = b""
-        if stream is not None:
-            reply["state"] = _state(stream)
-        _send(sock, reply, data)
-
-
-def main(argv: list[str]) -> None:
-    """``python -m server.decoders FD``: a decoder process serving the socket ``FD``."""
-    logging.basicConfig(level=logging.WARNING, format="decoder %(process)d: %(message)s")
-    with contextlib.suppress(ValueError, OSError):  # not every platform caps data memory
-        resource.setrlimit(resource.RLIMIT_DATA, (DATA_LIMIT, DATA_LIMIT))
-    # Ctrl-C and SIGTERM sent to the whole process group are the server's to handle: it
-    # finishes its requests (which may still read from here), then closes the socket, and this
-    # process ends with it.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sock = socket.socket(fileno=int(argv[0]))
-    sock.setblocking(True)
-    serve(sock)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
-
-
-__all__ = [
-    "BLOCK_BYTES",
-    "CALL_TIMEOUT_S",
-    "DATA_LIMIT",
-    "START_TIMEOUT_S",
-    "DecoderLost",
-    "DecoderPool",
-    "DecoderStream",
-    "serve",
-]
