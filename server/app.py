@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
 from server.connections import PROTOCOL_STATUS
+from server.decoders import DecoderPool
 from server.engine import Engine
 from server.errors import (
     APIError,
@@ -237,18 +238,27 @@ def _schema_without_422(app: FastAPI) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the application. State lives on ``app.state``: ``settings`` and ``engine``."""
+    """Build the application. State lives on ``app.state``: ``settings``, ``engine``,
+    ``decoders`` (the decoder processes), ``metrics`` and ``realtime``."""
     settings = settings or Settings()
     host_heap.configure()  # also done first thing by `python -m server`; harmless twice
     engine = Engine(settings)
     metrics = Metrics(engine)
     engine.on_plan = lambda plan: metrics.batch_size.observe(plan.shape.batch_size)
+    decoders = DecoderPool(settings.decode_workers)
+    # The decoder processes' memory is the server's too, outside any reservation.
+    own_footprint = engine.footprint
+    engine.footprint = lambda: own_footprint() + decoders.resident_bytes()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await anyio.to_thread.run_sync(engine.start)
-        yield
-        await anyio.to_thread.run_sync(engine.close)
+        await anyio.to_thread.run_sync(decoders.start)
+        try:
+            await anyio.to_thread.run_sync(engine.start)
+            yield
+            await anyio.to_thread.run_sync(engine.close)
+        finally:
+            await anyio.to_thread.run_sync(decoders.close)
 
     app = FastAPI(
         title="whisper-server",
@@ -259,6 +269,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _schema_without_422(app)
     app.state.settings = settings
     app.state.engine = engine
+    app.state.decoders = decoders
     app.state.metrics = metrics
     app.state.realtime = LiveSessions(settings.realtime_max_sessions, metrics)
     install_error_handlers(app)

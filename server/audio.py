@@ -1,9 +1,16 @@
-"""Uploaded bytes -> 16 kHz mono float32, and cutting long audio into spans at pauses.
+"""Uploaded audio -> 16 kHz float32 (mono, one channel, or every channel), decoded on demand.
 
-Decoding uses PyAV, which bundles the FFmpeg libraries, on the bytes in memory. The container
-is recognised by its content alone: clients such as the ``openai`` SDK send files named
-``upload``, and no part of a request is ever used as a path. Only the demuxers for the formats
-OpenAI's API accepts are enabled, so FFmpeg's playlist and concat readers can never be reached.
+Decoding uses PyAV, which bundles the FFmpeg libraries, on the upload where it is held (bytes in
+memory, or a temporary file: :class:`~server.upload.Upload`). The container is recognised by
+its content alone: clients such as the ``openai`` SDK send files named ``upload``, and no part
+of a request is ever used as a path. Only the demuxers for the formats OpenAI's API accepts are
+enabled, so FFmpeg's playlist and concat readers can never be reached. Samples come out of
+FFmpeg's resampler as packed (interleaved) 16-bit frames and are read with explicit sizes, for
+every channel count and sample format (see :func:`_samples`). In the server, all of this runs in
+decoder processes of its own (``server.decoders``), so that a fault in FFmpeg takes down one
+decoder, never the server.
+
+This module needs only PyAV and NumPy: the decoder processes import it and nothing heavier.
 
 Every way an upload can be unusable becomes an :class:`~server.errors.AudioError` (HTTP 400)
 with its own ``code``:
@@ -22,20 +29,23 @@ with its own ``code``:
 
 from __future__ import annotations
 
-import io
 import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Literal, Protocol
 
 import av
 import numpy as np
+from av.audio.plane import AudioPlane
 
 from server.errors import AudioError
-from server.runners import SAMPLE_RATE, speech_timestamps
+from server.upload import Upload
 
 logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+"""The rate Whisper (and every model the server runs) listens at, in Hz."""
 
 SUPPORTED_FORMATS = (
     "flac",
@@ -93,7 +103,7 @@ class DecodedAudio:
 
 
 def decode_audio(
-    data: bytes, *, max_duration: float, sample_rate: int = SAMPLE_RATE
+    data: bytes | Upload, *, max_duration: float, sample_rate: int = SAMPLE_RATE
 ) -> DecodedAudio:
     """Decode a whole upload to mono float32 at ``sample_rate``.
 
@@ -101,7 +111,8 @@ def decode_audio(
     this holds every sample at once.
 
     Args:
-        data: The uploaded bytes. The format is detected from them; no file name is needed.
+        data: The upload (its bytes, or an :class:`~server.upload.Upload`). The format is
+            detected from its content; no file name is needed.
         max_duration: Longest audio accepted, in seconds.
         sample_rate: Rate of the returned samples, in Hz.
 
@@ -113,19 +124,38 @@ def decode_audio(
         ValueError: ``max_duration`` or ``sample_rate`` is not positive.
     """
     with AudioStream(data, max_duration=max_duration, sample_rate=sample_rate) as stream:
-        chunks = list(stream.int16_chunks())
-        total = sum(len(chunk) for chunk in chunks)
-        # One float32 array, filled chunk by chunk while the int16 chunks are let go.
-        samples = np.empty(total, dtype=np.float32)
-        pos = 0
-        for i, chunk in enumerate(chunks):
-            np.multiply(chunk, _INT16_SCALE, out=samples[pos : pos + len(chunk)])
-            pos += len(chunk)
-            chunks[i] = _EMPTY_INT16
-        info = stream.info
+        return read_whole(stream)
+
+
+class Int16Stream(Protocol):
+    """What :func:`read_whole` needs: an :class:`AudioStream`, or its proxy in a decoder
+    process (``server.decoders``)."""
+
+    sample_rate: int
+    info: AudioInfo
+
+    def int16_chunks(self) -> Iterator[np.ndarray]: ...
+
+
+def read_whole(stream: Int16Stream) -> DecodedAudio:
+    """Every remaining sample of a mono stream as one float32 array.
+
+    Raises:
+        AudioError: decoding failed (see the module doc).
+    """
+    chunks = list(stream.int16_chunks())
+    total = sum(len(chunk) for chunk in chunks)
+    # One float32 array, filled chunk by chunk while the int16 chunks are let go.
+    samples = np.empty(total, dtype=np.float32)
+    pos = 0
+    for i, chunk in enumerate(chunks):
+        np.multiply(chunk, _INT16_SCALE, out=samples[pos : pos + len(chunk)])
+        pos += len(chunk)
+        chunks[i] = _EMPTY_INT16
+    info = stream.info
     return DecodedAudio(
         samples=samples,
-        duration=total / sample_rate,
+        duration=total / stream.sample_rate,
         format_name=info.format_name,
         source_rate=info.source_rate,
         source_channels=info.source_channels,
@@ -150,6 +180,11 @@ class AudioInfo:
     source_channels: int
 
 
+#: ``channel`` for an :class:`AudioStream` that reads every channel.
+ALL_CHANNELS: Literal["all"] = "all"
+Channel = int | Literal["all"] | None
+
+
 class AudioStream:
     """An upload decoded on demand, a few seconds at a time.
 
@@ -161,30 +196,38 @@ class AudioStream:
     :class:`~server.errors.AudioError` with the codes of the module doc.
 
     Args:
-        data: The uploaded bytes.
+        data: The upload: its bytes, or an :class:`~server.upload.Upload` (in memory or on
+            disk; it stays the caller's to close).
         max_duration: Longest audio accepted, in seconds.
         sample_rate: Rate of the samples produced, in Hz.
-        channel: One channel's samples (0 is the first) instead of all of them mixed down:
-            recordings whose channels are different speakers (calls) are diarized by channel.
+        channel: None for every channel mixed down to one; a number for that channel alone (0
+            is the first): recordings whose channels are different speakers (calls) are diarized
+            by channel; :data:`ALL_CHANNELS` for every channel side by side, so that
+            :meth:`read` returns ``(samples, channels)``. A file whose channel layout changes
+            part way (chained Ogg) keeps the first layout: later audio is remixed to it.
 
     Raises:
         AudioError: The upload is empty, not audio, has no audio track, or declares too much.
-        ValueError: ``max_duration`` or ``sample_rate`` is not positive.
+        ValueError: ``max_duration`` or ``sample_rate`` is not positive, or ``channel`` is
+            negative.
     """
 
     def __init__(
         self,
-        data: bytes,
+        data: bytes | Upload,
         *,
         max_duration: float,
         sample_rate: int = SAMPLE_RATE,
-        channel: int | None = None,
+        channel: Channel = None,
     ) -> None:
         if max_duration <= 0 or sample_rate <= 0:
             raise ValueError(
                 f"max_duration and sample_rate must be positive, got {max_duration}, {sample_rate}"
             )
-        if not data:
+        if channel not in (None, ALL_CHANNELS) and not (isinstance(channel, int) and channel >= 0):
+            raise ValueError(f"channel must be None, a channel number or 'all', got {channel!r}")
+        upload = data if isinstance(data, Upload) else Upload(bytes(data))
+        if not upload.size:
             raise _error("empty_file", "The uploaded file is empty (0 bytes). " + _SEND_AUDIO)
         self.sample_rate = sample_rate
         self.max_duration = max_duration
@@ -192,7 +235,7 @@ class AudioStream:
         self._max_samples = int(max_duration * sample_rate)
         try:
             self._container = av.open(
-                io.BytesIO(data),
+                upload.reader(),
                 mode="r",
                 options={"format_whitelist": ",".join(_DEMUXERS)},
                 metadata_errors="ignore",
@@ -202,21 +245,23 @@ class AudioStream:
                 "invalid_audio", f"The uploaded file could not be decoded as audio. {_SEND_AUDIO}"
             ) from exc
         try:
-            self._stream = self._open_track(data)
+            self._stream = self._open_track(upload)
         except BaseException:
             self._container.close()
             raise
         self._packets = self._container.demux(self._stream)
         self._resampler: av.AudioResampler | None = None
         self._setup: tuple[str, str, int] | None = None
-        self._pending: deque[np.ndarray] = deque()  # int16 chunks decoded but not yet read
+        self._layout: av.AudioLayout | None = None  # what the output keeps (channel modes)
+        # int16 chunks decoded but not yet read: (samples,), or (samples, channels) for "all".
+        self._pending: deque[np.ndarray] = deque()
         self._total = 0  # samples decoded so far
         self._bad_packets = 0
         self._failure: Exception | None = None
         self._ended = False  # the demuxer is exhausted (or failed) and checks have run
         self._closed = False
 
-    def _open_track(self, data: bytes) -> av.AudioStream:
+    def _open_track(self, upload: Upload) -> av.AudioStream:
         container = self._container
         format_name = container.format.name
         if not container.streams.audio:
@@ -233,7 +278,7 @@ class AudioStream:
                 f"The uploaded file ({format_name}) holds audio in a codec the server cannot "
                 f"decode. {_SEND_AUDIO}",
             )
-        declared = _declared_duration(data, container, stream)
+        declared = _declared_duration(upload, container, stream)
         if declared is not None and declared > self.max_duration * _DECLARED_TOO_LONG_FACTOR:
             raise _too_long(f"its header declares {_fmt_s(declared)}, over", self.max_duration)
         self.info = AudioInfo(
@@ -264,25 +309,54 @@ class AudioStream:
     def read(self, max_samples: int) -> np.ndarray:
         """The next samples, at most ``max_samples`` of them; fewer only at the end.
 
+        Returns:
+            float32 in [-1, 1): ``(samples,)``, or ``(samples, channels)`` when every channel
+            is read.
+
         Raises:
             AudioError: Decoding failed, the audio runs past the limit, or (at the end) the
                 stream is empty or shorter than its header promised.
         """
-        out = np.empty(max(0, max_samples), dtype=np.float32)
+        return to_float(self.read_int16(max_samples))
+
+    def read_int16(self, max_samples: int) -> np.ndarray:
+        """:meth:`read`, as the int16 samples the decoder produced.
+
+        Raises:
+            AudioError: as :meth:`read`.
+        """
+        parts: list[np.ndarray] = []
         filled = 0
-        while filled < len(out):
+        want = max(0, max_samples)
+        while filled < want:
             if not self._pending:
                 if self._ended:
                     break
                 self._decode_more()
                 continue
             chunk = self._pending.popleft()
-            take = min(len(chunk), len(out) - filled)
-            np.multiply(chunk[:take], _INT16_SCALE, out=out[filled : filled + take])
+            take = min(len(chunk), want - filled)
+            parts.append(chunk[:take])
             filled += take
             if take < len(chunk):
                 self._pending.appendleft(chunk[take:])
-        return out if filled == len(out) else out[:filled].copy()
+        if not parts:
+            shape = (0, len(self._layout.channels)) if self._all and self._layout else (0,)
+            return np.empty(shape, dtype=np.int16)
+        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts)
+
+    def width(self) -> int:
+        """Columns :meth:`read` returns: 1, or with every channel read, the channels of the
+        first frame (decoding it if none has been yet; the header's count if none decodes).
+
+        Raises:
+            AudioError: as :meth:`read`, from decoding the first frame.
+        """
+        if not self._all:
+            return 1
+        if self._layout is None and not self._ended:
+            self._decode_more()
+        return self._layout.nb_channels if self._layout is not None else self.info.source_channels
 
     def int16_chunks(self) -> Iterator[np.ndarray]:
         """Every remaining sample as int16 chunks of about a second (whole-file decoding)."""
@@ -306,6 +380,10 @@ class AudioStream:
         self.close()
 
     # ---- decoding ---------------------------------------------------------------------------
+
+    @property
+    def _all(self) -> bool:
+        return self.channel == ALL_CHANNELS
 
     def _decode_more(self) -> None:
         """Decode packets until some samples come out or the stream ends.
@@ -354,31 +432,47 @@ class AudioStream:
             # concatenated MP3): flush the old resampler and start a fresh one.
             if self._resampler is not None:
                 self._take(self._resampler.resample(None))
-            # frame_size groups the output into 1-second chunks. One channel is taken from the
-            # planar output with every channel kept.
-            self._resampler = av.AudioResampler(
-                format="s16" if self.channel is None else "s16p",
-                layout="mono" if self.channel is None else frame.layout.name,
-                rate=self.sample_rate,
-                frame_size=self.sample_rate,
-            )
             if self._setup is None:
+                self._layout = frame.layout
                 self.info = replace(
                     self.info,
                     source_rate=frame.sample_rate,
                     source_channels=frame.layout.nb_channels,
                 )
+            self._resampler = self._new_resampler(frame, mix=self.channel is None)
             self._setup = frame_setup
+            try:
+                return self._take(self._resampler.resample(frame))
+            except av.ArgumentError:
+                if self.channel is not None:
+                    raise
+                # FFmpeg mixes down only layouts whose channels it can name; channels in no
+                # known order ("64 channels") are kept and averaged here instead (_take).
+                self._resampler = self._new_resampler(frame, mix=False)
         return self._take(self._resampler.resample(frame))
+
+    def _new_resampler(self, frame: av.AudioFrame, *, mix: bool) -> av.AudioResampler:
+        """Mixed down to mono by FFmpeg, or with every channel kept (the first frame's layout
+        where one channel or all of them are read, so the columns never change)."""
+        if mix:
+            return _resampler("mono", self.sample_rate)
+        keep = frame.layout if self.channel is None or self._layout is None else self._layout
+        return _resampler(keep, self.sample_rate)
 
     def _take(self, frames: list[av.AudioFrame]) -> bool:
         produced = False
         for out in frames:
-            planes = out.to_ndarray()
+            samples = _samples(out)
             if self.channel is None:
-                chunk = planes.reshape(-1)
+                chunk = (
+                    samples.reshape(-1)
+                    if samples.shape[1] == 1
+                    else samples.mean(axis=1, dtype=np.float32).astype(np.int16)
+                )
+            elif self._all:
+                chunk = samples
             else:
-                chunk = planes[min(self.channel, len(planes) - 1)].copy()
+                chunk = samples[:, min(self.channel, samples.shape[1] - 1)].copy()
             if len(chunk):
                 self._pending.append(chunk)
                 self._total += len(chunk)
@@ -468,18 +562,48 @@ def _falls_short(*, decoded: float, declared: float) -> bool:
     return decoded < _TRUNCATION_RATIO * declared and declared - decoded > _TRUNCATION_SLACK_S
 
 
+def _resampler(layout: str | av.AudioLayout, rate: int) -> av.AudioResampler:
+    """FFmpeg's resampler to packed 16-bit ``layout`` at ``rate``, whatever comes in (any
+    sample format, planar or packed, any channel count), in 1-second frames: the one form
+    :func:`_samples` reads."""
+    return av.AudioResampler(format="s16", layout=layout, rate=rate, frame_size=rate)
+
+
+def _samples(frame: av.AudioFrame) -> np.ndarray:
+    """A packed 16-bit frame's samples as ``(samples, channels)`` int16 (a copy).
+
+    Only packed frames come here: PyAV's ``AudioFrame.planes`` (and ``to_ndarray``, which uses
+    it) counts planes by walking ``extended_data`` to a NULL pointer, which a planar frame with
+    8 or more channels does not have (the pointer array then ends where the channels do), so it
+    reads past the array and crashes the process. A packed frame has one plane, read here by
+    index with its size given, never searched for.
+    """
+    if frame.format.is_planar or frame.format.name != "s16":
+        raise ValueError(f"expected packed s16 audio, got {frame.format.name}")
+    channels = frame.layout.nb_channels
+    data = np.frombuffer(
+        memoryview(AudioPlane(frame, 0)), dtype=np.int16, count=frame.samples * channels
+    )
+    return data.reshape(frame.samples, channels).copy()
+
+
+def to_float(samples: np.ndarray) -> np.ndarray:
+    """int16 samples as float32 in [-1, 1)."""
+    return np.multiply(samples, _INT16_SCALE, dtype=np.float32)
+
+
 # ---- what the header promises -----------------------------------------------------------------
 
 
 def _declared_duration(
-    data: bytes, container: av.container.InputContainer, stream: av.AudioStream
+    upload: Upload, container: av.container.InputContainer, stream: av.AudioStream
 ) -> float | None:
     """Seconds of audio the file's header promises, or None where it promises nothing reliable."""
     name = container.format.name
     if name == "wav":
         # FFmpeg clamps a WAV data chunk to the bytes present, hiding truncation; read the header.
-        return _wav_declared_duration(data)
-    if name == "mp3" and not _mp3_has_length_header(data):
+        return _wav_declared_duration(upload)
+    if name == "mp3" and not _mp3_has_length_header(upload):
         # Without a Xing/Info/VBRI frame FFmpeg guesses the length from the first frame's bit
         # rate, which for VBR files can be off several times over.
         return None
@@ -492,349 +616,60 @@ def _declared_duration(
 
 
 _UNKNOWN_WAV_SIZES = 0x7FFFF000  # streaming writers put 0, 0x7FFFFFFF or 0xFFFFFFFF here
+# Chunks looked at before the data chunk; real files have a handful (fmt, fact, LIST, bext...).
+_WAV_MAX_CHUNKS = 1024
 
 
-def _wav_declared_duration(data: bytes) -> float | None:
+def _wav_declared_duration(upload: Upload) -> float | None:
     """Seconds announced by a RIFF/WAVE header's data chunk, or None if it announces none."""
-    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+    head = upload.read_at(0, 12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
     byte_rate = 0
     pos = 12
-    while pos + 8 <= len(data):
-        chunk_id = data[pos : pos + 4]
-        size = int.from_bytes(data[pos + 4 : pos + 8], "little")
-        if chunk_id == b"fmt " and size >= 16 and pos + 20 <= len(data):
-            byte_rate = int.from_bytes(data[pos + 16 : pos + 20], "little")  # average bytes/second
+    for _ in range(_WAV_MAX_CHUNKS):
+        chunk = upload.read_at(pos, 20)
+        if len(chunk) < 8:
+            return None
+        chunk_id = chunk[:4]
+        size = int.from_bytes(chunk[4:8], "little")
+        if chunk_id == b"fmt " and size >= 16 and len(chunk) >= 20:
+            byte_rate = int.from_bytes(chunk[16:20], "little")  # average bytes/second
         elif chunk_id == b"data":
             if byte_rate <= 0 or size >= _UNKNOWN_WAV_SIZES:
                 return None
             if size == 0:
                 # 0 is also "unknown" to some streaming writers; it is a promise only when
                 # nothing follows the header.
-                return 0.0 if pos + 8 == len(data) else None
+                return 0.0 if pos + 8 == upload.size else None
             return size / byte_rate
         pos += 8 + size + (size & 1)
     return None
 
 
-def _mp3_has_length_header(data: bytes) -> bool:
+def _mp3_has_length_header(upload: Upload) -> bool:
     """Whether the first MPEG audio frame is a Xing/Info/VBRI frame, which counts the frames."""
     pos = 0
-    if data[:3] == b"ID3" and len(data) >= 10:
+    tag = upload.read_at(0, 10)
+    if tag[:3] == b"ID3" and len(tag) >= 10:
         size = 0
-        for byte in data[6:10]:  # syncsafe: 7 bits per byte
+        for byte in tag[6:10]:  # syncsafe: 7 bits per byte
             size = (size << 7) | (byte & 0x7F)
-        pos = 10 + size + (10 if data[5] & 0x10 else 0)
-    # Find the first frame's sync word; the tag sits 4 + (9..32) bytes past it (36 for VBRI).
-    end = min(len(data) - 1, pos + 64 * 1024)
+        pos = 10 + size + (10 if tag[5] & 0x10 else 0)
+    # Find the first frame's sync word within 64 KiB; the tag sits 4 + (9..32) bytes past it
+    # (36 for VBRI).
+    data = upload.read_at(pos, 64 * 1024 + 64)
+    end = min(len(data) - 1, 64 * 1024)
+    at = 0
     while True:
-        pos = data.find(b"\xff", pos, end)
-        if pos < 0:
+        at = data.find(b"\xff", at, end)
+        if at < 0:
             return False
-        if data[pos + 1] & 0xE0 == 0xE0:
+        if data[at + 1] & 0xE0 == 0xE0:
             break
-        pos += 1
-    head = data[pos : pos + 64]
+        at += 1
+    head = data[at : at + 64]
     return any(tag in head for tag in (b"Xing", b"Info", b"VBRI"))
 
 
 _EMPTY_INT16 = np.empty(0, dtype=np.int16)
-
-
-# ---- cutting long audio -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AudioSpan:
-    """A stretch of samples ``[start, end)``.
-
-    Attributes:
-        start: Index of the first sample.
-        end: Index one past the last sample.
-        sample_rate: Samples per second, for the times in seconds.
-    """
-
-    start: int
-    end: int
-    sample_rate: int = SAMPLE_RATE
-
-    @property
-    def start_s(self) -> float:
-        return self.start / self.sample_rate
-
-    @property
-    def end_s(self) -> float:
-        return self.end / self.sample_rate
-
-    @property
-    def duration_s(self) -> float:
-        return (self.end - self.start) / self.sample_rate
-
-
-# Where to look for a cut: the last third of a span, at most this long. Speech pauses every few
-# seconds, and the VAD runs only here (plus a second either side): for two hours of speech on
-# two CPU cores, about 0.5 s with 10-minute spans and 6.5 s with 30-second ones, against 17 s
-# for the whole file.
-_SEARCH_FRACTION = 1 / 3
-_SEARCH_MAX_S = 20.0
-# Audio on either side of the search window that the VAD hears too, to settle its state.
-_VAD_CONTEXT_S = 1.0
-_VAD_OPTIONS = {"min_silence_duration_ms": 100, "speech_pad_ms": 0, "min_speech_duration_ms": 0}
-_ENERGY_WINDOW_S = 0.1
-_ENERGY_HOP_S = 0.01
-# Pauses whose quietest 100 ms is within this much of the quietest pause in the window count as
-# equally quiet, and the longest of them wins. A break between sentences is usually both longer
-# and quieter (no breath, no tail of the last word) than a pause inside one.
-_PAUSE_LEVEL_TOLERANCE_DB = 6.0
-
-
-def split_on_silence(
-    samples: np.ndarray, *, max_span_s: float, sample_rate: int = SAMPLE_RATE
-) -> list[AudioSpan]:
-    """Cut audio into contiguous spans no longer than ``max_span_s``, at pauses where possible.
-
-    The spans tile the audio exactly (the first starts at 0, each starts where the one before
-    ends, the last ends at ``len(samples)``), so a time inside a span plus its ``start_s`` is a
-    time in the file. Each cut lies in the last third (at most 20 s) of the span it ends:
-    in the middle of the quietest, then longest, pause between speech that the Silero VAD
-    hears there; where it hears none, at the centre of the quietest 100 ms; where the search
-    window is shorter than 100 ms, exactly at the limit. :class:`PieceReader` makes the same
-    cuts while decoding, one piece at a time.
-
-    Args:
-        samples: Mono samples.
-        max_span_s: Longest span, in seconds.
-        sample_rate: Rate of ``samples``, in Hz. The VAD is used only at 16 kHz.
-
-    Returns:
-        The spans in order; one span if the audio is no longer than ``max_span_s``.
-
-    Raises:
-        ValueError: ``max_span_s`` is shorter than one sample.
-    """
-    reader = PieceReader(ArraySource(samples, sample_rate), sample_rate=sample_rate)
-    spans = []
-    while (piece := reader.next(max_span_s)) is not None:
-        spans.append(AudioSpan(piece.start, piece.end, sample_rate))
-    if not spans:
-        return [AudioSpan(0, 0, sample_rate)]
-    reader.log_cuts()
-    return spans
-
-
-class ArraySource:
-    """Samples already in memory, read like an :class:`AudioStream` (views, no copies)."""
-
-    def __init__(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-        self.samples = samples
-        self.sample_rate = sample_rate
-        self._pos = 0
-
-    @property
-    def duration(self) -> float:
-        return len(self.samples) / self.sample_rate
-
-    @property
-    def decoded_seconds(self) -> float:
-        return self._pos / self.sample_rate
-
-    @property
-    def finished(self) -> bool:
-        return self._pos >= len(self.samples)
-
-    def read(self, max_samples: int) -> np.ndarray:
-        out = self.samples[self._pos : self._pos + max(0, max_samples)]
-        self._pos += len(out)
-        return out
-
-    def close(self) -> None:
-        pass
-
-
-class AudioSource(Protocol):
-    """Where a request's samples come from: decoded already (:class:`ArraySource`), decoded as
-    they are read (:class:`AudioStream`), or one channel of a call with the other side's
-    echo muted (``server.diarization.channels.ChannelSource``)."""
-
-    @property
-    def duration(self) -> float | None: ...
-
-    @property
-    def decoded_seconds(self) -> float: ...
-
-    @property
-    def finished(self) -> bool: ...
-
-    def read(self, max_samples: int) -> np.ndarray: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: an array has no single truth value
-class Piece:
-    """A stretch of a request's audio, held while it is transcribed.
-
-    Attributes:
-        start: Index of its first sample in the whole audio.
-        samples: The samples.
-        sample_rate: Samples per second.
-        last: Whether the audio ends with it.
-    """
-
-    start: int
-    samples: np.ndarray
-    sample_rate: int = SAMPLE_RATE
-    last: bool = False
-
-    @property
-    def end(self) -> int:
-        return self.start + len(self.samples)
-
-    @property
-    def start_s(self) -> float:
-        return self.start / self.sample_rate
-
-    @property
-    def duration_s(self) -> float:
-        return len(self.samples) / self.sample_rate
-
-
-class PieceReader:
-    """Cuts audio into pieces at pauses while reading it, holding one piece at a time.
-
-    Each call to :meth:`next` reads just enough to cut the next piece (its length, plus a
-    second the VAD listens to past the limit), cuts it where :func:`split_on_silence` would,
-    and keeps the rest for the piece after. So host memory holds one piece and a tail, however
-    long the audio.
-
-    Args:
-        source: Where the samples come from.
-        sample_rate: Their rate, in Hz; the VAD is used only at 16 kHz.
-    """
-
-    def __init__(self, source: AudioSource, *, sample_rate: int = SAMPLE_RATE) -> None:
-        self.source = source
-        self.sample_rate = sample_rate
-        self._carry = np.empty(0, dtype=np.float32)
-        self._start = 0
-        self._cuts = {"pause": 0, "quiet": 0, "limit": 0}
-
-    @property
-    def position(self) -> int:
-        """Samples handed out in pieces so far."""
-        return self._start
-
-    @property
-    def finished(self) -> bool:
-        """Whether every sample has been handed out."""
-        return self.source.finished and not len(self._carry)
-
-    def next(self, max_span_s: float, *, slack_s: float = 0.0) -> Piece | None:
-        """The next piece, no longer than ``max_span_s``; None when the audio is used up.
-
-        Args:
-            max_span_s: Longest piece, in seconds.
-            slack_s: When the audio ends within this much past ``max_span_s``, the piece runs
-                to the end instead of leaving a sliver after it.
-
-        Raises:
-            ValueError: ``max_span_s`` is shorter than one sample.
-            AudioError: Decoding failed (from an :class:`AudioStream`).
-        """
-        rate = self.sample_rate
-        max_len = int(max_span_s * rate)
-        if max_len < 1:
-            raise ValueError(f"max_span_s must be at least one sample long, got {max_span_s}")
-        slack = int(slack_s * rate)
-        want = max_len + max(slack, int(_VAD_CONTEXT_S * rate))
-        buffer = self._carry
-        if len(buffer) < want and not self.source.finished:
-            more = self.source.read(want - len(buffer))
-            buffer = np.concatenate((buffer, more)) if len(buffer) else more
-        if not len(buffer):
-            self._carry = buffer
-            return None
-        if self.source.finished and len(buffer) <= max_len + slack:
-            piece, self._carry = buffer, np.empty(0, dtype=np.float32)
-        else:
-            search_len = max(1, min(int(max_len * _SEARCH_FRACTION), int(_SEARCH_MAX_S * rate)))
-            lo = max(1, max_len - search_len)
-            cut, how = _find_cut(buffer, lo, max_len, rate, use_vad=rate == SAMPLE_RATE)
-            self._cuts[how] += 1
-            piece, self._carry = buffer[:cut], buffer[cut:].copy()
-        start, self._start = self._start, self._start + len(piece)
-        return Piece(start, piece, rate, last=self.finished)
-
-    def log_cuts(self) -> None:
-        """Say how the cuts so far were placed, if any missed a pause between speech."""
-        cuts = self._cuts
-        if cuts["quiet"] or cuts["limit"]:
-            logger.info(
-                "cut %.0f s into %d pieces; %d cuts found no pause between speech%s and went to "
-                "the quietest 100 ms (%d) or the piece limit (%d)",
-                self._start / self.sample_rate,
-                sum(cuts.values()) + 1,
-                cuts["quiet"] + cuts["limit"],
-                "" if self.sample_rate == SAMPLE_RATE else f" (no VAD at {self.sample_rate} Hz)",
-                cuts["quiet"],
-                cuts["limit"],
-            )
-
-
-def pcm_slice(samples: np.ndarray, span: AudioSpan) -> np.ndarray:
-    """The samples of ``span`` (a view, not a copy)."""
-    return samples[span.start : span.end]
-
-
-def _find_cut(
-    samples: np.ndarray, lo: int, hi: int, sample_rate: int, *, use_vad: bool
-) -> tuple[int, str]:
-    """Where to cut in ``[lo, hi]``, and how it was chosen (``pause``, ``quiet`` or ``limit``)."""
-    width = int(_ENERGY_WINDOW_S * sample_rate)
-    if width < 1 or hi - lo < width:
-        return hi, "limit"
-    hop = max(1, int(_ENERGY_HOP_S * sample_rate))
-    region = np.asarray(samples[lo:hi], dtype=np.float64)
-    energy = np.concatenate(([0.0], np.cumsum(region * region)))
-
-    def quietest(a: int, b: int) -> tuple[float, int]:
-        """Level in dB of the quietest window in ``region[a:b]``, and that window's centre."""
-        w = min(width, b - a)
-        starts = np.arange(a, b - w + 1, hop)
-        power = (energy[starts + w] - energy[starts]) / w
-        i = int(np.argmin(power))
-        return 10 * float(np.log10(power[i] + 1e-10)), int(starts[i]) + w // 2
-
-    if use_vad:
-        pauses = [(a - lo, b - lo) for a, b in _vad_pauses(samples, lo, hi)]
-        pauses = [p for p in pauses if p[1] - p[0] >= width] or pauses
-        if pauses:
-            levels = [quietest(a, b)[0] for a, b in pauses]
-            floor = min(levels)
-            quiet = [
-                pause
-                for pause, level in zip(pauses, levels, strict=True)
-                if level <= floor + _PAUSE_LEVEL_TOLERANCE_DB
-            ]
-            a, b = max(quiet, key=lambda p: (p[1] - p[0], p[0]))
-            return lo + (a + b) // 2, "pause"
-    return lo + quietest(0, hi - lo)[1], "quiet"
-
-
-def _vad_pauses(samples: np.ndarray, lo: int, hi: int) -> list[tuple[int, int]]:
-    """The stretches of ``[lo, hi]`` between speech; none if the VAD hears no speech at all."""
-    context = int(_VAD_CONTEXT_S * SAMPLE_RATE)
-    begin = max(0, lo - context)
-    end = min(len(samples), hi + context)
-    window = np.asarray(samples[begin:end], dtype=np.float32)
-    speech = speech_timestamps(window, _VAD_OPTIONS)
-    if not speech:
-        return []
-    pauses = []
-    pause_start = lo
-    for segment in [*speech, {"start": end - begin, "end": end - begin}]:
-        pause_end = min(hi, begin + segment["start"])
-        if pause_end > pause_start:
-            pauses.append((pause_start, pause_end))
-        pause_start = max(pause_start, begin + segment["end"])
-    return pauses

@@ -141,6 +141,11 @@ class Settings(BaseSettings):
     """Largest upload accepted (e.g. `512MiB`); bigger bodies get 413 before they are read. Sized
     for self-hosting: about 9 hours of 128 kbit/s mp3."""
 
+    decode_workers: int = Field(2, ge=0, le=64)
+    """Processes that decode uploads (FFmpeg) apart from the server, so that a file that crashes
+    or hangs the decoder fails its own request (400 `decoder_failed`) and nothing else. Each
+    takes about 60 MiB. 0: decode in the server process (no isolation)."""
+
     max_audio_duration: float = Field(4 * 3600.0, gt=0)
     """Longest decoded audio accepted, in seconds (also guards against tiny files that decode to
     hours)."""

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.config import Settings
+from server.decoders import DecoderPool
 from server.engine import Engine
 from server.errors import AuthenticationError
 from server.metrics import Metrics
@@ -29,9 +30,15 @@ def get_engine(request: Request) -> Engine:
     return engine
 
 
+def get_decoders(request: Request) -> DecoderPool:
+    decoders: DecoderPool = request.app.state.decoders
+    return decoders
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+DecodersDep = Annotated[DecoderPool, Depends(get_decoders)]
 
 
 def check_api_key(token: str | None, settings: Settings) -> str | None:

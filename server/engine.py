@@ -33,7 +33,6 @@ import numpy as np
 import psutil
 
 from server.admission import Admission
-from server.audio import Piece, PieceReader
 from server.config import Settings
 from server.diarization import Diarizer, SpeakerEncoder, load_encoder, speaker_shortfall
 from server.errors import (
@@ -70,6 +69,7 @@ from server.memory import (
 from server.memory.host_heap import release_freed_memory
 from server.model_pool import LoadedModel, LoadNeeds, ModelPool
 from server.model_store import ModelSource, ModelStore, install_speaker_encoder
+from server.pieces import Piece, PieceReader
 from server.runners import (
     SAMPLE_RATE,
     has_speech,

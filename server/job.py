@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.audio import ArraySource, AudioSource
 from server.chinese import target
 from server.diarization import DiarizationOptions
 from server.languages import ChineseScript
 from server.memory import Shape
 from server.model_store import ModelSource
+from server.pieces import ArraySource, AudioSource
 from server.runners import SAMPLE_RATE, TEMPERATURES
 from server.scheduler import WindowOptions
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from server.errors import InvalidRequestError, quote
 from server.formats import ResponseFormat
 from server.languages import LanguageTag, parse_language
+from server.upload import Upload
 
 Task = Literal["transcribe", "translate"]
 GRANULARITIES = ("word", "segment")
@@ -68,7 +69,7 @@ class TranscriptionRequest:
     """
 
     task: Task
-    file: bytes
+    file: Upload
     model: str
     language_tag: LanguageTag | None = None
     prompt: str | None = None
@@ -338,8 +339,7 @@ def parse_form(
     """Turn a multipart form (field name -> list of values) into a :class:`TranscriptionRequest`.
 
     Args:
-        form: Every field with all its values; files are objects with their bytes already
-            read into ``data``.
+        form: Every field with all its values; files as :class:`~server.upload.Upload`.
         task: ``transcribe`` or ``translate`` (from the route).
         max_beam_size: Largest accepted ``beam_size``.
         max_prompt_chars: Longest accepted ``prompt``.
@@ -352,7 +352,7 @@ def parse_form(
         raise InvalidRequestError(
             "No 'file' field: send the audio as a multipart file field named 'file'.", param="file"
         )
-    if isinstance(upload, str):
+    if not isinstance(upload, Upload):
         raise InvalidRequestError(
             "'file' must be an uploaded file (multipart file part), not a text field.",
             param="file",
@@ -408,7 +408,7 @@ def parse_form(
     speakers = _speakers(form, fmt, task)
     return TranscriptionRequest(
         task=task,
-        file=bytes(upload.data),
+        file=upload,
         model=model,
         language_tag=language,
         prompt=_text(form, "prompt", max_len=max_prompt_chars) or None,

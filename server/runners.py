@@ -40,10 +40,9 @@ from faster_whisper.transcribe import (
 )
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps, get_vad_model
 
+from server.audio import SAMPLE_RATE  # Whisper's input: 16 kHz mono
 from server.transcript import Segment, TokenLogprob, Word
 
-#: Whisper's input: 16 kHz mono.
-SAMPLE_RATE = 16000
 #: faster-whisper's (and OpenAI's) temperature fallback schedule.
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 

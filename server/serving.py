@@ -4,6 +4,7 @@ response, with admission, timeouts, client disconnects and streaming."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,11 +17,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.audio import AudioSource, AudioStream, decode_audio
+from server.audio import ALL_CHANNELS, AudioStream
 from server.chinese import convert_segment, convert_transcript, is_chinese
 from server.config import Settings
+from server.decoders import DecoderPool, DecoderStream
 from server.diarization import DiarizationOptions
-from server.diarization.channels import ChannelSource, measure
+from server.diarization.channels import MAX_CHANNELS, ChannelSource, measure
 from server.engine import Engine
 from server.errors import (
     APIError,
@@ -41,8 +43,10 @@ from server.formats import (
 )
 from server.job import Job
 from server.metrics import Metrics
+from server.pieces import AudioSource
 from server.protocol import Task, TranscriptionRequest, parse_form
 from server.transcript import Segment, Transcript
+from server.upload import Upload
 from server.work import Work
 
 logger = logging.getLogger(__name__)
@@ -53,15 +57,14 @@ _MAX_FIELDS = 64
 _REFERENCE_SECONDS = (1.8, 10.5)
 
 
-class _Upload:
-    """A file part read into memory (the form's spooled file is closed right after)."""
+async def read_form(request: Request, settings: Settings, owner: ExitStack) -> dict[str, list[Any]]:
+    """Read the multipart form into ``name -> [values]``, files as
+    :class:`~server.upload.Upload`: a file part the parser spooled to disk stays there, and
+    ``owner`` closes every upload (which removes its file) when it is closed.
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
-async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]]:
-    """Read the multipart form into ``name -> [values]``, files as :class:`_Upload`."""
+    Raises:
+        RequestCancelledError: the client went away before the upload finished.
+    """
     # A text part may hold a known speaker's reference clip as a data URL: 10 s of 48 kHz
     # stereo WAV is 2.6 MB in base64.
     part_limit = max(4 << 20, settings.max_prompt_chars * 4 + 1024)
@@ -72,7 +75,7 @@ async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]
             fields: dict[str, list[Any]] = {}
             for name, value in form.multi_items():
                 if isinstance(value, UploadFile):
-                    upload = _Upload(await value.read())
+                    upload = owner.enter_context(Upload.take_over(value.file))
                     fields.setdefault(name, []).append(upload)
                 else:
                     fields.setdefault(name, []).append(value)
@@ -83,41 +86,58 @@ async def read_form(request: Request, settings: Settings) -> dict[str, list[Any]
         ) from exc
 
 
+def form_memory(form: dict[str, list[Any]]) -> int:
+    """Bytes of host RAM a parsed form holds: its text fields, and its uploads that are not
+    on disk."""
+    total = 0
+    for values in form.values():
+        for value in values:
+            total += value.memory_bytes if isinstance(value, Upload) else len(value)
+    return total
+
+
 class TranscriptionService:
     """Serves ``/v1/audio/transcriptions`` and ``/v1/audio/translations``."""
 
-    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self, engine: Engine, settings: Settings, metrics: Metrics, decoders: DecoderPool
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        self.decoders = decoders
 
     async def handle(self, request: Request, task: Task) -> Response:
         settings = self.settings
-        form = await read_form(request, settings)
-        req = parse_form(
-            form,
-            task=task,
-            max_beam_size=settings.max_beam_size,
-            max_prompt_chars=settings.max_prompt_chars,
-        )
         engine = self.engine
-        if engine.served is None:
-            raise ModelNotReadyError(
-                f"The model is not loaded: {engine.load_error or 'still starting'}.",
-                retry_after=settings.retry_after,
-            )
-        source = engine.store.resolve(req.model, engine.served)
         key_id = getattr(request.state, "api_key_id", None)
         request_id = getattr(request.state, "request_id", "-")
-        # Everything the request holds goes into one scope. Until the engine starts, this
-        # coroutine closes it on the way out; from then on the work owns it (server.work), and
-        # closes it when the worker stops, however this coroutine ends.
+        # Everything the request holds (its uploads, admission slot, memory hold, open audio)
+        # goes into one scope. Until the engine starts, this coroutine closes it on the way
+        # out; from then on the work owns it (server.work), and closes it when the worker
+        # stops, however this coroutine ends.
         with ExitStack() as scope:
             scope.callback(engine.settle)  # last: read the footprint once all is released
             scope.callback(engine.release_leftovers, request_id)
+            form = await read_form(request, settings, scope)
+            req = parse_form(
+                form,
+                task=task,
+                max_beam_size=settings.max_beam_size,
+                max_prompt_chars=settings.max_prompt_chars,
+            )
+            if engine.served is None:
+                raise ModelNotReadyError(
+                    f"The model is not loaded: {engine.load_error or 'still starting'}.",
+                    retry_after=settings.retry_after,
+                )
+            source = engine.store.resolve(req.model, engine.served)
             scope.enter_context(engine.admission.admit(key_id))
-            # The upload is in memory already: count it against host RAM while it is held.
-            scope.enter_context(engine.hold_upload(len(req.file), request_id, key_id))
+            # What of the form is in memory (text fields, small uploads, the reference clips
+            # decoded from their data URLs) is counted against host RAM while it is held; an
+            # upload spooled to disk is not.
+            held = form_memory(form) + sum(len(r) for r in req.known_speaker_references)
+            scope.enter_context(engine.hold_upload(held, request_id, key_id))
             # Only the header is read here; the engine decodes the audio piece by piece, each
             # under the planner's reservation.
             audio, diarization, channels = await anyio.to_thread.run_sync(self._open, req, scope)
@@ -151,28 +171,27 @@ class TranscriptionService:
 
     def _open(
         self, req: TranscriptionRequest, scope: ExitStack
-    ) -> tuple[AudioStream, DiarizationOptions | None, tuple[AudioSource, ...]]:
-        """Open the upload's audio and, diarized, its options and channels (blocking). Each
-        handle is put in ``scope`` here, in the thread that opens it, so that none is lost
-        when the request is cancelled while this runs."""
-        audio = AudioStream(req.file, max_duration=self.settings.max_audio_duration)
+    ) -> tuple[AudioStream | DecoderStream, DiarizationOptions | None, tuple[AudioSource, ...]]:
+        """Open the upload's audio (in a decoder process) and, diarized, its options and
+        channels (blocking). Each handle is put in ``scope`` here, in the thread that opens
+        it, so that none is lost when the request is cancelled while this runs."""
+        audio = self.decoders.open(req.file, max_duration=self.settings.max_audio_duration)
         scope.callback(audio.close)
         if not req.diarize:
             return audio, None, ()
-        diarization, channels = self._diarization(req, audio)
-        for channel in channels:
-            scope.callback(channel.close)
+        diarization, channels = self._diarization(req, audio, scope)
         return audio, diarization, channels
 
     def _diarization(
-        self, req: TranscriptionRequest, audio: AudioStream
+        self, req: TranscriptionRequest, audio: AudioStream | DecoderStream, slot: ExitStack
     ) -> tuple[DiarizationOptions, tuple[AudioSource, ...]]:
         """A diarized request's options (its reference clips decoded), and, when its channels
-        are the speakers, a source per channel (blocking).
+        are the speakers, a source per channel, closed by ``slot`` (blocking).
 
         Raises:
             DiarizationUnavailableError: the speaker encoder is not installed.
-            InvalidRequestError: a reference clip is not 2-10 s of audio.
+            InvalidRequestError: a reference clip is not 2-10 s of audio, or
+                ``diarize_by_channel=on`` for a file of more than MAX_CHANNELS channels.
         """
         self.engine.speaker_encoder()  # a 400 now, before anything is decoded, if missing
         references = []
@@ -180,7 +199,7 @@ class TranscriptionService:
             zip(req.known_speaker_names, req.known_speaker_references, strict=True)
         ):
             try:
-                clip = decode_audio(data, max_duration=60.0)
+                clip = self.decoders.decode(Upload(data), max_duration=60.0)
             except AudioError as exc:
                 raise InvalidRequestError(
                     f"known_speaker_references[{index}] ({name!r}) is not audio the server can "
@@ -205,8 +224,26 @@ class TranscriptionService:
         count = audio.info.source_channels
         if count < 2 or req.diarize_by_channel == "off":
             return options, ()
+        if count > MAX_CHANNELS:
+            if req.diarize_by_channel == "on":
+                raise InvalidRequestError(
+                    f"diarize_by_channel=on takes files of up to {MAX_CHANNELS} channels, one "
+                    f"speaker each; this one has {count}. Send diarize_by_channel=auto or off "
+                    "to diarize the channels mixed down to one.",
+                    param="diarize_by_channel",
+                    code="too_many_channels",
+                )
+            logger.info(
+                "diarizing %d channels as one: more than the %d diarized one by one",
+                count,
+                MAX_CHANNELS,
+            )
+            return options, ()
         limit = self.settings.max_audio_duration
-        levels = measure(req.file, count, max_duration=limit)
+        with contextlib.closing(
+            self.decoders.open(req.file, max_duration=limit, channel=ALL_CHANNELS)
+        ) as every_channel:
+            levels = measure(every_channel)
         if req.diarize_by_channel == "auto" and not levels.separate:
             logger.info(
                 "diarizing %d channels as one: they carry the same voices (waveform r=%.2f, "
@@ -223,10 +260,12 @@ class TranscriptionService:
             levels.envelope_correlation,
             req.diarize_by_channel,
         )
-        sources = tuple(
-            ChannelSource(req.file, c, levels.gain(c), max_duration=limit) for c in range(count)
-        )
-        return options, sources
+        sources = []
+        for c in range(levels.levels.shape[0]):
+            stream = self.decoders.open(req.file, max_duration=limit, channel=c)
+            slot.callback(stream.close)
+            sources.append(ChannelSource(stream, c, levels.gain(c)))
+        return options, tuple(sources)
 
     def _finished(
         self,

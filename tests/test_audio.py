@@ -11,22 +11,23 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import os
+import subprocess
+import sys
 import time
 import wave
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
+from av.audio.plane import AudioPlane
 
-from server.audio import (
-    SUPPORTED_FORMATS,
-    AudioSpan,
-    DecodedAudio,
-    decode_audio,
-    pcm_slice,
-    split_on_silence,
-)
+import server.audio as audio_module
+from server.audio import SUPPORTED_FORMATS, DecodedAudio, decode_audio
 from server.errors import AudioError, InvalidRequestError
+from server.pieces import AudioSpan, pcm_slice, split_on_silence
+from tests.media import Media, signal
 
 DATA = Path(__file__).parent / "data"
 RATE = 16000
@@ -194,6 +195,100 @@ def test_a_stream_that_changes_rate_and_channels_midway_decodes_whole() -> None:
     expected = float(MANIFEST["jfk.flac"]["duration_s"]) + float(MANIFEST[second]["duration_s"])
     assert audio.duration == pytest.approx(expected, abs=0.1)
     assert (audio.source_rate, audio.source_channels) == (44100, 2)
+
+
+# ---- every channel count, every sample format -------------------------------------------------
+
+# Issue 21: reading one channel (as diarization's channel measurement does) of a file with 8 or
+# more channels segfaulted the server, inside PyAV's AudioFrame.to_ndarray on planar frames.
+_READ_EVERY_CHANNEL = """
+import sys
+import numpy as np
+from server.audio import ALL_CHANNELS, AudioStream
+from tests.media import Media, signal
+wide = {"mapping_family": "255"} if sys.argv[2] == "libopus" else {}
+media = Media(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), "", options=wide,
+              separate=True)
+data = media.encode()
+with AudioStream(data, max_duration=60, channel=ALL_CHANNELS) as stream:
+    every = stream.read(10**7)
+assert every.shape[1] == media.channels, every.shape
+for c in range(media.channels):
+    with AudioStream(data, max_duration=60, channel=c) as stream:
+        one = stream.read(10**7)
+    assert np.array_equal(one, every[:, c]), c
+print("ok")
+"""
+
+
+@pytest.mark.parametrize(
+    ("container", "codec", "channels", "rate"),
+    [
+        ("wav", "pcm_s16le", 8, 16000),
+        ("wav", "pcm_f32le", 9, 22050),
+        ("matroska", "libopus", 16, 48000),
+        ("wav", "pcm_s16le", 64, 8000),
+    ],
+)
+def test_any_channel_of_a_wide_file_reads_without_crashing(
+    container: str, codec: str, channels: int, rate: int
+) -> None:
+    """In a process of its own, so that a crash fails this test instead of ending the run."""
+    out = subprocess.run(
+        [sys.executable, "-c", _READ_EVERY_CHANNEL, container, codec, str(channels), str(rate)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", (out.returncode, out.stderr[-2000:])
+
+
+_FORMATS = ["u8", "u8p", "s16", "s16p", "s32", "s32p", "s64", "s64p", "flt", "fltp", "dbl", "dblp"]
+
+
+@pytest.mark.parametrize("channels", [1, 2, 7, 8, 9, 64])
+@pytest.mark.parametrize("fmt", _FORMATS)
+def test_every_sample_format_and_channel_count_converts_exactly(fmt: str, channels: int) -> None:
+    """Frames of every sample format FFmpeg has, planar and packed, come out of the
+    resampler as packed 16-bit, read with explicit sizes: each channel keeps its own values."""
+    n = 480
+    layout = "mono" if channels == 1 else "stereo" if channels == 2 else f"{channels} channels"
+    frame = av.AudioFrame(format=fmt, layout=layout, samples=n)
+    frame.sample_rate = 16000
+    # A level of its own per channel (3c mod 100 differs for every c < 100), within 16 bits.
+    values = ((np.arange(channels)[:, None] * 3) % 100 - 50 + np.arange(n)[None, :] % 20) * 256
+    dtype = {"u8": np.uint8, "s16": np.int16, "s32": np.int32, "s64": np.int64}
+    dtype |= {"flt": np.float32, "dbl": np.float64}
+    kind = np.dtype(dtype[fmt.rstrip("p")])
+    if kind == np.uint8:
+        typed = (values // 256 + 128).astype(np.uint8)
+    elif kind.kind == "f":
+        typed = (values / 32768).astype(kind)
+    else:
+        typed = (values * (1 << (8 * kind.itemsize - 16))).astype(kind)
+    # Filled plane by plane through the buffer protocol, by index (never frame.planes).
+    rows = typed if frame.format.is_planar else typed.T.reshape(1, -1)
+    for i, row in enumerate(rows):
+        np.frombuffer(memoryview(AudioPlane(frame, i)), dtype=kind, count=row.size)[:] = row
+    resampler = audio_module._resampler(frame.layout, 16000)
+    out = [audio_module._samples(f) for f in resampler.resample(frame) + resampler.resample(None)]
+    got = np.concatenate(out)
+    assert got.shape == (n, channels)
+    want = (values // 256 * 256).T if kind == np.uint8 else values.T
+    assert np.abs(got.astype(np.int64) - want).max() <= (256 if kind == np.uint8 else 1)
+
+
+def test_channels_in_no_known_order_are_mixed_to_their_mean() -> None:
+    """FFmpeg mixes down a layout only where it can name the channels (for "16 channels" it
+    guesses a standard one); 64 channels are averaged here instead of refused (they were a
+    400 before)."""
+    media = Media("wav", "pcm_s16le", 64, 16000, "s16", seconds=1.0)
+    audio = decode_audio(media.encode(), max_duration=LIMIT)
+    want = (signal(media).T * 32767).astype(np.int16).mean(axis=1) / 32768
+    assert len(audio.samples) == len(want)
+    assert np.abs(audio.samples - want).max() < 2e-4
 
 
 # ---- bad files --------------------------------------------------------------------------------

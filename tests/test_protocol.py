@@ -9,15 +9,11 @@ import pytest
 
 from server.errors import QUOTE_CHARS, InvalidRequestError, quote
 from server.protocol import MAX_KEYWORDS, TranscriptionRequest, parse_form, parse_number
-
-
-class _File:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+from server.upload import Upload
 
 
 def _parse(task: str = "transcribe", **fields: Any) -> TranscriptionRequest:
-    form: dict[str, list[Any]] = {"file": [_File(b"RIFF")], "model": ["whisper-1"]}
+    form: dict[str, list[Any]] = {"file": [Upload(b"RIFF")], "model": ["whisper-1"]}
     for name, value in fields.items():
         form[name.replace("__", "[]")] = value if isinstance(value, list) else [value]
     return parse_form(form, task=task, max_beam_size=10, max_prompt_chars=200)  # type: ignore[arg-type]

@@ -11,6 +11,9 @@ together; the two sides of a call do neither. ``on`` and ``off`` force the choic
 A side's voice often leaks faintly into the other side's channel (line echo, a headset's
 crosstalk). Where a channel is more than ``BLEED_DB`` quieter than the loudest channel, it is
 muted before transcription, so that leaked words are not transcribed a second time.
+
+Each channel is transcribed in full, so the work grows with the channels: files of more than
+``MAX_CHANNELS`` are diarized as one mix (``auto``) or refused (``on``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.audio import AudioStream
+from server.pieces import AudioSource
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,8 @@ FRAME = 160  # 10 ms at 16 kHz
 MAX_CORRELATION = 0.5
 #: A channel this much quieter than the loudest one is only hearing the other side's echo.
 BLEED_DB = 20.0
+#: Most channels diarized one by one (a call has two; a meeting recorder up to eight).
+MAX_CHANNELS = 8
 _READ = 16000 * 10
 _SILENT_DB = -60.0
 
@@ -61,31 +66,32 @@ class ChannelLevels:
         return (self.levels[channel] >= loudest - BLEED_DB).astype(np.float32)
 
 
-def measure(data: bytes, channels: int, *, max_duration: float) -> ChannelLevels:
-    """Decode each channel once and measure it (levels, correlations); holds only the levels.
+def measure(stream: AudioSource) -> ChannelLevels:
+    """Read a stream of every channel once and measure them (levels, correlations); holds only
+    the levels.
+
+    Args:
+        stream: Samples of every channel: ``read`` returns ``(samples, channels)`` (an
+            :class:`~server.audio.AudioStream` opened with ``channel="all"``). It is read to
+            the end; closing it stays the caller's.
 
     Raises:
         AudioError: the upload does not decode.
     """
-    streams = [AudioStream(data, max_duration=max_duration, channel=c) for c in range(channels)]
-    levels: list[list[np.ndarray]] = [[] for _ in streams]
-    cross = np.zeros((channels, channels))
-    try:
-        while not all(s.finished for s in streams):
-            blocks = [s.read(_READ).astype(np.float64) for s in streams]
-            n = min(len(b) for b in blocks)
-            if n == 0:
-                break
-            blocks = [b[:n] for b in blocks]
-            cross += np.array([[a @ b for b in blocks] for a in blocks])
-            whole = n // FRAME * FRAME
-            for c, block in enumerate(blocks):
-                power = np.square(block[:whole]).reshape(-1, FRAME).mean(axis=1)
-                levels[c].append(10 * np.log10(power + 1e-12))
-    finally:
-        for s in streams:
-            s.close()
-    level = np.stack([np.concatenate(parts) if parts else np.zeros(0) for parts in levels])
+    levels: list[np.ndarray] = []
+    cross: np.ndarray | None = None
+    while not stream.finished:
+        block = stream.read(_READ).astype(np.float64)
+        if not len(block):
+            break
+        cross = block.T @ block if cross is None else cross + block.T @ block
+        whole = len(block) // FRAME * FRAME
+        power = np.square(block[:whole]).reshape(-1, FRAME, block.shape[1]).mean(axis=1)
+        levels.append(10 * np.log10(power.T + 1e-12))
+    if cross is None:
+        return ChannelLevels(np.zeros((1, 0), dtype=np.float32), 1.0, 1.0)
+    channels = cross.shape[0]
+    level = np.concatenate(levels, axis=1)
     diag = np.sqrt(np.maximum(np.diag(cross), 1e-12))
     corr = cross / np.outer(diag, diag)
     active = level.max(axis=0) > max(_SILENT_DB, float(level.max(initial=-120.0)) - 40.0)
@@ -105,18 +111,18 @@ def measure(data: bytes, channels: int, *, max_duration: float) -> ChannelLevels
 
 class ChannelSource:
     """One channel of an upload, decoded as it is read, with the frames that only echo another
-    channel muted (an :class:`~server.audio.AudioSource`).
+    channel muted (an :class:`~server.pieces.AudioSource`).
 
     Args:
-        data: The uploaded bytes.
+        stream: The channel's samples (an :class:`~server.audio.AudioStream` opened with
+            ``channel=c``); closed with this source.
         channel: Which channel.
         gain: Per 10 ms frame, 1 to keep and 0 to mute (:meth:`ChannelLevels.gain`).
-        max_duration: Longest audio accepted, in seconds.
     """
 
-    def __init__(self, data: bytes, channel: int, gain: np.ndarray, *, max_duration: float) -> None:
+    def __init__(self, stream: AudioSource, channel: int, gain: np.ndarray) -> None:
         self.channel = channel
-        self._stream = AudioStream(data, max_duration=max_duration, channel=channel)
+        self._stream = stream
         self._gain = np.repeat(gain, FRAME)
         self._position = 0  # samples handed out so far
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from server.deps import Authorized, EngineDep, MetricsDep, SettingsDep
+from server.deps import Authorized, DecodersDep, EngineDep, MetricsDep, SettingsDep
 from server.protocol import ErrorResponse, form_schema
 from server.serving import TranscriptionService
 
@@ -19,9 +19,9 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 
 
 def get_service(
-    engine: EngineDep, settings: SettingsDep, metrics: MetricsDep
+    engine: EngineDep, settings: SettingsDep, metrics: MetricsDep, decoders: DecodersDep
 ) -> TranscriptionService:
-    return TranscriptionService(engine, settings, metrics)
+    return TranscriptionService(engine, settings, metrics, decoders)
 
 
 ServiceDep = Annotated[TranscriptionService, Depends(get_service)]
