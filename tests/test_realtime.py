@@ -120,12 +120,13 @@ def check_items(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
             assert e["usage"]["type"] == "duration" and e["usage"]["seconds"] >= 1
             joined = deltas.get(e["item_id"], "")
             final = words(e["transcript"])
-            # Sent text is rarely contradicted: one word edit at most turns it into a prefix of
-            # the final text (a word the final decode adds at the start shifts the rest, and
-            # counts once).
+            # Sent text is rarely contradicted: a word edit or two at most turns it into a
+            # prefix of the final text (a word the final decode adds at the start shifts the
+            # rest, and counts once). 0-1 edits over the ten kernel paths of
+            # bench/kernel_paths.py; the bound is twice the worst.
             sent = words(joined)
             closest = min(edit_distance(sent, final[:k]) for k in range(len(final) + 1))
-            assert within("delta edits vs completed", closest, at_most=1), (joined, e["transcript"])
+            assert within("delta edits vs completed", closest, at_most=2), (joined, e["transcript"])
             items.append((joined, e["transcript"]))
     return items
 
