@@ -158,9 +158,9 @@ def test_a_batch_reserves_for_the_windows_it_takes(
     reserved: list[tuple[str, int, str]] = []
     original = engine.reservations.reserve
 
-    def reserve(device: str, nbytes: int, owner: str) -> Any:
+    def reserve(device: str, nbytes: int, owner: str, api_key: str | None = None) -> Any:
         reserved.append((device, nbytes, owner))
-        return original(device, nbytes, owner)
+        return original(device, nbytes, owner, api_key)
 
     engine.reservations.reserve = reserve  # type: ignore[method-assign]
     clip = decode_audio((data_dir / "jfk.flac").read_bytes(), max_duration=60).samples

@@ -148,9 +148,9 @@ class Gate:
             self.open.wait(timeout=300)
             return run(*args, **kwargs)
 
-        def counted_hold(nbytes: int, owner: str) -> Any:
+        def counted_hold(nbytes: int, owner: str, api_key: str | None = None) -> Any:
             self.held.append(nbytes)
-            return hold(nbytes, owner)
+            return hold(nbytes, owner, api_key)
 
         monkeypatch.setattr(engine, "run", gated_run)
         monkeypatch.setattr(engine, "hold_upload", counted_hold)
