@@ -64,7 +64,7 @@ def load(
     path: Path, start: float = 0.0, end: float | None = None, channel: int | None = None
 ) -> np.ndarray:
     """A recording (or a stretch of it) as 16 kHz mono float32, decoded as the server does."""
-    from server.audio import decode_audio
+    from server.audio.decode import decode_audio
 
     if channel is not None:
         with wave.open(str(path)) as w:
@@ -146,7 +146,7 @@ def cut_at_pauses(
     samples: np.ndarray, *, shortest: float = 2.0, longest: float = 7.0
 ) -> list[np.ndarray]:
     """Utterances of ``shortest``-``longest`` seconds, cut at the pauses the VAD hears."""
-    from server.runners import speech_timestamps
+    from server.whisper.runner import speech_timestamps
 
     speech = speech_timestamps(samples, {"min_silence_duration_ms": 250, "speech_pad_ms": 50})
     out: list[np.ndarray] = []

@@ -48,7 +48,7 @@ def wav_bytes(samples: np.ndarray) -> bytes:
 
 def speech(seconds: float | None = None) -> np.ndarray:
     sys.path.insert(0, str(ROOT))
-    from server.audio import decode_audio
+    from server.audio.decode import decode_audio
 
     name = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
     samples = decode_audio((DATA / name).read_bytes(), max_duration=3600).samples

@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from throughput import SHORT as CLIPS  # noqa: E402
 
-from server.audio import decode_audio  # noqa: E402
+from server.audio.decode import decode_audio  # noqa: E402
 
 # (cpu_threads, num_workers, client threads)
 LAYOUTS = [(0, 1, 1), (2, 1, 1), (1, 2, 2), (1, 2, 8), (2, 2, 8), (0, 2, 8)]

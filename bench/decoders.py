@@ -1,4 +1,4 @@
-"""What decoding in processes of its own costs (server/decoders/), against decoding in the
+"""What decoding in processes of its own costs (server/audio/decoders/), against decoding in the
 server's process: CPU seconds per minute of audio (the server's and the decoder's together),
 the latency of a short clip, and the memory a decoder process takes.
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import psutil
 
-from server.audio import AudioStream
-from server.decoders import DecoderPool, DecoderStream
-from server.upload import Upload
+from server.audio.decode import AudioStream
+from server.audio.decoders import DecoderPool, DecoderStream
+from server.audio.upload import Upload
 
 DATA = Path(__file__).parent.parent / "tests" / "data"
 FILES = [

@@ -96,7 +96,7 @@ def der(conv: Conversation, hypothesis: list[tuple[float, float, str]], collar: 
 
 def track_stage(convs: list[Conversation]) -> None:
     from server.diarization import DiarizationOptions, Diarizer, load_encoder
-    from server.model_store import install_speaker_encoder
+    from server.engine.store import install_speaker_encoder
 
     encoder = load_encoder(install_speaker_encoder(ROOT / "models"))
     rows = []

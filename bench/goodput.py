@@ -35,7 +35,7 @@ import requests
 from harness import RATE, ROOT, encode_opus, served
 
 sys.path.insert(0, str(ROOT))
-from server.audio import decode_audio
+from server.audio.decode import decode_audio
 from server.memory import MemoryAmount
 from server.memory.peaks import sample_peak
 

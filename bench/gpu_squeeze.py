@@ -25,7 +25,7 @@ from harness import ROOT, served
 
 sys.path.insert(0, str(ROOT))
 
-from server.audio import decode_audio
+from server.audio.decode import decode_audio
 from server.memory.peaks import peak_sampler
 from server.memory.probes import HostProbe, NvmlProbe, ProbeUnavailable
 

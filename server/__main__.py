@@ -48,8 +48,8 @@ def configure_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from server.api.connections import uvicorn_options
     from server.app import create_app
-    from server.connections import uvicorn_options
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = load_settings(**overrides)
@@ -72,12 +72,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_transcribe(args: argparse.Namespace) -> None:
     import uuid
 
-    from server.audio import AudioStream
+    from server.api.formats import render
+    from server.audio.decode import AudioStream
     from server.chinese import convert_transcript, target
-    from server.engine import Engine
-    from server.formats import render
-    from server.job import Job
+    from server.engine.core import Engine
     from server.languages import parse_language
+    from server.request import Job
 
     settings = load_settings()
     configure_logging("warning")
@@ -112,7 +112,7 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:
-    from server.calibrate import calibrate
+    from server.memory.calibrate import calibrate
 
     settings = load_settings()
     configure_logging(settings.log_level)
@@ -132,7 +132,7 @@ def cmd_settings_table(args: argparse.Namespace) -> None:
 
 
 def cmd_install_model(args: argparse.Namespace) -> None:
-    from server.model_store import install_default_model
+    from server.engine.store import install_default_model
 
     settings = load_settings()
     print(install_default_model(settings.models_dir))

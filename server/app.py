@@ -20,10 +20,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.connections import PROTOCOL_STATUS
+from server.api.origins import OriginMiddleware, OriginPolicy
+from server.api.routes import audio, health, models, realtime, ui
+from server.audio.decoders import DecoderPool
 from server.config import Settings
-from server.connections import PROTOCOL_STATUS
-from server.decoders import DecoderPool
-from server.engine import Engine
+from server.engine.core import Engine
 from server.errors import (
     APIError,
     InvalidRequestError,
@@ -35,9 +37,7 @@ from server.errors import (
 )
 from server.memory import format_bytes, host_heap
 from server.metrics import Metrics
-from server.origins import OriginMiddleware, OriginPolicy
-from server.realtime import LiveSessions
-from server.routes import audio, health, models, realtime, ui
+from server.realtime.session import LiveSessions
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("server.access")

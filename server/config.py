@@ -13,9 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.api.origins import parse_origin
 from server.memory.planner import DEFAULT_LADDER, Step, parse_ladder
 from server.memory.sizes import MemoryAmount
-from server.origins import parse_origin
 
 
 def _split_list(value: Any) -> Any:

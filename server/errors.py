@@ -115,7 +115,7 @@ class AuthenticationError(ClientError):
 
 class OriginNotAllowedError(ClientError):
     """A browser request from a web page whose origin may not use this server (see
-    :mod:`server.origins`)."""
+    :mod:`server.api.origins`)."""
 
     status = 403
     type = "permission_error"

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from server.engine import Engine
+    from server.engine.core import Engine
 
 logger = logging.getLogger(__name__)
 

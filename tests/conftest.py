@@ -24,9 +24,9 @@ import pytest
 import uvicorn
 
 from bench.harness import cer, wer, words  # noqa: F401  (the tests score with the benches' functions)
+from server.api.connections import uvicorn_options
 from server.app import create_app
 from server.config import Settings
-from server.connections import uvicorn_options
 
 DATA = Path(__file__).parent / "data"
 
@@ -191,10 +191,10 @@ def out_of_memory_faults(engine: Any, calls: int) -> Iterator[None]:
 @pytest.fixture
 def pipeline_hears_louder(monkeypatch: pytest.MonkeyPatch) -> None:
     """faster-whisper's own pipelines, with Silero VAD listening to the louder copy the server's
-    does (``server.runners.loud_for_vad``), so that both cut the same windows."""
+    does (``server.whisper.runner.loud_for_vad``), so that both cut the same windows."""
     import faster_whisper.transcribe
 
-    from server.runners import loud_for_vad
+    from server.whisper.runner import loud_for_vad
 
     vad = faster_whisper.transcribe.get_speech_timestamps
     monkeypatch.setattr(
@@ -207,7 +207,7 @@ def pipeline_hears_louder(monkeypatch: pytest.MonkeyPatch) -> None:
 def make_engine(tiny_model: Path, models_dir: Path, **overrides: Any) -> Any:
     """A started engine serving tiny.en from ``models_dir``, its footprint pinned to its
     weights (see :func:`pin_footprint_to_weights`)."""
-    from server.engine import Engine
+    from server.engine.core import Engine
 
     engine = Engine(Settings(model=str(tiny_model), models_dir=models_dir, **overrides))
     pin_footprint_to_weights(engine)

@@ -1,4 +1,4 @@
-"""server/audio.py on real speech: decoding every supported container, refusing every kind
+"""server/audio/decode.py on real speech: decoding every supported container, refusing every kind
 of bad upload with its own code, and cutting long audio at the pauses between sentences.
 
 The derived fixtures (other containers, truncated files, the decompression bomb, ...) come
@@ -23,10 +23,10 @@ import numpy as np
 import pytest
 from av.audio.plane import AudioPlane
 
-import server.audio as audio_module
-from server.audio import SUPPORTED_FORMATS, DecodedAudio, decode_audio
+import server.audio.decode as audio_module
+from server.audio.decode import SUPPORTED_FORMATS, DecodedAudio, decode_audio
+from server.audio.pieces import AudioSpan, pcm_slice, split_on_silence
 from server.errors import AudioError, InvalidRequestError
-from server.pieces import AudioSpan, pcm_slice, split_on_silence
 from tests.media import Media, signal
 
 DATA = Path(__file__).parent / "data"
@@ -204,7 +204,7 @@ def test_a_stream_that_changes_rate_and_channels_midway_decodes_whole() -> None:
 _READ_EVERY_CHANNEL = """
 import sys
 import numpy as np
-from server.audio import ALL_CHANNELS, AudioStream
+from server.audio.decode import ALL_CHANNELS, AudioStream
 from tests.media import Media, signal
 wide = {"mapping_family": "255"} if sys.argv[2] == "libopus" else {}
 media = Media(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), "", options=wide,

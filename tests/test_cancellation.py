@@ -2,7 +2,7 @@
 
 A request holds an admission slot, its upload counted against host RAM, its open audio, the
 engine's reservations for the piece it decodes, and a share of the batch its windows run in.
-Each is owned by a scope that closes on every exit (``server.work``, the engine's ``with``
+Each is owned by a scope that closes on every exit (``server.api.work``, the engine's ``with``
 blocks, the scheduler's pairing of ``max_batch`` with ``around_batch``). These tests cancel
 requests where each of those is held and check that ``/v1/memory`` comes back to where it was.
 """
@@ -29,11 +29,11 @@ import pytest
 from faster_whisper import WhisperModel
 from websockets.sync.client import connect
 
-from server.audio import decode_audio
+from server.audio.decode import decode_audio
+from server.batching.scheduler import BatchKey, Scheduler, WindowOptions
 from server.config import Settings
 from server.errors import RequestCancelledError
-from server.job import Job
-from server.scheduler import BatchKey, Scheduler, WindowOptions
+from server.request import Job
 from tests.conftest import LiveServer, free_port, make_engine, pin_footprint_to_weights, run_server
 
 SR = 16000

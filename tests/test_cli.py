@@ -151,8 +151,8 @@ def test_calibrate_writes_profile_and_chart(tiny_model: Path, tmp_path: Path) ->
     png = folder / "memory_profile.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    from server.model_pool import ModelPool
-    from server.model_store import ModelSource
+    from server.engine.residency import ModelPool
+    from server.engine.store import ModelSource
 
     pool = ModelPool(Settings(model=str(folder), models_dir=tmp_path))
     loaded = pool.get(ModelSource("tiny", folder), "cpu")
@@ -162,7 +162,7 @@ def test_calibrate_writes_profile_and_chart(tiny_model: Path, tmp_path: Path) ->
 def test_a_model_link_is_served_under_its_own_name(tiny_model: Path, tmp_path: Path) -> None:
     """WHISPER_MODEL pointing at a link serves the link's name (what the operator chose), and
     loads the folder it points to."""
-    from server.model_store import ModelStore
+    from server.engine.store import ModelStore
 
     link = tmp_path / "large-v3-turbo"
     link.symlink_to(tiny_model.resolve(), target_is_directory=True)

@@ -1,4 +1,4 @@
-"""The connection layer (server/connections.py) over real TCP: the header timeout, the
+"""The connection layer (server/api/connections.py) over real TCP: the header timeout, the
 connection cap, /metrics behind the API key, and what the protocol refuses, as the client sees
 it and as the server logs it."""
 
@@ -109,7 +109,7 @@ def test_dribbled_headers_get_408_and_close(
 ) -> None:
     """A request line, then a header dribbled a byte every 0.3 s: the bytes keep arriving, but
     they do not restart the clock, so the connection is answered 408 and closed on time."""
-    with caplog.at_level(logging.INFO, logger="server.connections"):
+    with caplog.at_level(logging.INFO, logger="server.api.connections"):
         with _connect(server) as sock:
             received, elapsed = _dribble(
                 sock, b"GET /health HTTP/1.1\r\nX-Slow: ", every=0.3, limit=10 * HEADER_TIMEOUT
@@ -360,7 +360,7 @@ def test_a_body_left_unread_by_the_app_is_still_paced(
 def test_malformed_request_is_answered_in_the_envelope_and_logged(
     server: LiveServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="server.connections"):
+    with caplog.at_level(logging.INFO, logger="server.api.connections"):
         with _connect(server) as sock:
             sock.sendall(b"NOT HTTP AT ALL\x01\r\n\r\n")
             received = _read_until_closed(sock)
@@ -369,7 +369,7 @@ def test_malformed_request_is_answered_in_the_envelope_and_logged(
 
 
 def test_oversize_headers_get_431(server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="server.connections"):
+    with caplog.at_level(logging.INFO, logger="server.api.connections"):
         with _connect(server) as sock:
             # In pieces, so that h11 sees an unfinished head grow past its buffer limit.
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
@@ -479,7 +479,7 @@ def test_metrics_public_opens_only_metrics(
 def test_the_body_clock_counts_only_time_the_client_is_waited_for() -> None:
     """BodyPace: bytes earn time at the least rate; time held (the server not reading) is not
     counted."""
-    from server.connections import BodyPace
+    from server.api.connections import BodyPace
 
     pace = BodyPace(grace=10.0, min_rate=1000, now=100.0)
     assert pace.left(105.0) == 5.0

@@ -1,4 +1,4 @@
-"""Decoding in processes of its own (server/decoders/): a decoder that crashes or hangs costs
+"""Decoding in processes of its own (server/audio/decoders/): a decoder that crashes or hangs costs
 the request it was reading and nothing else; the other streams it held go on where they were;
 its replies are checked, never trusted; and over HTTP the server stays up.
 
@@ -23,11 +23,11 @@ import psutil
 import pytest
 import requests
 
-import server.decoders.pool as decoder_pool
-from server.audio import AudioStream, decode_audio
-from server.decoders import DecoderPool
+import server.audio.decoders.pool as decoder_pool
+from server.audio.decode import AudioStream, decode_audio
+from server.audio.decoders import DecoderPool
+from server.audio.upload import Upload
 from server.errors import AudioError
-from server.upload import Upload
 from tests.conftest import DATA, LiveServer
 
 JFK = (DATA / "jfk.flac").read_bytes()
@@ -278,7 +278,7 @@ def test_a_crashing_decoder_costs_one_request_and_the_server_stays_up(server: Li
 
 
 def test_the_decoder_processes_memory_counts_as_the_server_s(server: LiveServer) -> None:
-    engine = server.engine
+    engine = server.engine.core
     pool: DecoderPool = server.app.state.decoders
     own = psutil.Process().memory_info().rss
     assert engine.footprint() >= own + pool.resident_bytes() - (16 << 20)

@@ -23,11 +23,11 @@ import requests
 
 from bench.conversations import Conversation, build, load, to_wav
 from server.diarization import DiarizationOptions, Diarizer, SpeakerTrack, load_encoder
+from server.engine.store import install_speaker_encoder
 from server.errors import DiarizationUnavailableError
 from server.memory import CostModel, PlanRequest, Policy, Shape, plan_request, read_model_dims
 from server.memory.cost import DIARIZATION_BYTES_PER_SECOND, DIARIZATION_FIXED_BYTES, MiB
 from server.memory.probes import DeviceMemory, MemorySnapshot
-from server.model_store import install_speaker_encoder
 from server.transcript import Segment
 from tests.conftest import DATA, LiveServer, wer, within
 
@@ -410,9 +410,9 @@ def test_translations_are_not_diarized(server: LiveServer) -> None:
 def test_without_the_encoder_weights_the_400_says_how_to_install_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import server.model_store
+    import server.engine.store
 
-    monkeypatch.setattr(server.model_store.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(server.engine.store.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(DiarizationUnavailableError) as raised:
         install_speaker_encoder(tmp_path)
     assert raised.value.status == 400

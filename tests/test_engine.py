@@ -18,13 +18,13 @@ import pytest
 import requests
 
 from bench.harness import cer, longest_loss
-from server.audio import decode_audio
+from server.audio.decode import decode_audio
 from server.config import Settings
-from server.engine import Engine
+from server.engine.core import Engine
+from server.engine.residency import LoadedModel
 from server.errors import InsufficientMemoryError
-from server.job import Job
 from server.memory import Shape
-from server.model_pool import LoadedModel
+from server.request import Job
 from tests.conftest import (
     free_port,
     make_engine,
@@ -226,7 +226,7 @@ def test_degradation_is_reported_in_header_and_body(
 def test_out_of_memory_is_recovered(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
     """The fault fixture makes the first inference call raise CTranslate2's own OOM message."""
     settings = Settings(model=str(tiny_model), models_dir=tmp_path, port=free_port())
-    with run_server(settings) as server, out_of_memory_faults(server.engine, calls=1):
+    with run_server(settings) as server, out_of_memory_faults(server.engine.core, calls=1):
         resp = requests.post(
             server.url + "/v1/audio/transcriptions",
             files={"file": ("a.flac", (data_dir / "jfk.flac").read_bytes())},
@@ -298,7 +298,8 @@ def test_a_model_that_cannot_run_on_the_gpu_falls_back_or_fails(
     here: ``auto`` serves on the CPU with the failure in ``device_reason``; ``cuda`` does not
     start, naming it."""
     monkeypatch.setattr(
-        "server.engine.cuda_available", lambda: (True, "1 CUDA device(s) visible to CTranslate2")
+        "server.engine.core.cuda_available",
+        lambda: (True, "1 CUDA device(s) visible to CTranslate2"),
     )
     engine = Engine(Settings(model=str(tiny_model), models_dir=tmp_path, device=wanted))
     pin_footprint_to_weights(engine)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from server.formats import (
+from server.api.formats import (
     JSON_MEDIA_TYPE,
     TEXT_MEDIA_TYPE,
     ResponseFormat,

@@ -20,13 +20,13 @@ import openai
 import pytest
 import requests
 
-from server.audio import decode_audio
+from server.audio.decode import decode_audio
 from server.config import Settings
-from server.engine import Engine
+from server.engine.core import Engine
+from server.engine.store import install_default_model
 from server.errors import InsufficientMemoryError
-from server.job import Job
 from server.memory import MemoryAmount, Shape
-from server.model_store import install_default_model
+from server.request import Job
 from tests.conftest import free_port, make_engine, run_server
 
 
@@ -138,7 +138,7 @@ _LOAD_UNDER_A_LIMIT = """
 import json, sys
 from pathlib import Path
 from server.config import Settings
-from server.engine import Engine
+from server.engine.core import Engine
 from server.memory import MemoryAmount
 from server.memory.host_heap import configure
 
@@ -212,7 +212,7 @@ def test_models_load_on_first_use_and_unload_after_the_ttl(
     store = store_with_copies(tiny_model, tmp_path, "tiny-b")
     settings = Settings(model=str(tiny_model), models_dir=store, port=free_port(), model_ttl=1)
     with run_server(settings) as server:
-        engine = server.engine
+        engine = server.engine.core
         loads = []
         real_load = engine.pool._load
 
@@ -293,7 +293,7 @@ def test_a_model_in_use_is_unloaded_when_its_request_ends(
     store = store_with_copies(tiny_model, tmp_path, "tiny-b")
     settings = Settings(model=str(tiny_model), models_dir=store, port=free_port(), model_ttl=-1)
     with run_server(settings) as server:
-        engine = server.engine
+        engine = server.engine.core
         started, release = threading.Event(), threading.Event()
         real_run = engine._run
 

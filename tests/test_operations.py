@@ -147,8 +147,8 @@ def test_memory_report_shows_a_key_its_own_requests(
 def test_key_ids_and_admin_keys() -> None:
     """Keys are known by their position; an admin key (also when listed among the ordinary
     keys) is ``admin-<n>``; admin keys alone turn auth on."""
+    from server.api.deps import check_api_key, is_admin_key
     from server.config import Settings
-    from server.deps import check_api_key, is_admin_key
     from server.errors import AuthenticationError
 
     settings = Settings(api_keys="a,b", admin_api_keys="root,b")
@@ -181,7 +181,7 @@ def test_per_key_concurrency(server_factory, tiny_model: Path, data_dir: Path) -
 
     worker = threading.Thread(target=slow)
     worker.start()
-    assert _wait_for(lambda: server.engine.queue_depth == 1)
+    assert _wait_for(lambda: server.engine.core.queue_depth == 1)
     short = (data_dir / "jfk.flac").read_bytes()
     same_key = requests.post(
         server.url + "/v1/audio/transcriptions",
@@ -218,7 +218,7 @@ def test_queue_full_gives_429(server_factory, tiny_model: Path, data_dir: Path) 
         },
     )
     worker.start()
-    assert _wait_for(lambda: server.engine.queue_depth == 1)
+    assert _wait_for(lambda: server.engine.core.queue_depth == 1)
     resp = requests.post(
         server.url + "/v1/audio/transcriptions",
         files={"file": ("a", (data_dir / "jfk.flac").read_bytes())},
@@ -245,10 +245,12 @@ def test_disconnect_frees_slot_and_memory(
             + f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        assert _wait_for(lambda: bool(server.engine.reservations.snapshot()), timeout=30)
+        assert _wait_for(lambda: bool(server.engine.core.reservations.snapshot()), timeout=30)
     started = time.monotonic()
     assert _wait_for(
-        lambda: server.engine.queue_depth == 0 and not server.engine.reservations.snapshot(),
+        lambda: (
+            server.engine.core.queue_depth == 0 and not server.engine.core.reservations.snapshot()
+        ),
         timeout=60,
     )
     text = requests.get(server.url + "/metrics", timeout=5).text
@@ -372,7 +374,7 @@ def test_request_timeout_gives_504_and_stops_the_work(
     )
     assert resp.status_code == 504 and resp.json()["error"]["code"] == "timeout"
     assert time.monotonic() - started < 15, "the engine stopped at its next window"
-    assert server.engine.queue_depth == 0 and not server.engine.reservations.snapshot()
+    assert server.engine.core.queue_depth == 0 and not server.engine.core.reservations.snapshot()
 
 
 def test_api_keys_never_logged(

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import requests
 
-from server.audio import AudioStream, decode_audio
+from server.audio.decode import AudioStream, decode_audio
+from server.audio.pieces import ArraySource, PieceReader, split_on_silence
 from server.config import Settings
-from server.engine import HOST, Engine
+from server.engine.core import HOST, Engine
 from server.errors import AudioError
-from server.job import Job
-from server.pieces import ArraySource, PieceReader, split_on_silence
+from server.request import Job
 from tests.conftest import pin_footprint_to_weights, wer, within
 
 LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"

@@ -27,9 +27,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from bench.harness import edit_distance
-from server.realtime import StablePrefix, TurnDetector, logprobs_within, window_for
-from server.realtime_audio import InputDecoder, Resampler, decode_g711
-from server.realtime_events import (
+from server.realtime.audio import InputDecoder, Resampler, decode_g711
+from server.realtime.events import (
     EventError,
     SessionConfig,
     TurnDetection,
@@ -37,8 +36,9 @@ from server.realtime_events import (
     apply_ga,
     parse_client_event,
 )
-from server.runners import VAD_FRAME, StreamingVad
+from server.realtime.session import StablePrefix, TurnDetector, logprobs_within, window_for
 from server.transcript import TokenLogprob
+from server.whisper.runner import VAD_FRAME, StreamingVad
 from tests.conftest import LiveServer, wer, within, words
 
 LEOPARD = "en_leopard_test"  # 5.9 s, one sentence
@@ -509,7 +509,7 @@ def test_api_key_header_or_browser_subprotocol(server_factory: Any, tiny_model: 
 
 def assert_released(server: LiveServer) -> None:
     """Everything the sessions held is given back (within a decode's time)."""
-    sessions, engine = server.app.state.realtime, server.engine
+    sessions, engine = server.app.state.realtime, server.engine.core
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (
         sessions.active or engine.admission.depth or engine.reservations.snapshot()

@@ -24,10 +24,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
+from server.api.protocol import MAX_KEYWORDS
 from server.config import Settings
-from server.protocol import MAX_KEYWORDS
-from server.realtime import RealtimeSession
-from server.realtime_audio import InputDecoder, Resampler
+from server.realtime.audio import InputDecoder, Resampler
+from server.realtime.session import RealtimeSession
 from tests.conftest import LiveServer, free_port, pin_footprint_to_weights, run_server
 from tests.test_realtime import LEOPARD, assert_released, pcm24, raw_recv, ws_url
 
@@ -70,18 +70,18 @@ def still_serves(ws: ClientConnection) -> None:
 def decodes_held(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every decode waits until the block exits, so what a session holds stays put."""
     go = threading.Event()
-    real = server.engine.run
+    real = server.engine.core.run
 
     def held(*args: Any, **kwargs: Any) -> Any:
         go.wait(timeout=120)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(server.engine, "run", held)
+    monkeypatch.setattr(server.engine.core, "run", held)
     try:
         yield
     finally:
         go.set()
-        monkeypatch.setattr(server.engine, "run", real)
+        monkeypatch.setattr(server.engine.core, "run", real)
 
 
 # ---- the resampler and the decoder ------------------------------------------------------------
@@ -391,7 +391,7 @@ def test_pages_from_other_origins_cannot_open_sessions_or_change_state(
     for origin in (own, "https://captions.example", None):  # own page, allowed, not a browser
         with opened(connect(ws_url(server), origin=origin)):  # type: ignore[arg-type]
             pass
-    model = server.engine.served.id
+    model = server.engine.core.served.id
     with httpx.Client(base_url=server.url) as http:
         for method, path in [
             ("POST", f"/v1/models/{model}"),
@@ -415,7 +415,7 @@ def test_pages_from_other_origins_cannot_open_sessions_or_change_state(
 
 def test_cors_origins_may_send_what_they_may_read(server_factory: Any, tiny_model: Path) -> None:
     server = server_factory(model=str(tiny_model), cors_origins="https://app.example")
-    model = server.engine.served.id
+    model = server.engine.core.served.id
     for origin, status in [("https://app.example", 200), ("https://evil.example", 403)]:
         answer = httpx.post(f"{server.url}/v1/models/{model}", headers={"Origin": origin})
         assert answer.status_code == status, answer.text

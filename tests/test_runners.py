@@ -1,6 +1,6 @@
 """The faster-whisper adapter: the internals it relies on are still there, with the same shape.
 
-``server/runners.py`` is the only module that calls faster-whisper, and some of what it calls
+``server/whisper/runner.py`` is the only module that calls faster-whisper, and some of what it calls
 is private. These tests fail loudly, naming the function, when an upgrade changes any of it,
 instead of letting transcripts change quietly; then a real batch run checks the pieces fit.
 """
@@ -16,15 +16,15 @@ from faster_whisper import WhisperModel
 from faster_whisper import transcribe as fw_transcribe
 from faster_whisper import vad as fw_vad
 
-from server.audio import decode_audio
-from server.runners import (
+from server.audio.decode import decode_audio
+from server.batching.scheduler import Scheduler, WindowOptions
+from server.whisper.runner import (
     SAMPLE_RATE,
     TEMPERATURES,
     WhisperRunner,
     is_out_of_memory,
     loud_for_vad,
 )
-from server.scheduler import Scheduler, WindowOptions
 from tests.conftest import within
 
 # (object, attribute, parameters passed by position in this order, parameters passed by name)
@@ -82,10 +82,12 @@ def test_faster_whisper_internals_keep_their_signatures(
     owner: object, name: str, positional: list[str], named: list[str]
 ) -> None:
     function = getattr(owner, name, None)
-    assert function is not None, f"faster-whisper no longer has {name}; update server/runners.py"
+    assert function is not None, (
+        f"faster-whisper no longer has {name}; update server/whisper/runner.py"
+    )
     found = [p for p in inspect.signature(function).parameters if p != "self"]
     assert found[: len(positional)] == positional and set(named) <= set(found), (
-        f"faster-whisper's {name} now takes {found}; server/runners.py passes "
+        f"faster-whisper's {name} now takes {found}; server/whisper/runner.py passes "
         f"{positional} by position and {named} by name"
     )
 

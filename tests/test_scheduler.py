@@ -18,11 +18,8 @@ import numpy as np
 import pytest
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-from server.audio import decode_audio
-from server.errors import RequestCancelledError
-from server.model_store import install_default_model
-from server.runners import is_out_of_memory
-from server.scheduler import (
+from server.audio.decode import decode_audio
+from server.batching.scheduler import (
     BatchFailedError,
     BatchKey,
     QueueFullError,
@@ -30,7 +27,10 @@ from server.scheduler import (
     Ticket,
     WindowOptions,
 )
-from server.word_timing import fit_segments, speech_spans
+from server.engine.store import install_default_model
+from server.errors import RequestCancelledError
+from server.whisper.runner import is_out_of_memory
+from server.whisper.word_timing import fit_segments, speech_spans
 from tests.conftest import wer, within
 
 SR = 16000
@@ -121,7 +121,7 @@ def test_long_file_matches_batched_pipeline(
     ticket = s.submit(samples, WindowOptions(beam_size=1, word_timestamps=True))
     got = list(ticket)
 
-    # The scheduler then fits word edges to the speech (server.word_timing), window by window.
+    # The scheduler then fits word edges to the speech (server.whisper.word_timing), window by window.
     speech, previous_end, fitted = speech_spans(samples), None, []
     for segment in expected:
         fitted += fit_segments([segment], speech, previous_end=previous_end)

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-from server.audio import decode_audio
+from server.audio.decode import decode_audio
 from server.config import Settings
-from server.engine import Engine
-from server.job import Job
+from server.engine.core import Engine
 from server.memory.probes import NvmlProbe
-from server.runners import WhisperRunner
+from server.request import Job
+from server.whisper.runner import WhisperRunner
 from tests.conftest import pin_footprint_to_weights, within
 from tests.memory.test_memory_probes import UUID_A, UUID_B, FakeNvml
 
@@ -44,9 +44,11 @@ def two_gpus(
         return real_load(cls, folder, **kwargs)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(WhisperRunner, "load", classmethod(load_on_cpu))
-    monkeypatch.setattr("server.engine.cuda_available", lambda: (True, "2 CUDA device(s) (fake)"))
     monkeypatch.setattr(
-        "server.engine.open_probe",
+        "server.engine.core.cuda_available", lambda: (True, "2 CUDA device(s) (fake)")
+    )
+    monkeypatch.setattr(
+        "server.engine.core.open_probe",
         lambda place, index=0: NvmlProbe(
             int(place.split(":")[1]), nvml=nvml, environ={}, driver_identity=None
         ),

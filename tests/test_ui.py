@@ -25,8 +25,8 @@ import requests
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from server.audio.upload import temp_dir_in_ram
 from server.config import Settings
-from server.upload import temp_dir_in_ram
 from tests.conftest import LiveServer, free_port, pin_footprint_to_weights, run_server, wer, within
 from tests.test_engine import host_limit_for, job_for, only_model
 

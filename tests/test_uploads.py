@@ -1,4 +1,4 @@
-"""Uploads spooled to disk (server/upload.py): what stays in memory is counted, what is on disk
+"""Uploads spooled to disk (server/audio/upload.py): what stays in memory is counted, what is on disk
 is not, the decoders read the file where it lies, and the temporary file is gone once the
 request ends, however it ends.
 
@@ -25,8 +25,8 @@ import psutil
 import pytest
 import requests
 
-from server.decoders import DecoderPool
-from server.upload import Upload
+from server.audio.decoders import DecoderPool
+from server.audio.upload import Upload
 from tests.conftest import DATA, LiveServer
 
 MiB = 1 << 20
@@ -70,7 +70,7 @@ def test_a_large_upload_stays_in_its_file_and_is_not_counted() -> None:
 
 
 def _tmp_in_ram() -> bool:
-    from server.upload import temp_dir_in_ram
+    from server.audio.upload import temp_dir_in_ram
 
     return temp_dir_in_ram()
 
@@ -139,7 +139,7 @@ class Gate:
     request counted against host RAM for its form."""
 
     def __init__(self, server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
-        engine = server.engine
+        engine = server.engine.core
         self.open = threading.Event()
         self.held: list[int] = []
         run, hold = engine.run, engine.hold_upload
@@ -290,7 +290,7 @@ def test_no_temporary_file_outlives_its_request(
     wait_for(
         lambda: not temp_files(server_pids(server)), what=lambda: temp_files(server_pids(server))
     )
-    wait_for(lambda: server.engine.reservations.snapshot() == [])
+    wait_for(lambda: server.engine.core.reservations.snapshot() == [])
 
 
 def multipart(data: bytes) -> tuple[bytes, str]:

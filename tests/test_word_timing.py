@@ -1,5 +1,5 @@
 """Word timestamps: how they are scored (``bench/word_timing.py``), how close the scheduler's
-are to reference times, and ``server.word_timing``, which fits them to the speech.
+are to reference times, and ``server.whisper.word_timing``, which fits them to the speech.
 
 The references are utterance edges: the first word of an utterance starts at the utterance's
 start and the last one ends at its end (the MFA clip's TextGrid and the LJSpeech file's
@@ -26,9 +26,9 @@ from bench.word_timing import (
     timing_errors,
     words_of,
 )
-from server.scheduler import Scheduler
+from server.batching.scheduler import Scheduler
 from server.transcript import Segment, Word
-from server.word_timing import fit_segments, fit_words
+from server.whisper.word_timing import fit_segments, fit_words
 
 # tiny.en on the scheduler's path, the MFA clip and LJSpeech's first 60 s pooled (10 reference
 # starts, 10 ends): medians measured at 162 ms (starts) and 73 ms (ends) as Whisper aligns them,

@@ -1,4 +1,4 @@
-"""server.work: the request's scope is closed when its work ends, whatever the coroutine that
+"""server.api.work: the request's scope is closed when its work ends, whatever the coroutine that
 waits for it does (cancelled, cancelled again while it cleans up, or never waiting at all)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from contextlib import ExitStack
 
 import pytest
 
-from server.work import Work
+from server.api.work import Work
 
 
 def _scope(log: list[str]) -> ExitStack:

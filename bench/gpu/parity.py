@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from harness import cer, wer  # noqa: E402
 
-from server.audio import decode_audio  # noqa: E402
+from server.audio.decode import decode_audio  # noqa: E402
 
 DATA = ROOT / "tests/data"
 MIB = 1 << 20
@@ -110,7 +110,7 @@ def main() -> None:
     args = parser.parse_args()
     from faster_whisper import WhisperModel
 
-    from server.runners import WhisperRunner
+    from server.whisper.runner import WhisperRunner
 
     gpu_label = f"{args.device} {args.compute_type}"
     for spec in args.model:

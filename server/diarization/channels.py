@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.pieces import AudioSource
+from server.audio.pieces import AudioSource
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def measure(stream: AudioSource) -> ChannelLevels:
 
     Args:
         stream: Samples of every channel: ``read`` returns ``(samples, channels)`` (an
-            :class:`~server.audio.AudioStream` opened with ``channel="all"``). It is read to
+            :class:`~server.audio.decode.AudioStream` opened with ``channel="all"``). It is read to
             the end; closing it stays the caller's.
 
     Raises:
@@ -111,10 +111,10 @@ def measure(stream: AudioSource) -> ChannelLevels:
 
 class ChannelSource:
     """One channel of an upload, decoded as it is read, with the frames that only echo another
-    channel muted (an :class:`~server.pieces.AudioSource`).
+    channel muted (an :class:`~server.audio.pieces.AudioSource`).
 
     Args:
-        stream: The channel's samples (an :class:`~server.audio.AudioStream` opened with
+        stream: The channel's samples (an :class:`~server.audio.decode.AudioStream` opened with
             ``channel=c``); closed with this source.
         channel: Which channel.
         gain: Per 10 ms frame, 1 to keep and 0 to mute (:meth:`ChannelLevels.gain`).

@@ -13,8 +13,8 @@ import numpy as np
 
 from server.diarization.encoder import HOP, SAMPLE_RATE, WINDOW_FRAMES, SpeakerEncoder
 from server.diarization.speakers import KnownSpeaker, SpeakerTrack
-from server.runners import loud_for_vad, speech_timestamps
 from server.transcript import Segment, Word
+from server.whisper.runner import loud_for_vad, speech_timestamps
 
 logger = logging.getLogger(__name__)
 

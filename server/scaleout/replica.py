@@ -27,8 +27,8 @@ from ray import serve
 
 from server.app import create_app
 from server.config import Settings
-from server.engine import Engine
-from server.job import Job
+from server.engine.core import Engine
+from server.request import Job
 from server.scaleout.fit import ReplicaLoad
 
 logger = logging.getLogger(__name__)

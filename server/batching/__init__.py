@@ -1,0 +1,1 @@
+"""Cross-request batching: windows of many requests decoded together through one model."""

@@ -1,0 +1,1 @@
+"""Live transcription sessions over WebSocket (OpenAI's Realtime API, ``intent=transcription``)."""
