@@ -76,7 +76,7 @@ def test_default_model_matches_direct(server_factory, data_dir: Path) -> None:
     """The embedded default (multilingual base) end to end, against faster-whisper on the
     folder the server installed."""
     server = server_factory()
-    folder = server.engine.core.served.path
+    folder = server.engine.served.path
     assert folder is not None and (folder / "model.bin").is_file()
     direct = WhisperModel(str(folder), device="cpu", compute_type="int8")
     path = data_dir / "jfk.flac"

@@ -51,7 +51,7 @@ def test_concurrent_requests_are_batched_and_routed(
     metrics = requests.get(server.url + "/metrics", timeout=5).text
     assert (_metric(metrics, "whisper_scheduler_mixed_batches_total") or 0) >= 1
     assert (_metric(metrics, "whisper_scheduler_windows_total") or 0) >= len(jobs)
-    assert server.engine.core.reservations.snapshot() == []
+    assert server.engine.reservations.snapshot() == []
 
 
 def test_per_request_options_in_shared_batches(
@@ -124,6 +124,6 @@ def test_batch_size_follows_the_planner(
     ) as server:
         with cf.ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda c: _transcribe(server.url, data_dir / c), CLIPS))
-        (stats,) = server.engine.core.scheduler_stats()
+        (stats,) = server.engine.scheduler_stats()
     assert [r.status_code for r in results] == [200] * 4, [r.text for r in results]
     assert stats.batches >= 4 and set(stats.batch_sizes) == {1}, stats

@@ -278,7 +278,7 @@ def test_a_crashing_decoder_costs_one_request_and_the_server_stays_up(server: Li
 
 
 def test_the_decoder_processes_memory_counts_as_the_server_s(server: LiveServer) -> None:
-    engine = server.engine.core
+    engine = server.engine
     pool: DecoderPool = server.app.state.decoders
     own = psutil.Process().memory_info().rss
     assert engine.footprint() >= own + pool.resident_bytes() - (16 << 20)

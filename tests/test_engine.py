@@ -226,7 +226,7 @@ def test_degradation_is_reported_in_header_and_body(
 def test_out_of_memory_is_recovered(tiny_model: Path, data_dir: Path, tmp_path: Path) -> None:
     """The fault fixture makes the first inference call raise CTranslate2's own OOM message."""
     settings = Settings(model=str(tiny_model), models_dir=tmp_path, port=free_port())
-    with run_server(settings) as server, out_of_memory_faults(server.engine.core, calls=1):
+    with run_server(settings) as server, out_of_memory_faults(server.engine, calls=1):
         resp = requests.post(
             server.url + "/v1/audio/transcriptions",
             files={"file": ("a.flac", (data_dir / "jfk.flac").read_bytes())},

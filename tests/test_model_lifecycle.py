@@ -212,7 +212,7 @@ def test_models_load_on_first_use_and_unload_after_the_ttl(
     store = store_with_copies(tiny_model, tmp_path, "tiny-b")
     settings = Settings(model=str(tiny_model), models_dir=store, port=free_port(), model_ttl=1)
     with run_server(settings) as server:
-        engine = server.engine.core
+        engine = server.engine
         loads = []
         real_load = engine.pool._load
 
@@ -293,7 +293,7 @@ def test_a_model_in_use_is_unloaded_when_its_request_ends(
     store = store_with_copies(tiny_model, tmp_path, "tiny-b")
     settings = Settings(model=str(tiny_model), models_dir=store, port=free_port(), model_ttl=-1)
     with run_server(settings) as server:
-        engine = server.engine.core
+        engine = server.engine
         started, release = threading.Event(), threading.Event()
         real_run = engine._run
 

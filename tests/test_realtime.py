@@ -509,7 +509,7 @@ def test_api_key_header_or_browser_subprotocol(server_factory: Any, tiny_model: 
 
 def assert_released(server: LiveServer) -> None:
     """Everything the sessions held is given back (within a decode's time)."""
-    sessions, engine = server.app.state.realtime, server.engine.core
+    sessions, engine = server.app.state.realtime, server.engine
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (
         sessions.active or engine.admission.depth or engine.reservations.snapshot()

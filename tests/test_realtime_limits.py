@@ -70,18 +70,18 @@ def still_serves(ws: ClientConnection) -> None:
 def decodes_held(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every decode waits until the block exits, so what a session holds stays put."""
     go = threading.Event()
-    real = server.engine.core.run
+    real = server.engine.run
 
     def held(*args: Any, **kwargs: Any) -> Any:
         go.wait(timeout=120)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(server.engine.core, "run", held)
+    monkeypatch.setattr(server.engine, "run", held)
     try:
         yield
     finally:
         go.set()
-        monkeypatch.setattr(server.engine.core, "run", real)
+        monkeypatch.setattr(server.engine, "run", real)
 
 
 # ---- the resampler and the decoder ------------------------------------------------------------
@@ -391,7 +391,7 @@ def test_pages_from_other_origins_cannot_open_sessions_or_change_state(
     for origin in (own, "https://captions.example", None):  # own page, allowed, not a browser
         with opened(connect(ws_url(server), origin=origin)):  # type: ignore[arg-type]
             pass
-    model = server.engine.core.served.id
+    model = server.engine.served.id
     with httpx.Client(base_url=server.url) as http:
         for method, path in [
             ("POST", f"/v1/models/{model}"),
@@ -415,7 +415,7 @@ def test_pages_from_other_origins_cannot_open_sessions_or_change_state(
 
 def test_cors_origins_may_send_what_they_may_read(server_factory: Any, tiny_model: Path) -> None:
     server = server_factory(model=str(tiny_model), cors_origins="https://app.example")
-    model = server.engine.core.served.id
+    model = server.engine.served.id
     for origin, status in [("https://app.example", 200), ("https://evil.example", 403)]:
         answer = httpx.post(f"{server.url}/v1/models/{model}", headers={"Origin": origin})
         assert answer.status_code == status, answer.text

@@ -139,7 +139,7 @@ class Gate:
     request counted against host RAM for its form."""
 
     def __init__(self, server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
-        engine = server.engine.core
+        engine = server.engine
         self.open = threading.Event()
         self.held: list[int] = []
         run, hold = engine.run, engine.hold_upload
@@ -290,7 +290,7 @@ def test_no_temporary_file_outlives_its_request(
     wait_for(
         lambda: not temp_files(server_pids(server)), what=lambda: temp_files(server_pids(server))
     )
-    wait_for(lambda: server.engine.core.reservations.snapshot() == [])
+    wait_for(lambda: server.engine.reservations.snapshot() == [])
 
 
 def multipart(data: bytes) -> tuple[bytes, str]:

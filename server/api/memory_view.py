@@ -18,7 +18,7 @@ def for_viewer(report: dict[str, Any], key_id: str | None, *, sees_all: bool) ->
     """``report`` as the caller may see it.
 
     Args:
-        report: :meth:`server.engine.core.Engine.memory_report`; its ``reservations`` and
+        report: :meth:`server.engine.Engine.memory_report`; its ``reservations`` and
             ``recent_decisions`` entries carry ``api_key``, the id of the key they came with
             (None: no keys, or the server's own).
         key_id: The caller's key id, or None when no keys are configured.
