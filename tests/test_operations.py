@@ -248,9 +248,7 @@ def test_disconnect_frees_slot_and_memory(
         assert _wait_for(lambda: bool(server.engine.reservations.snapshot()), timeout=30)
     started = time.monotonic()
     assert _wait_for(
-        lambda: (
-            server.engine.queue_depth == 0 and not server.engine.reservations.snapshot()
-        ),
+        lambda: server.engine.queue_depth == 0 and not server.engine.reservations.snapshot(),
         timeout=60,
     )
     text = requests.get(server.url + "/metrics", timeout=5).text
