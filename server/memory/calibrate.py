@@ -27,7 +27,7 @@ from server.whisper.runner import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 #: Speech shipped with the package (John F. Kennedy, 1961, public domain; 11 s of Opus).
-SHIPPED_SPEECH = Path(__file__).resolve().parent / "data" / "jfk.webm"
+SHIPPED_SPEECH = Path(__file__).resolve().parents[1] / "data" / "jfk.webm"
 
 
 def calibration_audio(seconds: float, source: Path | None = None) -> np.ndarray:
