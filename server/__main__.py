@@ -74,9 +74,8 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
 
     from server.api.formats import render
     from server.audio.decode import AudioStream
-    from server.chinese import convert_transcript, target
+    from server.chinese import convert_transcript
     from server.engine.core import Engine
-    from server.languages import parse_language
     from server.request import Job
 
     settings = load_settings()
@@ -85,18 +84,17 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     engine.start()
     if not engine.ready or engine.served is None:
         sys.exit(f"model not ready: {engine.load_error}")
-    tag = parse_language(args.language)
     with open(args.file, "rb") as fh:
         audio = AudioStream(fh.read(), max_duration=settings.max_audio_duration)
-    job = Job(
+    job = Job.for_file(
+        audio,
         request_id=uuid.uuid4().hex[:8],
-        audio=audio,
         source=engine.served,
         task=args.task,
-        language=None if tag is None else tag.code,
+        language=args.language,
         beam_size=settings.default_beam_size,
         word_timestamps=args.words,
-        chinese=target(tag, settings.chinese_script) if args.task == "transcribe" else None,
+        chinese_script=settings.chinese_script,
     )
     transcript = convert_transcript(engine.run(job), job.chinese)
     body, _ = render(

@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.admission import Admission
 from server.api.connections import PROTOCOL_STATUS
 from server.api.origins import OriginMiddleware, OriginPolicy
 from server.api.routes import audio, health, models, realtime, ui
@@ -239,11 +240,14 @@ def _schema_without_422(app: FastAPI) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application. State lives on ``app.state``: ``settings``, ``engine``,
-    ``decoders`` (the decoder processes), ``metrics`` and ``realtime``."""
+    ``admission`` (the request queue), ``decoders`` (the decoder processes), ``metrics`` and
+    ``realtime``."""
     settings = settings or Settings()
     host_heap.configure()  # also done first thing by `python -m server`; harmless twice
     engine = Engine(settings)
-    metrics = Metrics(engine)
+    # Requests admitted (running or waiting), per key: HTTP requests and live sessions alike.
+    admission = Admission(settings.max_queue, settings.max_requests_per_key, settings.retry_after)
+    metrics = Metrics(engine, admission)
     engine.on_plan = lambda plan: metrics.batch_size.observe(plan.shape.batch_size)
     decoders = DecoderPool(settings.decode_workers)
     # The decoder processes' memory is the server's too, outside any reservation.
@@ -269,6 +273,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _schema_without_422(app)
     app.state.settings = settings
     app.state.engine = engine
+    app.state.admission = admission
     app.state.decoders = decoders
     app.state.metrics = metrics
     app.state.realtime = LiveSessions(settings.realtime_max_sessions, metrics)

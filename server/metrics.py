@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from server.admission import Admission
     from server.engine.core import Engine
 
 logger = logging.getLogger(__name__)
@@ -26,8 +27,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class EngineCollector(Collector):
     """Reads the engine's counters and the memory probes when Prometheus scrapes."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, admission: Admission) -> None:
         self.engine = engine
+        self.admission = admission
 
     def collect(self) -> Iterator[Metric]:
         engine = self.engine
@@ -35,7 +37,7 @@ class EngineCollector(Collector):
         queue = GaugeMetricFamily(
             "whisper_queue_depth", "Requests admitted: running or waiting for a worker."
         )
-        queue.add_metric([], engine.queue_depth)
+        queue.add_metric([], self.admission.depth)
         yield queue
         degradations = CounterMetricFamily(
             "whisper_degradations", "Plan changes made to fit memory, by kind.", labels=["kind"]
@@ -106,7 +108,7 @@ class EngineCollector(Collector):
 class Metrics:
     """The app's metrics; ``render()`` is the body of ``GET /metrics``."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, admission: Admission) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "whisper_requests",
@@ -171,7 +173,7 @@ class Metrics:
             buckets=(0.5, 1, 1.5, 2, 3, 5, 10, 30),
             registry=self.registry,
         )
-        self.registry.register(EngineCollector(engine))
+        self.registry.register(EngineCollector(engine, admission))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,6 +10,7 @@ fallback schedule") are translated here and nowhere else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,8 @@ from server.batching.scheduler import WindowOptions
 from server.chinese import target
 from server.diarization import DiarizationOptions
 from server.engine.store import ModelSource
-from server.languages import ChineseScript
+from server.errors import InvalidRequestError
+from server.languages import ChineseScript, parse_language
 from server.memory import Shape
 from server.whisper.runner import SAMPLE_RATE, TEMPERATURES
 
@@ -29,6 +31,32 @@ if TYPE_CHECKING:
 
 #: ``best_of`` when sampling above temperature 0 (faster-whisper's default).
 BEST_OF = 5
+#: Window lengths a live item may be decoded in (the shortest that holds it is used).
+LIVE_WINDOWS = (10, 15, 20, 30)
+#: Most ``keywords[]`` entries accepted (they share the prompt's token budget anyway).
+MAX_KEYWORDS = 100
+
+
+def hotwords_of(keywords: Sequence[str], hotwords: str | None, max_chars: int) -> str | None:
+    """Keywords (and faster-whisper's ``hotwords``) as the one hotwords string faster-whisper
+    prompts with, under the limits every endpoint applies: at most :data:`MAX_KEYWORDS`
+    keywords, and ``max_chars`` (``WHISPER_MAX_PROMPT_CHARS``) characters together.
+
+    Raises:
+        InvalidRequestError: past either limit (``param`` ``keywords``).
+    """
+    if len(keywords) > MAX_KEYWORDS:
+        raise InvalidRequestError(
+            f"{len(keywords)} keywords were sent; the limit is {MAX_KEYWORDS}.", param="keywords"
+        )
+    joined = " ".join([*keywords, *([hotwords] if hotwords else [])])
+    if len(joined) > max_chars:
+        raise InvalidRequestError(
+            f"The keywords{' and hotwords' if hotwords else ''} are {len(joined)} characters "
+            f"together; the limit is {max_chars} (WHISPER_MAX_PROMPT_CHARS).",
+            param="keywords",
+        )
+    return joined or None
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: an array has no single truth value
@@ -130,6 +158,87 @@ class Job:
             api_key=api_key,
         )
 
+    @classmethod
+    def for_live(
+        cls,
+        samples: np.ndarray,
+        *,
+        request_id: str,
+        api_key: str | None,
+        source: ModelSource,
+        language: str | None,
+        prompt: str | None,
+        keywords: Sequence[str],
+        logprobs: bool,
+        beam_size: int,
+        max_prompt_chars: int,
+        chinese_script: ChineseScript,
+        seconds: float | None = None,
+    ) -> Job:
+        """The job that decodes one live item's ``samples`` (a realtime session's options),
+        in a window its own length: the shortest of 10, 15, 20 or 30 s that holds ``seconds``
+        (the samples' own length by default), since the encoder's cost grows with the window.
+
+        Raises:
+            InvalidRequestError: an unknown language, or keywords past the limits.
+        """
+        tag = parse_language(language)
+        length = len(samples) if seconds is None else int(seconds * SAMPLE_RATE)
+        return cls(
+            request_id=request_id,
+            api_key=api_key,
+            audio=samples,
+            source=source,
+            language=tag.code if tag is not None else None,
+            prompt=prompt,
+            beam_size=beam_size,
+            hotwords=hotwords_of(keywords, None, max_prompt_chars),
+            logprobs=logprobs,
+            chinese=target(tag, chinese_script),
+            chunk_length=live_window(length),
+        )
+
+    @classmethod
+    def for_file(
+        cls,
+        audio: AudioSource,
+        *,
+        request_id: str,
+        source: ModelSource,
+        task: str,
+        language: str | None,
+        beam_size: int,
+        word_timestamps: bool,
+        chinese_script: ChineseScript,
+    ) -> Job:
+        """The job for a local file (``python -m server transcribe``).
+
+        Raises:
+            InvalidRequestError: an unknown language.
+        """
+        tag = parse_language(language)
+        return cls(
+            request_id=request_id,
+            audio=audio,
+            source=source,
+            task=task,
+            language=None if tag is None else tag.code,
+            beam_size=beam_size,
+            word_timestamps=word_timestamps,
+            chinese=target(tag, chinese_script) if task == "transcribe" else None,
+        )
+
+    @classmethod
+    def for_estimate(cls, source: ModelSource, beam_size: int) -> Job:
+        """A job with no audio and the default options: what a request for ``source`` asks of
+        memory, for estimates made before any request (a replica's report to the router)."""
+        return cls(
+            request_id="estimate",
+            audio=np.zeros(0, dtype=np.float32),
+            source=source,
+            beam_size=beam_size,
+        )
+
     @property
     def duration(self) -> float | None:
         """Seconds of audio: exact for samples in memory, what the header declares for a
@@ -227,3 +336,12 @@ class Job:
 
 
 __all__ = ["Job"]
+
+
+def live_window(samples: int) -> int | None:
+    """The shortest of :data:`LIVE_WINDOWS` that holds ``samples`` (None past 30 s: the
+    server's own window)."""
+    for seconds in LIVE_WINDOWS:
+        if samples <= seconds * SAMPLE_RATE:
+            return seconds
+    return None

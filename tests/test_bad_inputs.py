@@ -253,7 +253,7 @@ def _requests_with_status(server: LiveServer, status: int) -> float:
 def _wait_idle(server: LiveServer, timeout: float = 30.0) -> float:
     """Seconds until no request is admitted any more."""
     started = time.monotonic()
-    while server.engine.queue_depth and time.monotonic() - started < timeout:
+    while server.app.state.admission.depth and time.monotonic() - started < timeout:
         time.sleep(0.1)
     return time.monotonic() - started
 

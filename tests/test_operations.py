@@ -181,7 +181,7 @@ def test_per_key_concurrency(server_factory, tiny_model: Path, data_dir: Path) -
 
     worker = threading.Thread(target=slow)
     worker.start()
-    assert _wait_for(lambda: server.engine.queue_depth == 1)
+    assert _wait_for(lambda: server.app.state.admission.depth == 1)
     short = (data_dir / "jfk.flac").read_bytes()
     same_key = requests.post(
         server.url + "/v1/audio/transcriptions",
@@ -218,7 +218,7 @@ def test_queue_full_gives_429(server_factory, tiny_model: Path, data_dir: Path) 
         },
     )
     worker.start()
-    assert _wait_for(lambda: server.engine.queue_depth == 1)
+    assert _wait_for(lambda: server.app.state.admission.depth == 1)
     resp = requests.post(
         server.url + "/v1/audio/transcriptions",
         files={"file": ("a", (data_dir / "jfk.flac").read_bytes())},
@@ -248,7 +248,7 @@ def test_disconnect_frees_slot_and_memory(
         assert _wait_for(lambda: bool(server.engine.reservations.snapshot()), timeout=30)
     started = time.monotonic()
     assert _wait_for(
-        lambda: server.engine.queue_depth == 0 and not server.engine.reservations.snapshot(),
+        lambda: server.app.state.admission.depth == 0 and not server.engine.reservations.snapshot(),
         timeout=60,
     )
     text = requests.get(server.url + "/metrics", timeout=5).text
@@ -372,7 +372,7 @@ def test_request_timeout_gives_504_and_stops_the_work(
     )
     assert resp.status_code == 504 and resp.json()["error"]["code"] == "timeout"
     assert time.monotonic() - started < 15, "the engine stopped at its next window"
-    assert server.engine.queue_depth == 0 and not server.engine.reservations.snapshot()
+    assert server.app.state.admission.depth == 0 and not server.engine.reservations.snapshot()
 
 
 def test_api_keys_never_logged(

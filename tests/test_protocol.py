@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 
-from server.api.protocol import MAX_KEYWORDS, TranscriptionRequest, parse_form, parse_number
+from server.api.protocol import TranscriptionRequest, parse_form, parse_number
 from server.audio.upload import Upload
 from server.errors import QUOTE_CHARS, InvalidRequestError, quote
+from server.request import MAX_KEYWORDS
 
 
 def _parse(task: str = "transcribe", **fields: Any) -> TranscriptionRequest:

@@ -36,7 +36,8 @@ from server.realtime.events import (
     apply_ga,
     parse_client_event,
 )
-from server.realtime.session import StablePrefix, TurnDetector, logprobs_within, window_for
+from server.realtime.session import StablePrefix, TurnDetector, logprobs_within
+from server.request import live_window
 from server.transcript import TokenLogprob
 from server.whisper.runner import VAD_FRAME, StreamingVad
 from tests.conftest import LiveServer, wer, within, words
@@ -285,9 +286,9 @@ def test_client_events_parse_and_updates_apply_partially() -> None:
             parse_client_event(bad)
         assert err.value.param == param
     assert (
-        window_for(16000 * 9) == 10
-        and window_for(16000 * 16) == 20
-        and window_for(16000 * 31) is None
+        live_window(16000 * 9) == 10
+        and live_window(16000 * 16) == 20
+        and live_window(16000 * 31) is None
     )
 
 
@@ -510,12 +511,13 @@ def test_api_key_header_or_browser_subprotocol(server_factory: Any, tiny_model: 
 def assert_released(server: LiveServer) -> None:
     """Everything the sessions held is given back (within a decode's time)."""
     sessions, engine = server.app.state.realtime, server.engine
+    admission = server.app.state.admission
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (
-        sessions.active or engine.admission.depth or engine.reservations.snapshot()
+        sessions.active or admission.depth or engine.reservations.snapshot()
     ):
         time.sleep(0.1)
-    assert sessions.active == 0 and engine.admission.depth == 0
+    assert sessions.active == 0 and admission.depth == 0
     assert not engine.reservations.snapshot()
 
 

@@ -24,10 +24,10 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from server.api.protocol import MAX_KEYWORDS
 from server.config import Settings
 from server.realtime.audio import InputDecoder, Resampler
 from server.realtime.session import RealtimeSession
+from server.request import MAX_KEYWORDS
 from tests.conftest import LiveServer, free_port, pin_footprint_to_weights, run_server
 from tests.test_realtime import LEOPARD, assert_released, pcm24, raw_recv, ws_url
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.admission import Admission
 from server.audio.decoders import DecoderPool
 from server.config import Settings
 from server.engine.core import Engine
@@ -35,7 +36,13 @@ def get_decoders(request: Request) -> DecoderPool:
     return decoders
 
 
+def get_admission(request: Request) -> Admission:
+    admission: Admission = request.app.state.admission
+    return admission
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 DecodersDep = Annotated[DecoderPool, Depends(get_decoders)]

@@ -25,12 +25,11 @@ from server.api.formats import ResponseFormat
 from server.audio.upload import Upload
 from server.errors import InvalidRequestError, quote
 from server.languages import LanguageTag, parse_language
+from server.request import hotwords_of
 
 Task = Literal["transcribe", "translate"]
 GRANULARITIES = ("word", "segment")
 INCLUDES = ("logprobs",)
-#: Most ``keywords[]`` entries accepted (they share the prompt's token budget anyway).
-MAX_KEYWORDS = 100
 #: Most ``known_speaker_references[]`` (OpenAI: "up to 4 speakers").
 MAX_KNOWN_SPEAKERS = 4
 #: Most speakers ``min_speakers``/``max_speakers`` may name.
@@ -235,28 +234,6 @@ def _keywords(
 ) -> str | None:
     """``keywords[]`` and ``hotwords`` as the one hotwords string faster-whisper prompts with."""
     return hotwords_of(_list(form, "keywords"), hotwords, max_chars)
-
-
-def hotwords_of(keywords: Sequence[str], hotwords: str | None, max_chars: int) -> str | None:
-    """Keywords (and faster-whisper's ``hotwords``) as the one hotwords string faster-whisper
-    prompts with, under the limits every endpoint applies: at most :data:`MAX_KEYWORDS`
-    keywords, and ``max_chars`` (``WHISPER_MAX_PROMPT_CHARS``) characters together.
-
-    Raises:
-        InvalidRequestError: past either limit (``param`` ``keywords``).
-    """
-    if len(keywords) > MAX_KEYWORDS:
-        raise InvalidRequestError(
-            f"{len(keywords)} keywords were sent; the limit is {MAX_KEYWORDS}.", param="keywords"
-        )
-    joined = " ".join([*keywords, *([hotwords] if hotwords else [])])
-    if len(joined) > max_chars:
-        raise InvalidRequestError(
-            f"The keywords{' and hotwords' if hotwords else ''} are {len(joined)} characters "
-            f"together; the limit is {max_chars} (WHISPER_MAX_PROMPT_CHARS).",
-            param="keywords",
-        )
-    return joined or None
 
 
 def _chunking(form: Mapping[str, Sequence[Any]]) -> ChunkingStrategy | None:

@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from server.admission import Admission
 from server.api.formats import (
     degradations_body,
     render,
@@ -41,7 +42,6 @@ from server.errors import (
     APIError,
     AudioError,
     InvalidRequestError,
-    ModelNotReadyError,
     RequestCancelledError,
     RequestTimeoutError,
 )
@@ -100,9 +100,15 @@ class TranscriptionService:
     """Serves ``/v1/audio/transcriptions`` and ``/v1/audio/translations``."""
 
     def __init__(
-        self, engine: Engine, settings: Settings, metrics: Metrics, decoders: DecoderPool
+        self,
+        engine: Engine,
+        settings: Settings,
+        metrics: Metrics,
+        decoders: DecoderPool,
+        admission: Admission,
     ) -> None:
         self.engine = engine
+        self.admission = admission
         self.settings = settings
         self.metrics = metrics
         self.decoders = decoders
@@ -126,13 +132,8 @@ class TranscriptionService:
                 max_beam_size=settings.max_beam_size,
                 max_prompt_chars=settings.max_prompt_chars,
             )
-            if engine.served is None:
-                raise ModelNotReadyError(
-                    f"The model is not loaded: {engine.load_error or 'still starting'}.",
-                    retry_after=settings.retry_after,
-                )
-            source = engine.store.resolve(req.model, engine.served)
-            scope.enter_context(engine.admission.admit(key_id))
+            source = engine.resolve(req.model)
+            scope.enter_context(self.admission.admit(key_id))
             # What of the form is in memory (text fields, small uploads, the reference clips
             # decoded from their data URLs) is counted against host RAM while it is held; an
             # upload spooled to disk is not.

@@ -10,7 +10,7 @@ is blocking code run in worker threads; the serving layer calls :meth:`Engine.ru
 event loop.
 
 What lives elsewhere: the request's options (:mod:`server.request`), the queue and its 429s
-(:mod:`server.admission`), loaded models (:mod:`server.engine.residency`), every call into
+loaded models (:mod:`server.engine.residency`), every call into
 faster-whisper (:mod:`server.whisper.runner`), batching policy (:mod:`server.batching.scheduler`), and the
 planner, its ladder and the reservation ledger (:mod:`server.memory`).
 """
@@ -32,7 +32,6 @@ from typing import Any, Literal
 import numpy as np
 import psutil
 
-from server.admission import Admission
 from server.audio.pieces import Piece, PieceReader
 from server.batching.scheduler import (
     BatchFailedError,
@@ -132,9 +131,6 @@ class Engine:
         self.settings = settings
         self.store = store or ModelStore.from_settings(settings)
         self.pool = ModelPool(settings, gate=self._room_for_load)
-        self.admission = Admission(
-            settings.max_queue, settings.max_requests_per_key, settings.retry_after
-        )
         self.reservations = Reservations()
         self.stats = EngineStats()
         self.device = "cpu"  # the kind: cuda or cpu
@@ -268,6 +264,31 @@ class Engine:
         is loaded again by the next request)."""
         return self.served is not None and self.load_error is None and self._started
 
+    def served_model(self) -> ModelSource:
+        """The served model: the one place that says whether the server can take work.
+
+        Raises:
+            ModelNotReadyError: it failed to load, or the server is still starting (503 with
+                Retry-After).
+        """
+        if self.served is None or self.load_error is not None:
+            raise ModelNotReadyError(
+                f"The model is not loaded: {self.load_error or 'still starting'}.",
+                retry_after=self.settings.retry_after,
+            )
+        return self.served
+
+    def resolve(self, name: str | None) -> ModelSource:
+        """The model a request names (``whisper-1``, an alias, a folder, a repo id), or the
+        served one when it names none.
+
+        Raises:
+            ModelNotReadyError: as :meth:`served_model`.
+            ModelNotFoundError: no such model.
+        """
+        served = self.served_model()
+        return self.store.resolve(name, served) if name else served
+
     def close(self) -> None:
         self._stop.set()
         if self._reaper is not None:
@@ -290,11 +311,6 @@ class Engine:
     def batch_size(self) -> int:
         """The largest batch of windows (WHISPER_BATCH_SIZE, or the device's default)."""
         return self.settings.batch_size or (8 if self.device == "cuda" else 4)
-
-    @property
-    def queue_depth(self) -> int:
-        """Requests admitted now (running or waiting)."""
-        return self.admission.depth
 
     def hold_upload(self, nbytes: int, owner: str, api_key: str | None = None) -> Reservation:
         """Count an upload held in memory against host RAM until the reservation is released.
@@ -836,11 +852,7 @@ class Engine:
             queue is full), RequestCancelledError (the client went away), AudioError (the
             stream turned out not to be usable audio part way).
         """
-        if self.served is None or self.load_error is not None:
-            raise ModelNotReadyError(
-                f"The model is not loaded: {self.load_error or 'still starting'}.",
-                retry_after=self.settings.retry_after,
-            )
+        self.served_model()
         with self.use_model(job.source, self._place_for(job)) as model:
             return self._run(model, job, on_segment, cancelled, on_decoded)
 
@@ -1397,8 +1409,13 @@ class Engine:
             "unloads_in_s": unloads_in,
         }
 
-    def memory_report(self) -> dict[str, Any]:
-        """Devices, resident models, reservations and recent decisions (GET /v1/memory)."""
+    def memory_report(self, in_flight: int = 0) -> dict[str, Any]:
+        """Devices, resident models, reservations and recent decisions (GET /v1/memory).
+
+        Args:
+            in_flight: Requests admitted now (the admission queue's depth, which is the
+                serving side's).
+        """
         devices: list[dict[str, Any]] = []
         for device in dict.fromkeys([*self.places, "cpu"]):
             try:
@@ -1434,7 +1451,7 @@ class Engine:
             "device_reason": self.device_reason,
             "devices": devices,
             "requests": {
-                "in_flight": self.queue_depth,
+                "in_flight": in_flight,
                 "max_queue": s.max_queue,
                 "running": self.stats.running,
                 "waiting_for_memory": self.stats.waiting_for_memory,

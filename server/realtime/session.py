@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from server.admission import Admission
 from server.api.formats import logprobs_body, usage_seconds
-from server.api.protocol import hotwords_of
-from server.chinese import convert_transcript, target
+from server.chinese import convert_transcript
 from server.config import Settings
 from server.engine.core import Engine
 from server.engine.store import ModelSource
@@ -48,7 +48,6 @@ from server.errors import (
     APIError,
     InsufficientMemoryError,
     InvalidRequestError,
-    ModelNotReadyError,
     RateLimitError,
     ServerError,
 )
@@ -73,7 +72,7 @@ from server.realtime.events import (
     session_body,
 )
 from server.realtime.turns import StablePrefix, Turn, TurnDetector, logprobs_within
-from server.request import Job
+from server.request import Job, hotwords_of
 from server.transcript import Transcript
 from server.whisper.runner import SAMPLE_RATE, VAD_FRAME, StreamingVad
 
@@ -81,8 +80,6 @@ logger = logging.getLogger(__name__)
 
 #: OpenAI refuses to commit less than this.
 MIN_COMMIT_SAMPLES = SAMPLE_RATE // 10
-#: Window lengths a live item may be decoded in (the shortest that holds it is used).
-_WINDOWS = (10, 15, 20, 30)
 #: WebSocket close codes: policy violation (auth, bad intent) and "try again later" (limits).
 CLOSE_POLICY = 1008
 CLOSE_TRY_LATER = 1013
@@ -121,12 +118,6 @@ class _Item:
 #: out (faster-whisper's VAD pads speech by far more), short enough that the final decode starts
 #: well before silence_duration_ms (500 ms by default) has passed.
 TAIL_MS = 250
-
-
-def window_for(samples: int) -> int | None:
-    """The shortest window that holds ``samples`` (None: longer than 30 s, the server's)."""
-    seconds = samples / SAMPLE_RATE
-    return next((w for w in _WINDOWS if seconds <= w), None)
 
 
 # ---- sessions ----------------------------------------------------------------------------------
@@ -361,13 +352,7 @@ class RealtimeSession:
         Raises:
             ModelNotReadyError, ModelNotFoundError, InvalidRequestError.
         """
-        engine = self.engine
-        if engine.served is None:
-            raise ModelNotReadyError(
-                f"The model is not loaded: {engine.load_error or 'still starting'}.",
-                retry_after=self.settings.retry_after,
-            )
-        source = engine.store.resolve(config.model, engine.served) if config.model else None
+        source = self.engine.resolve(config.model)
         parse_language(config.language)
         limit = self.settings.max_prompt_chars
         if config.prompt is not None and len(config.prompt) > limit:
@@ -381,7 +366,7 @@ class RealtimeSession:
             hotwords_of(config.keywords, None, limit)
         except InvalidRequestError as exc:
             raise EventError(exc.message, param="keywords", code="invalid_value") from exc
-        return source or engine.served
+        return source
 
     def _configure(self, config: SessionConfig) -> None:
         """Make ``config`` the session's: the input decoder, and the VAD when turned on."""
@@ -735,21 +720,19 @@ class RealtimeSession:
         session's options."""
         config = self.config
         assert self.source is not None
-        tag = parse_language(config.language)
-        return Job(
+        return Job.for_live(
+            samples,
             request_id=f"{self.id}/{item_id}",
             api_key=self.api_key,
-            audio=samples,
             source=self.source,
-            language=tag.code if tag is not None else None,
+            language=config.language,
             prompt=config.prompt,
-            beam_size=self.settings.realtime_beam_size,
-            hotwords=hotwords_of(config.keywords, None, self.settings.max_prompt_chars),
+            keywords=config.keywords,
             logprobs=config.logprobs,
-            chinese=target(tag, self.settings.chinese_script),
-            chunk_length=window_for(
-                len(samples) if seconds is None else int(seconds * SAMPLE_RATE)
-            ),
+            beam_size=self.settings.realtime_beam_size,
+            max_prompt_chars=self.settings.max_prompt_chars,
+            chinese_script=self.settings.chinese_script,
+            seconds=seconds,
         )
 
     def _check_memory(self) -> None:
@@ -790,7 +773,7 @@ def _ms(sample: int) -> int:
 
 @contextmanager
 def admitted(
-    sessions: LiveSessions, engine: Engine, key: str | None, memory: SessionMemory
+    sessions: LiveSessions, admission: Admission, key: str | None, memory: SessionMemory
 ) -> Iterator[None]:
     """Everything a session holds while it is open: its place among the live sessions, a slot
     in the request queue (and the key's share of it), and its audio counted against host RAM
@@ -801,7 +784,7 @@ def admitted(
     """
     with ExitStack() as stack:
         stack.enter_context(sessions.admit())
-        stack.enter_context(engine.admission.admit(key))
+        stack.enter_context(admission.admit(key))
         stack.enter_context(memory)
         yield
 
@@ -815,5 +798,4 @@ __all__ = [
     "Turn",
     "TurnDetector",
     "admitted",
-    "window_for",
 ]

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Mapping, MutableMapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-import numpy as np
 from ray import serve
 
 from server.app import create_app
@@ -41,13 +40,18 @@ REPLICA_HEADER = "x-whisper-replica"
 NEED_POINTS = (30.0, 60.0, 120.0, 300.0, 900.0)
 
 
-def replica_load(engine: Engine, points: Sequence[float] = NEED_POINTS) -> ReplicaLoad:
+def replica_load(engine: Engine, queue: int, points: Sequence[float] = NEED_POINTS) -> ReplicaLoad:
     """What this replica reports to the routers: its planner's free budget on the serving
     device and its model's need at a few lengths, at the default options.
 
     The budget is the planner's own: ``min(free - reserved - headroom, limit - resident -
     reserved)`` on the serving device (host RAM when serving on the CPU, where the audio's
     reservations count too).
+
+    Args:
+        engine: The replica's engine.
+        queue: Requests admitted by the replica now (its admission queue's depth).
+        points: Audio lengths, in seconds, to give the need at.
     """
     device = engine.places[0]  # a replica is given one GPU (num_gpus=1), or the CPU
     with engine.reservations.planning():
@@ -57,12 +61,7 @@ def replica_load(engine: Engine, points: Sequence[float] = NEED_POINTS) -> Repli
     if model is not None:
         piece = engine.settings.max_piece_duration
         for seconds in points:
-            job = Job(
-                request_id="routing",
-                audio=np.zeros(0, dtype=np.float32),
-                source=model.source,
-                beam_size=engine.settings.default_beam_size,
-            )
+            job = Job.for_estimate(model.source, engine.settings.default_beam_size)
             estimate = model.cost.estimate(engine.requested_shape(model, job, duration=seconds))
             need = estimate.device_bytes
             if device == "cpu":  # the piece's audio and features share the budget
@@ -70,7 +69,7 @@ def replica_load(engine: Engine, points: Sequence[float] = NEED_POINTS) -> Repli
             curve.append((seconds, need))
     return ReplicaLoad(
         budget_bytes=budget.amount,
-        queue=engine.queue_depth,
+        queue=queue,
         need_curve=tuple(curve),
         taken_at=time.time(),
         device=device,
@@ -205,7 +204,7 @@ class WhisperReplica:
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's hook: what the routers rank this replica by."""
-        return replica_load(self.engine).to_stats()
+        return replica_load(self.engine, self.app.state.admission.depth).to_stats()
 
     def check_health(self) -> None:
         """Serve's hook: a replica whose model failed to load is restarted elsewhere."""

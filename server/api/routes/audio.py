@@ -7,7 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
-from server.api.deps import Authorized, DecodersDep, EngineDep, MetricsDep, SettingsDep
+from server.api.deps import (
+    AdmissionDep,
+    Authorized,
+    DecodersDep,
+    EngineDep,
+    MetricsDep,
+    SettingsDep,
+)
 from server.api.protocol import ErrorResponse, form_schema
 from server.api.service import TranscriptionService
 
@@ -19,9 +26,13 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 
 
 def get_service(
-    engine: EngineDep, settings: SettingsDep, metrics: MetricsDep, decoders: DecodersDep
+    engine: EngineDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    decoders: DecodersDep,
+    admission: AdmissionDep,
 ) -> TranscriptionService:
-    return TranscriptionService(engine, settings, metrics, decoders)
+    return TranscriptionService(engine, settings, metrics, decoders, admission)
 
 
 ServiceDep = Annotated[TranscriptionService, Depends(get_service)]

@@ -7,7 +7,14 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.api.deps import Authorized, EngineDep, MetricsAuthorized, MetricsDep, is_admin_key
+from server.api.deps import (
+    AdmissionDep,
+    Authorized,
+    EngineDep,
+    MetricsAuthorized,
+    MetricsDep,
+    is_admin_key,
+)
 from server.api.memory_view import for_viewer
 from server.metrics import CONTENT_TYPE
 
@@ -35,11 +42,12 @@ async def ready(engine: EngineDep) -> JSONResponse:
 
 
 @router.get("/v1/memory", dependencies=[Authorized])
-async def memory(request: Request, engine: EngineDep) -> dict[str, Any]:
+async def memory(request: Request, engine: EngineDep, admission: AdmissionDep) -> dict[str, Any]:
     """Devices, free/total memory, resident models, reservations and recent plan decisions;
     with API keys, the caller's own requests only, unless its key is an admin key."""
     key_id = getattr(request.state, "api_key_id", None)
-    return for_viewer(engine.memory_report(), key_id, sees_all=is_admin_key(key_id))
+    report = engine.memory_report(in_flight=admission.depth)
+    return for_viewer(report, key_id, sees_all=is_admin_key(key_id))
 
 
 @router.get("/metrics", response_class=Response, dependencies=[MetricsAuthorized])

@@ -11,15 +11,8 @@ from server.api.deps import Authorized, EngineDep
 from server.api.protocol import ErrorResponse, LoadedCopy, ModelCard, ModelList
 from server.engine.core import Engine
 from server.engine.store import ModelSource
-from server.errors import ModelNotReadyError
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Authorized])
-
-
-def _served(engine: Engine) -> ModelSource:
-    if engine.served is None:
-        raise ModelNotReadyError(f"The model is not loaded: {engine.load_error or 'starting'}.")
-    return engine.served
 
 
 def _card(engine: Engine, name: str, source: ModelSource) -> ModelCard:
@@ -35,7 +28,7 @@ def _card(engine: Engine, name: str, source: ModelSource) -> ModelCard:
 
 @router.get("", response_model=ModelList)
 async def list_models(engine: EngineDep) -> ModelList:
-    served = _served(engine)
+    served = engine.served_model()
     ids = [served.id, *engine.store.aliases, *engine.store.local_ids()]
     return ModelList(
         data=[_card(engine, i, engine.store.resolve(i, served)) for i in dict.fromkeys(ids)]
@@ -44,7 +37,7 @@ async def list_models(engine: EngineDep) -> ModelList:
 
 @router.get("/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
 async def get_model(model_id: str, engine: EngineDep) -> ModelCard:
-    source = engine.store.resolve(model_id, _served(engine))
+    source = engine.resolve(model_id)
     return _card(engine, model_id, source)
 
 
@@ -55,7 +48,7 @@ async def get_model(model_id: str, engine: EngineDep) -> ModelCard:
 )
 async def load_model(model_id: str, engine: EngineDep) -> ModelCard:
     """Load a model now (planned against the memory free, like a request)."""
-    source = engine.store.resolve(model_id, _served(engine))
+    source = engine.resolve(model_id)
     await run_in_threadpool(engine.load, source)
     return _card(engine, model_id, source)
 
@@ -72,7 +65,7 @@ async def load_model(model_id: str, engine: EngineDep) -> ModelCard:
 async def unload_model(model_id: str, engine: EngineDep) -> JSONResponse:
     """Unload a model: 200 when it is gone, 202 when a request still uses it (it goes when the
     last one ends)."""
-    source = engine.store.resolve(model_id, _served(engine))
+    source = engine.resolve(model_id)
     held = await run_in_threadpool(engine.unload_source, source)
     card = _card(engine, model_id, source)
     # `deleted` as in OpenAI's ModelDeleted, which the SDK's models.delete() reads.

@@ -95,7 +95,7 @@ async def realtime(ws: WebSocket, intent: str | None = None, model: str | None =
         api_key=key_id,
     )
     try:
-        with admitted(sessions, engine, key_id, session.memory):
+        with admitted(sessions, app.state.admission, key_id, session.memory):
             await ws.accept(subprotocol=subprotocol)
             logger.info(
                 "realtime %s opened by %s (%s dialect)", session.id, ws.client, session.dialect
