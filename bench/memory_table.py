@@ -40,7 +40,7 @@ job = Job(request_id="bench", audio=audio.samples, source=engine.served, word_ti
 with contextlib.ExitStack() as stack:
     # RSS from now on, not the peak of loading the model
     rss = stack.enter_context(sample_peak(lambda: proc.memory_info().rss, interval_ms=2))
-    gpu = (stack.enter_context(peak_sampler(engine.probe("cuda"), interval_ms=2))
+    gpu = (stack.enter_context(peak_sampler(engine.gate.probe("cuda"), interval_ms=2))
            if engine.device == "cuda" else None)
     started = time.perf_counter()
     transcript = engine.run(job)

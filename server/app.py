@@ -248,7 +248,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Requests admitted (running or waiting), per key: HTTP requests and live sessions alike.
     admission = Admission(settings.max_queue, settings.max_requests_per_key, settings.retry_after)
     metrics = Metrics(engine, admission)
-    engine.on_plan = lambda plan: metrics.batch_size.observe(plan.shape.batch_size)
+    engine.decisions.on_plan = lambda plan: metrics.batch_size.observe(plan.shape.batch_size)
     decoders = DecoderPool(settings.decode_workers)
     # The decoder processes' memory is the server's too, outside any reservation.
     own_footprint = engine.footprint

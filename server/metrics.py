@@ -67,7 +67,7 @@ class EngineCollector(Collector):
         queued = GaugeMetricFamily(
             "whisper_scheduler_queued_windows", "Windows waiting for a batch."
         )
-        scheduler_stats = engine.scheduler_stats()
+        scheduler_stats = engine.models.scheduler_stats()
         batches.add_metric([], sum(st.batches for st in scheduler_stats))
         mixed.add_metric([], sum(st.mixed_batches for st in scheduler_stats))
         windows.add_metric([], sum(st.windows for st in scheduler_stats))
@@ -93,7 +93,7 @@ class EngineCollector(Collector):
         )
         for device in dict.fromkeys([*engine.places, "cpu"]):
             try:
-                memory = engine.probe(device).snapshot().device
+                memory = engine.gate.probe(device).snapshot().device
             except Exception:  # a failing probe must not break the scrape
                 logger.debug("memory probe for %s failed", device, exc_info=True)
                 continue
@@ -101,7 +101,7 @@ class EngineCollector(Collector):
             free.add_metric([label, memory.name], memory.free)
             used.add_metric([label, memory.name], memory.used)
             total.add_metric([label, memory.name], memory.total)
-            reserved.add_metric([device], engine.reserved_bytes(device))
+            reserved.add_metric([device], engine.gate.reserved_bytes(device))
         yield from (free, used, total, reserved)
 
 

@@ -124,6 +124,6 @@ def test_batch_size_follows_the_planner(
     ) as server:
         with cf.ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda c: _transcribe(server.url, data_dir / c), CLIPS))
-        (stats,) = server.engine.scheduler_stats()
+        (stats,) = server.engine.models.scheduler_stats()
     assert [r.status_code for r in results] == [200] * 4, [r.text for r in results]
     assert stats.batches >= 4 and set(stats.batch_sizes) == {1}, stats

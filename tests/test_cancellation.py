@@ -33,6 +33,7 @@ from server.audio.decode import decode_audio
 from server.batching.scheduler import BatchKey, Scheduler, WindowOptions
 from server.config import Settings
 from server.errors import RequestCancelledError
+from server.memory.batch_budget import BatchBudget
 from server.request import Job
 from tests.conftest import LiveServer, free_port, make_engine, pin_footprint_to_weights, run_server
 
@@ -82,21 +83,22 @@ def test_a_batch_sized_for_cancelled_windows_still_closes_its_scope(
 
 
 def test_the_engine_releases_a_batch_planned_for_a_cancelled_request(
-    tiny_model: Path, tmp_path: Path, data_dir: Path
+    tiny_model: Path, tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The engine's side of the same moment: its batch reservation (taken in ``_max_batch``,
-    handed to ``_around_batch``) is released, not left in the ledger for good."""
+    """The engine's side of the same moment: its batch reservation (taken in the batch
+    budget's ``max_batch``, handed to its ``batch`` scope) is released, not left in the ledger
+    for good."""
     engine = make_engine(tiny_model, tmp_path, batching="on", batch_size=2)
     try:
         cancelled = threading.Event()
-        plan_batch = engine._max_batch
+        plan_batch = BatchBudget.max_batch
 
-        def max_batch(model: Any, key: BatchKey) -> int:
-            size = plan_batch(model, key)
+        def max_batch(budget: BatchBudget, key: BatchKey, ready: int) -> int:
+            size = plan_batch(budget, key, ready)
             cancelled.set()  # reserved for the batch; now the client goes
             return size
 
-        engine._max_batch = max_batch  # type: ignore[method-assign]
+        monkeypatch.setattr(BatchBudget, "max_batch", max_batch)
         audio = decode_audio((data_dir / LONG).read_bytes(), max_duration=3600).samples
         assert engine.served is not None
         job = Job(request_id="gone", audio=audio[: 90 * SR], source=engine.served)

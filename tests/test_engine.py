@@ -71,7 +71,7 @@ def test_long_audio_is_chunked_under_a_host_budget(
     reference = unconstrained.run(job)
     assert len(reference.segments) >= 8  # one or more per window of speech (<= 30 s)
 
-    shape = unconstrained.requested_shape(only_model(unconstrained), job)
+    shape = unconstrained.planner.requested_shape(only_model(unconstrained), job)
     limit = host_limit_for(unconstrained, shape, 95.0)  # room for 90 s pieces, not 231 s
     engine = make_engine(tiny_model, tmp_path, batch_size=1, host_memory_limit=str(limit))
     chunked = engine.run(job_for(engine, data_dir, LONG))
@@ -102,7 +102,7 @@ def test_words_dropped_only_when_the_budget_forces_it(
     unconstrained: Engine, tiny_model: Path, tmp_path: Path, data_dir: Path
 ) -> None:
     job = job_for(unconstrained, data_dir, "jfk.flac", word_timestamps=True)
-    asked = unconstrained.requested_shape(only_model(unconstrained), job)
+    asked = unconstrained.planner.requested_shape(only_model(unconstrained), job)
     assert asked.word_timestamps and asked.beam_size == 5
 
     # The smallest shape the ladder reaches before dropping words: 10 s windows, greedy.
@@ -144,7 +144,7 @@ def test_waiting_for_memory_is_reported(
 ) -> None:
     """/v1/memory counts a request waiting for memory, and its decision says how it ended."""
     job = job_for(unconstrained, data_dir, "jfk.flac")
-    asked = unconstrained.requested_shape(only_model(unconstrained), job)
+    asked = unconstrained.planner.requested_shape(only_model(unconstrained), job)
     limit = host_limit_for(unconstrained, asked, 11.0)
     engine = make_engine(
         tiny_model,
@@ -190,7 +190,7 @@ def test_degradation_is_reported_in_header_and_body(
 ) -> None:
     job = job_for(unconstrained, data_dir, "jfk.flac", word_timestamps=True)
     smallest = replace(
-        unconstrained.requested_shape(only_model(unconstrained), job),
+        unconstrained.planner.requested_shape(only_model(unconstrained), job),
         chunk_length=10,
         beam_size=1,
         word_timestamps=False,

@@ -107,7 +107,7 @@ def test_an_idle_model_is_unloaded_before_a_request_is_degraded(
     probe = make_engine(tiny_model, tmp_path / "probe")
     job = jfk_job(probe, data_dir)
     (model,) = probe.pool.loaded()
-    estimate = model.cost.estimate(probe.requested_shape(model, job))
+    estimate = model.cost.estimate(probe.planner.requested_shape(model, job))
     # The served model, one request as asked and 1 MiB: not a second model besides.
     limit = model.weights_bytes + estimate.device_bytes + estimate.host_bytes(11.0) + (1 << 20)
     probe.close()
@@ -295,14 +295,14 @@ def test_a_model_in_use_is_unloaded_when_its_request_ends(
     with run_server(settings) as server:
         engine = server.engine
         started, release = threading.Event(), threading.Event()
-        real_run = engine._run
+        real_run = engine.pipeline.run
 
         def slow_run(model: Any, *args: Any) -> Any:
             started.set()
             release.wait(30)
             return real_run(model, *args)
 
-        engine._run = slow_run
+        engine.pipeline.run = slow_run  # type: ignore[method-assign]
         with ThreadPoolExecutor(1) as pool:
             answer = pool.submit(post_jfk, server.url, data_dir, "tiny-b")
             assert started.wait(60)

@@ -86,7 +86,7 @@ def test_the_stream_is_decoded_a_piece_at_a_time(engine: Engine, data_dir: Path)
     assert transcript.duration == pytest.approx(231, abs=1)
     assert len(reads) >= 4 and max(reads) <= 61 * 16000, reads
     (model,) = engine.pool.loaded()
-    shape = engine.requested_shape(
+    shape = engine.planner.requested_shape(
         model, Job(request_id="x", audio=np.zeros(16000 * 60), source=engine.served)
     )
     per_piece = model.cost.estimate(shape).host_bytes(61)
@@ -171,7 +171,9 @@ def test_a_batch_reserves_for_the_windows_it_takes(
         engine.close()
     assert "fellow Americans" in transcript.text
     (model,) = engine.pool.loaded()
-    planned = engine.requested_shape(model, Job(request_id="x", audio=audio, source=engine.served))
+    planned = engine.planner.requested_shape(
+        model, Job(request_id="x", audio=audio, source=engine.served)
+    )
     assert planned.batch_size == 5  # what the piece was planned for
     batches = [nbytes for _, nbytes, owner in reserved if owner == "batch"]
     assert batches and set(batches) == {0}, reserved

@@ -18,11 +18,11 @@ from faster_whisper import vad as fw_vad
 
 from server.audio.decode import decode_audio
 from server.batching.scheduler import Scheduler, WindowOptions
+from server.memory.oom import is_out_of_memory
 from server.whisper.runner import (
     SAMPLE_RATE,
     TEMPERATURES,
     WhisperRunner,
-    is_out_of_memory,
     loud_for_vad,
 )
 from tests.conftest import within

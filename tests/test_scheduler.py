@@ -29,7 +29,7 @@ from server.batching.scheduler import (
 )
 from server.engine.store import install_default_model
 from server.errors import RequestCancelledError
-from server.whisper.runner import is_out_of_memory
+from server.memory.oom import is_out_of_memory
 from server.whisper.word_timing import fit_segments, speech_spans
 from tests.conftest import wer, within
 

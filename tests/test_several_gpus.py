@@ -103,7 +103,7 @@ def test_requests_go_where_memory_is_free_and_copies_load_on_demand(
     assert report["devices"][0]["free_bytes"] == 300 << 20
 
     # Reservations are per GPU: while a request runs on GPU 1, GPU 0's ledger stays empty.
-    assert engine.reserved_bytes("cuda:0") == engine.reserved_bytes("cuda:1") == 0
+    assert engine.gate.reserved_bytes("cuda:0") == engine.gate.reserved_bytes("cuda:1") == 0
 
 
 def test_the_pieces_of_a_long_file_follow_the_free_memory(
@@ -113,7 +113,7 @@ def test_the_pieces_of_a_long_file_follow_the_free_memory(
     engine.settings.max_piece_duration = 30.0
     set_free(nvml, UUID_A, 20 * GiB)
     set_free(nvml, UUID_B, 20 * GiB)
-    real_run_piece = engine._run_piece
+    real_run_piece = engine.pipeline._run_piece
     pieces = []
 
     def run_piece(model: Any, *args: Any) -> Any:
@@ -122,7 +122,7 @@ def test_the_pieces_of_a_long_file_follow_the_free_memory(
             set_free(nvml, UUID_A, 200 << 20)
         return real_run_piece(model, *args)
 
-    engine._run_piece = run_piece  # type: ignore[method-assign]
+    engine.pipeline._run_piece = run_piece  # type: ignore[method-assign]
     transcript = engine.run(job(engine, data_dir, LONG, "long"))
     assert within("words", len(transcript.text.split()), at_least=51)
     placed = places_of(engine, "long")

@@ -412,7 +412,7 @@ def squeezed_server(
     windows: the planner must step down to fit, and keeps the words."""
     engine = tiny_server.engine
     job = job_for(engine, data_dir, "jfk.flac", word_timestamps=True)
-    asked = engine.requested_shape(only_model(engine), job)
+    asked = engine.planner.requested_shape(only_model(engine), job)
     smallest = replace(asked, chunk_length=10, beam_size=1)
     # An upload is counted against host RAM while it is held when it is in memory: under the
     # 1 MiB past which the form parser spools it to disk (jfk.flac is just over), or on tmpfs.

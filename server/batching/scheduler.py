@@ -56,7 +56,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -496,6 +496,49 @@ class Ticket(Iterator["Segment"]):
 # ---- the scheduler -------------------------------------------------------------------------
 
 
+class BatchBudget(Protocol):
+    """What the scheduler asks before and around each batch (the engine hands it the memory
+    gate's :class:`server.memory.batch_budget.BatchBudget`; tests and benches a fixed size).
+
+    Each ``max_batch`` call that returns is followed by exactly one ``batch`` scope: when no
+    window is left to take by then (their requests were cancelled, or the scheduler closed),
+    one of size 0 with no batch in it, so that what ``max_batch`` reserved always has a scope
+    to end in.
+    """
+
+    def max_batch(self, key: BatchKey, ready: int) -> int:
+        """How many windows the next batch of ``key`` may hold (values below 1 count as 1);
+        ``ready`` windows could join it now. To refuse work, raise: the error is delivered, as
+        a :class:`BatchFailedError`, to every request with windows of that key. It may block,
+        for instance to wait for memory."""
+        ...
+
+    def batch(self, key: BatchKey, size: int) -> AbstractContextManager[object]:
+        """Held on the worker thread while a batch of ``size`` windows runs (to reserve its
+        memory, trace it or inject faults). An exception raised on entering it fails the
+        batch like a model error would."""
+        ...
+
+
+class CallableBudget:
+    """A :class:`BatchBudget` from two plain callables: ``max_batch(key) -> int`` and, when
+    given, ``around_batch(key, size) -> context manager``."""
+
+    def __init__(
+        self,
+        max_batch: Callable[[BatchKey], int],
+        around_batch: Callable[[BatchKey, int], AbstractContextManager[object]] | None = None,
+    ) -> None:
+        self._max_batch = max_batch
+        self._around_batch = around_batch
+
+    def max_batch(self, key: BatchKey, ready: int) -> int:
+        return self._max_batch(key)
+
+    def batch(self, key: BatchKey, size: int) -> AbstractContextManager[object]:
+        return self._around_batch(key, size) if self._around_batch else nullcontext()
+
+
 class Scheduler:
     """Batches the windows of concurrent requests through one model with one worker thread.
 
@@ -503,28 +546,21 @@ class Scheduler:
         model: A loaded ``faster_whisper.WhisperModel``, or the :class:`WhisperRunner` that
             wraps it. The scheduler is its only user for the requests it runs; nothing else
             should decode with it meanwhile if memory matters.
-        max_batch: Called before each batch with the batch's key; returns how many windows the
-            batch may hold (values below 1 count as 1). To refuse work, raise: the error is
-            delivered, as a :class:`BatchFailedError`, to every request with windows of that
-            key. It may block, for instance to wait for memory.
+        budget: Sizes each batch and is held around it (see :class:`BatchBudget`).
+        max_batch, around_batch: Instead of ``budget``, the same as two callables (see
+            :class:`CallableBudget`).
         max_wait_s: How long the oldest window waits for others to fill a batch; bounds the
             latency a lone request pays.
         max_queued_windows: :meth:`submit` raises :class:`QueueFullError` when more windows
             than this would be waiting.
-        around_batch: Called on the worker thread with the key and size of each batch; the
-            context manager it returns is held while the batch runs (to reserve the batch's
-            memory, trace it or inject faults). An exception raised on entering it fails the
-            batch like a model error would. Each ``max_batch`` call that returns is followed
-            by exactly one ``around_batch`` scope: when no window is left to take by then
-            (their requests were cancelled, or the scheduler closed), one of size 0 with no
-            batch in it, so that what ``max_batch`` reserved always has a scope to end in.
     """
 
     def __init__(
         self,
         model: Any,
         *,
-        max_batch: Callable[[BatchKey], int],
+        budget: BatchBudget | None = None,
+        max_batch: Callable[[BatchKey], int] | None = None,
         max_wait_s: float = 0.02,
         max_queued_windows: int = 1024,
         around_batch: Callable[[BatchKey, int], AbstractContextManager[object]] | None = None,
@@ -533,11 +569,15 @@ class Scheduler:
             raise ValueError("max_wait_s must not be negative")
         if max_queued_windows < 1:
             raise ValueError("max_queued_windows must be at least 1")
+        if (budget is None) == (max_batch is None):
+            raise ValueError("give the scheduler either a budget or max_batch")
         self._runner = model if isinstance(model, WhisperRunner) else WhisperRunner(model)
-        self._max_batch = max_batch
+        if budget is None:
+            assert max_batch is not None
+            budget = CallableBudget(max_batch, around_batch)
+        self._budget = budget
         self._max_wait = max_wait_s
         self._max_queued = max_queued_windows
-        self._around_batch = around_batch
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._requests: deque[_Request] = deque()  # round-robin order: least recently served first
@@ -749,13 +789,12 @@ class Scheduler:
     # ---- the worker -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        scope = self._around_batch or _no_scope
         while True:
             key = self._next_key()
             if key is None:
                 return
             try:
-                limit = max(1, int(self._max_batch(key)))
+                limit = max(1, int(self._budget.max_batch(key, self.ready(key))))
             except Exception as exc:
                 logger.warning("max_batch(%s) raised %r; failing the requests it held", key, exc)
                 with self._lock:
@@ -764,11 +803,11 @@ class Scheduler:
                     ]:
                         self._stop(request, _batch_failed(exc, 0))
                 continue
-            # Every batch max_batch sized runs under around_batch, even one that finds no window
-            # left to take (size 0): that scope is where what max_batch reserved is given back.
+            # Every batch max_batch sized runs under the budget's scope, even one that finds no
+            # window left to take (size 0): that scope is where what max_batch reserved goes.
             windows = self._fill(key, limit)
             try:
-                with scope(key, len(windows)):
+                with self._budget.batch(key, len(windows)):
                     if windows:
                         self._decode(key, windows)
             except Exception as exc:  # the worker must survive anything a batch raises
@@ -1135,10 +1174,6 @@ def _best(attempts: list[_Attempt], options: WindowOptions) -> _Attempt:
     )
 
 
-def _no_scope(key: BatchKey, size: int) -> AbstractContextManager[object]:
-    return nullcontext()
-
-
 def _batch_failed(exc: Exception, size: int) -> BatchFailedError:
     what = f"a batch of {size} windows" if size else "planning a batch"
     error = BatchFailedError(f"{what} failed: {type(exc).__name__}: {exc}")
@@ -1148,8 +1183,10 @@ def _batch_failed(exc: Exception, size: int) -> BatchFailedError:
 
 __all__ = [
     "TEMPERATURES",
+    "BatchBudget",
     "BatchFailedError",
     "BatchKey",
+    "CallableBudget",
     "QueueFullError",
     "Scheduler",
     "SchedulerClosedError",

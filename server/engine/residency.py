@@ -1,275 +1,255 @@
-"""Models loaded on demand, one copy per (model, device), each with its cost model, held by
-the requests using them and unloaded when idle."""
+"""Model residency: which models this server holds, where, and for how long.
+
+Models load on first use under the memory gate (:meth:`MemoryGate.room_for_load`), are held
+by the requests using them (a held model is never unloaded), and go when they are idle: after
+``WHISPER_MODEL_TTL``, when the gate needs their memory for other work, or when asked
+(``DELETE /v1/models/{id}``). The served model may be pinned. Each loaded model has its own
+cross-request scheduler, created on first use with a :class:`BatchBudget` (the gate, as the
+scheduler asks it). The speaker encoder for diarization is loaded here too, once.
+
+:class:`Residency` is what the gate sees as its ``Residents``: resident bytes per place, the
+idle models, and unloading one.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from server.batching.scheduler import Scheduler, SchedulerStats
 from server.config import Settings
-from server.engine.store import ModelSource
-from server.errors import ModelNotReadyError
-from server.memory import (
-    CostModel,
-    Profile,
-    Shape,
-    device_kind,
-    device_ordinal,
-    format_bytes,
-    read_model_dims,
-)
-from server.whisper.runner import WhisperRunner, download_model
+from server.diarization import SpeakerEncoder, load_encoder
+from server.engine.pool import LoadedModel, ModelPool
+from server.engine.store import ModelSource, install_speaker_encoder
+from server.errors import ConflictError, NotFoundError
+from server.memory import format_bytes
+from server.memory.batch_budget import BatchBudget
+from server.memory.gate import MemoryGate, Resident
+from server.memory.host_heap import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class LoadNeeds:
-    """What loading one model takes, for the engine to plan (see :data:`LoadGate`).
-
-    Attributes:
-        device_bytes: On its device once loaded: the weights and one window's working memory
-            (or it would load only to refuse every request). On the CPU, host RAM.
-        weights_bytes: The weights, which stay resident.
-        host_peak_bytes: Host RAM while it loads, above what the process held before: the
-            file's tensors and their converted copies at once (:meth:`CostModel.load_host_bytes`),
-            on a GPU too (the file passes through the host).
-    """
-
-    device_bytes: int
-    weights_bytes: int
-    host_peak_bytes: int
-
-
-#: Called around a load with (device, source id, what it needs); returns what to hold while the
-#: load runs (the engine plans and reserves it).
-LoadGate = Callable[[str, str, LoadNeeds], AbstractContextManager[object]]
-
-
-@dataclass(eq=False)
-class LoadedModel:
-    """A faster-whisper model resident on one device, with its cost model.
-
-    Attributes:
-        source: Which model.
-        device: Where: ``cpu``, or a GPU place such as ``cuda:0``.
-        compute_type: As loaded (``float16``, ``int8``, ...).
-        runner: The loaded model, and every call into it.
-        cost: Its memory cost model; replaced (never mutated) when an out-of-memory error
-            raises an estimate.
-        weights_bytes: Resident size of the weights, counted against the device's budget.
-        pinned: Never unloaded (the served model under WHISPER_PIN_DEFAULT_MODEL).
-        in_use: Requests holding it now (see :meth:`ModelPool.checkout`); guarded by the pool.
-        last_used: ``time.monotonic()`` when the last of them let go.
-        unload_requested: Unload it once nothing holds it (``DELETE /v1/models/{id}``).
-    """
-
-    source: ModelSource
-    device: str
-    compute_type: str
-    runner: WhisperRunner
-    cost: CostModel
-    weights_bytes: int
-    loaded_at: float = field(default_factory=time.time)
-    pinned: bool = False
-    in_use: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    unload_requested: bool = False
-
-    @property
-    def multilingual(self) -> bool:
-        return self.runner.multilingual
-
-
-class ModelPool:
-    """Models loaded on demand, one copy per (model, device), until they are unloaded.
-
-    Concurrent first uses of a model load it once. Each use holds the model through
-    :meth:`checkout` / :meth:`release`, so a model in use is never unloaded.
+class Residency:
+    """The models held, and their schedulers (see the module doc).
 
     Args:
-        settings: Compute type, threads and the model store.
-        gate: Plans and reserves each load (see :data:`LoadGate`); none: loads are not planned.
+        settings: TTL, pinning, batching and queue settings.
+        gate: Plans every load, and is told when a CPU model's memory is given back.
     """
 
-    def __init__(self, settings: Settings, gate: LoadGate | None = None) -> None:
-        self._settings = settings
-        self._gate = gate
-        self._models: dict[tuple[str, str], LoadedModel] = {}
-        self._locks: dict[tuple[str, str], threading.Lock] = {}
-        self._guard = threading.Lock()
+    def __init__(self, settings: Settings, gate: MemoryGate) -> None:
+        self.settings = settings
+        self.gate = gate
+        self.pool = ModelPool(settings, gate)
+        #: The served model (pinned under WHISPER_PIN_DEFAULT_MODEL); set at start-up.
+        self.served: ModelSource | None = None
+        #: The largest batch a scheduler may run (WHISPER_BATCH_SIZE or the device's default).
+        self.largest_batch = 4
+        self.unloads = 0
+        self._schedulers: dict[int, Scheduler] = {}
+        self._scheduler_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
+        self._speaker_encoder: SpeakerEncoder | None = None
+        self._speaker_lock = threading.Lock()
 
-    def loaded(self) -> list[LoadedModel]:
-        with self._guard:
-            return list(self._models.values())
+    # ---- holding models -------------------------------------------------------------------
 
-    def resident_bytes(self, device: str) -> int:
-        """Weights of every model loaded on ``device``."""
-        return sum(m.weights_bytes for m in self.loaded() if m.device == device)
-
-    def find(self, source: ModelSource, device: str) -> LoadedModel | None:
-        """The model if it is loaded on ``device``, without loading it."""
-        with self._guard:
-            return self._models.get((source.load_target, device))
-
-    def get(self, source: ModelSource, device: str, *, pinned: bool = False) -> LoadedModel:
-        """The model ``source`` on ``device``, loading it if needed (not held: see
-        :meth:`checkout` for a use that must not see it unloaded).
-
-        Raises:
-            ModelNotReadyError: the model cannot be loaded.
-            InsufficientMemoryError: the gate found no room for it.
-        """
-        model = self.checkout(source, device, pinned=pinned)
-        self.release(model)
-        return model
-
-    def checkout(
-        self, source: ModelSource, device: str, *, pinned: bool = False, planned: bool = False
-    ) -> LoadedModel:
-        """Hold the model ``source`` on ``device`` (loading it if needed) until
-        :meth:`release`; it is not unloaded while held. ``planned``: the caller's plan already
-        holds room for loading it, so the gate is not asked again.
+    @contextmanager
+    def use_model(
+        self, source: ModelSource, place: str, *, planned: bool = False
+    ) -> Iterator[LoadedModel]:
+        """Hold ``source`` on ``place`` for the block, loading it first if needed (planned
+        like a request by the gate). A held model is never unloaded. ``planned``: the caller's
+        plan already reserved room to load it (the CPU fallback's plan counts its CPU copy).
 
         Raises:
-            ModelNotReadyError: the model cannot be loaded.
-            InsufficientMemoryError: the gate found no room for it.
+            ModelNotReadyError: it cannot be loaded.
+            InsufficientMemoryError: there is no room to load it, even after unloading idle
+                models and waiting (WHISPER_MAX_MEMORY_WAIT).
         """
-        key = (source.load_target, device)
-        with self._guard:
-            model = self._models.get(key)
-            if model is not None:
-                model.in_use += 1
-                return model
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            with self._guard:
-                model = self._models.get(key)
-                if model is not None:
-                    model.in_use += 1
-                    return model
-            model = self._load(source, device, planned=planned)
-            model.pinned = pinned
-            model.in_use = 1
-            with self._guard:
-                self._models[key] = model
+        model = self.pool.checkout(source, place, pinned=self._pinned(source), planned=planned)
+        try:
+            yield model
+        finally:
+            self.pool.release(model)
+            if model.unload_requested:
+                self.unload(model, "unload requested")
+            elif self.settings.model_ttl == 0:
+                self.unload(model, "WHISPER_MODEL_TTL=0")
+
+    def load(self, source: ModelSource, place: str) -> LoadedModel:
+        """Load ``source`` on ``place`` now (``POST /v1/models/{id}``), planned like a
+        request's load; its idle time starts now.
+
+        Raises:
+            ModelNotReadyError, InsufficientMemoryError: as :meth:`use_model`.
+        """
+        with self.use_model(source, place) as model:
             return model
 
-    def release(self, model: LoadedModel) -> None:
-        """Let go of a model held by :meth:`checkout`."""
-        with self._guard:
-            model.in_use -= 1
-            model.last_used = time.monotonic()
+    def load_pinned(self, source: ModelSource, place: str) -> LoadedModel:
+        """Load the served model at start-up (not planned: nothing else runs yet)."""
+        return self.pool.get(source, place, pinned=self._pinned(source))
 
-    def take_idle(self, model: LoadedModel) -> bool:
-        """Remove ``model`` from the pool if nothing holds it and it is not pinned (the caller
-        then frees it).
+    def unload_source(self, source: ModelSource) -> list[LoadedModel]:
+        """Unload every copy of ``source`` (``DELETE /v1/models/{id}``); a copy in use is
+        unloaded as soon as its last request ends.
 
         Returns:
-            Whether it was removed.
+            The copies still held (to be unloaded when they are let go).
+
+        Raises:
+            NotFoundError: it is not loaded.
+            ConflictError: it is the pinned served model.
         """
-        key = (model.source.load_target, model.device)
-        with self._guard:
-            if model.in_use or model.pinned or self._models.get(key) is not model:
-                return False
-            del self._models[key]
-            return True
-
-    def idle(
-        self, device: str | None = None, *, exclude: LoadedModel | None = None
-    ) -> list[LoadedModel]:
-        """Models nothing holds and nothing pins (on ``device``), least recently used first."""
-        with self._guard:
-            found = [
-                m
-                for m in self._models.values()
-                if not m.in_use
-                and not m.pinned
-                and m is not exclude
-                and (device is None or m.device == device)
-            ]
-        return sorted(found, key=lambda m: m.last_used)
-
-    def discard(self, source: ModelSource, device: str) -> None:
-        """Forget the copy of ``source`` on ``device`` (it failed its test window); CTranslate2
-        frees it when the last reference goes."""
-        with self._guard:
-            self._models.pop((source.load_target, device), None)
-
-    def _download(self, source: ModelSource) -> Path:
-        """Fetch a Hugging Face model into the store (only with WHISPER_ALLOW_DOWNLOADS)."""
-        if not self._settings.allow_downloads:
-            raise ModelNotReadyError(
-                f"Model {source.id!r} is not in {self._settings.models_dir}; set "
-                "WHISPER_ALLOW_DOWNLOADS=true to download it from Hugging Face."
+        copies = [m for m in self.pool.loaded() if m.source.load_target == source.load_target]
+        if not copies:
+            raise NotFoundError(f"The model {source.id!r} is not loaded.", param="model")
+        if any(m.pinned for m in copies):
+            raise ConflictError(
+                f"The model {source.id!r} is the served model and is pinned; set "
+                "WHISPER_PIN_DEFAULT_MODEL=false to let it be unloaded.",
+                param="model",
             )
-        target = self._settings.models_dir / str(source.repo).replace("/", "--")
-        return download_model(str(source.repo), target)
+        held = []
+        for model in copies:
+            model.unload_requested = True
+            if not self.unload(model, "unload requested"):
+                held.append(model)
+        return held
 
-    def _load(self, source: ModelSource, device: str, *, planned: bool = False) -> LoadedModel:
-        settings = self._settings
-        compute_type = settings.compute_type
-        kind = device_kind(device)
-        if compute_type == "auto":
-            compute_type = "float16" if kind == "cuda" else "int8"
-        started = time.perf_counter()
-        try:
-            folder = source.path or self._download(source)
-        except ModelNotReadyError:
-            raise
-        except Exception as exc:  # huggingface_hub raises many kinds
-            raise ModelNotReadyError(f"Model {source.id!r} could not be downloaded: {exc}") from exc
-        try:
-            dims = read_model_dims(folder)
-        except Exception as exc:  # a broken or foreign config.json
-            raise ModelNotReadyError(
-                f"Model {source.id!r} could not be loaded on {device}: {exc}"
-            ) from exc
-        profile = Profile.load(folder / Profile.FILENAME)
-        if profile is not None and not profile.matches(device=kind, compute_type=compute_type):
-            profile = None
-        cost = CostModel(dims, profile=profile)
-        weights = cost.weights_bytes(compute_type)
-        smallest = Shape(kind, compute_type, 1, 1, False, 30, False)
-        needs = LoadNeeds(
-            device_bytes=weights + cost.estimate(smallest).device_bytes,
-            weights_bytes=weights,
-            host_peak_bytes=cost.load_host_bytes(compute_type, kind),
+    def _pinned(self, source: ModelSource) -> bool:
+        served = self.served
+        return (
+            self.settings.pin_default_model
+            and served is not None
+            and source.load_target == served.load_target
         )
-        gate = (
-            self._gate(device, source.id, needs)
-            if self._gate is not None and not planned
-            else nullcontext()
-        )
-        with gate:
-            try:
-                runner = WhisperRunner.load(
-                    folder,
-                    device=kind,
-                    device_index=device_ordinal(device),
-                    compute_type=compute_type,
-                    cpu_threads=settings.cpu_threads,
-                    num_workers=settings.max_concurrency,
-                )
-            except Exception as exc:  # CTranslate2 raises many kinds
-                raise ModelNotReadyError(
-                    f"Model {source.id!r} could not be loaded on {device}: {exc}"
-                ) from exc
+
+    # ---- what the gate asks (Residents) ---------------------------------------------------
+
+    def resident_bytes(self, place: str) -> int:
+        """Weights of every model loaded on ``place``."""
+        return self.pool.resident_bytes(place)
+
+    def idle(self, place: str, exclude: object = None) -> list[LoadedModel]:
+        """Models on ``place`` that nothing holds and nothing pins, least recently used first."""
+        keep = exclude if isinstance(exclude, LoadedModel) else None
+        return self.pool.idle(place, exclude=keep)
+
+    def unload(self, model: Resident, reason: str) -> bool:
+        """Unload ``model`` now if nothing holds it and it is not pinned: its scheduler is
+        closed, CTranslate2 frees its weights, and a CPU model's memory is given back.
+
+        Returns:
+            Whether it was unloaded.
+        """
+        assert isinstance(model, LoadedModel)
+        if not self.pool.take_idle(model):
+            return False
+        with self._scheduler_lock:
+            scheduler = self._schedulers.pop(id(model), None)
+        if scheduler is not None:
+            scheduler.close(timeout=30)
+        model.runner.whisper.model.unload_model()
+        if model.device == "cpu":
+            self.gate.forget_host_bytes(model.weights_bytes)
+        release_freed_memory()
+        self.gate.settle()
+        self.unloads += 1
         logger.info(
-            "loaded model %s on %s (%s) in %.1fs; weights about %s%s",
-            source.id,
-            device,
-            compute_type,
-            time.perf_counter() - started,
-            format_bytes(weights),
-            "; using measured memory profile" if profile is not None else "",
+            "unloaded model %s from %s (%s of weights): %s",
+            model.source.id,
+            model.device,
+            format_bytes(model.weights_bytes),
+            reason,
         )
-        return LoadedModel(source, device, compute_type, runner, cost, weights)
+        return True
+
+    # ---- schedulers -----------------------------------------------------------------------
+
+    def scheduler(self, model: LoadedModel) -> Scheduler:
+        """``model``'s cross-request scheduler (created on first use), whose batches ask a
+        :class:`BatchBudget` for their memory."""
+        with self._scheduler_lock:
+            scheduler = self._schedulers.get(id(model))
+            if scheduler is None:
+                settings = self.settings
+                budget = BatchBudget(
+                    self.gate,
+                    model,
+                    largest=self.largest_batch,
+                    ladder=settings.degrade_ladder,
+                    retry_after=settings.retry_after,
+                )
+                scheduler = Scheduler(
+                    model.runner,
+                    budget=budget,
+                    max_wait_s=settings.batch_max_wait_ms / 1000,
+                    max_queued_windows=settings.max_queue * 64,
+                )
+                self._schedulers[id(model)] = scheduler
+            return scheduler
+
+    def scheduler_stats(self) -> list[SchedulerStats]:
+        with self._scheduler_lock:
+            return [s.stats() for s in self._schedulers.values()]
+
+    # ---- the speaker encoder --------------------------------------------------------------
+
+    def speaker_encoder(self) -> SpeakerEncoder:
+        """The speaker encoder for diarization, installed into the model store and loaded on
+        first use (blocking).
+
+        Raises:
+            DiarizationUnavailableError: its weights are not installed (400, with the command
+                that installs them).
+        """
+        with self._speaker_lock:
+            if self._speaker_encoder is None:
+                started = time.perf_counter()
+                encoder = load_encoder(install_speaker_encoder(self.settings.models_dir))
+                logger.info(
+                    "loaded the speaker encoder in %.2fs (%.1f MB)",
+                    time.perf_counter() - started,
+                    encoder.weights_bytes / 1e6,
+                )
+                self._speaker_encoder = encoder
+            return self._speaker_encoder
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def start_reaper(self) -> None:
+        """Unload models idle for WHISPER_MODEL_TTL seconds from now on (when it is above 0)."""
+        if self.settings.model_ttl > 0:
+            self._reaper = threading.Thread(
+                target=self._unload_expired, name="whisper-model-ttl", daemon=True
+            )
+            self._reaper.start()
+
+    def close(self) -> None:
+        """Stop the reaper and close every scheduler (their running batches finish first)."""
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=10)
+        with self._scheduler_lock:
+            for scheduler in self._schedulers.values():
+                scheduler.close(timeout=30)
+            self._schedulers.clear()
+
+    def _unload_expired(self) -> None:
+        ttl = self.settings.model_ttl
+        while not self._stop.wait(min(max(ttl / 4, 0.2), 10.0)):
+            now = time.monotonic()
+            for model in self.pool.idle():
+                idle = now - model.last_used
+                if idle >= ttl:
+                    self.unload(model, f"idle for {idle:.0f} s (WHISPER_MODEL_TTL={ttl:g})")
 
 
-__all__ = ["LoadGate", "LoadNeeds", "LoadedModel", "ModelPool"]
+__all__ = ["Residency"]

@@ -67,7 +67,7 @@ def measure(model: LoadedModel, shape: Shape, engine: Engine, audio: np.ndarray)
     # What the warm-up freed would otherwise sit in the heap and hide the next run's peak.
     release_freed_memory()
     if device_kind(model.device) == "cuda":
-        sampler = peak_sampler(engine.probe(model.device), interval_ms=2)
+        sampler = peak_sampler(engine.gate.probe(model.device), interval_ms=2)
     else:
         import psutil
 
@@ -105,7 +105,7 @@ def calibrate(
         raise SystemExit(f"model not ready: {engine.load_error}")
     (model,) = engine.pool.loaded()
     folder = engine.served.path
-    device_name = engine.probe(model.device).snapshot().device.name
+    device_name = engine.gate.probe(model.device).snapshot().device.name
     kind = device_kind(model.device)
     profile = Profile(engine.served.id, kind, device_name, model.compute_type)
     what = "working memory" if kind == "cuda" else "working + host memory"

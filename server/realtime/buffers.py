@@ -22,9 +22,10 @@ from types import TracebackType
 import numpy as np
 
 from server.config import Settings
-from server.engine.core import HOST, Engine
+from server.engine.core import Engine
 from server.errors import InsufficientMemoryError
 from server.memory import format_bytes
+from server.memory.gate import HOST
 from server.memory.reservations import Reservation
 from server.realtime.events import EventError
 from server.whisper.runner import SAMPLE_RATE

@@ -55,14 +55,16 @@ def replica_load(engine: Engine, queue: int, points: Sequence[float] = NEED_POIN
     """
     device = engine.places[0]  # a replica is given one GPU (num_gpus=1), or the CPU
     with engine.reservations.planning():
-        budget = engine.free_budget(device)
+        budget = engine.gate.free_budget(device)
     curve: list[tuple[float, int]] = []
     model = engine.pool.find(engine.served, device) if engine.served is not None else None
     if model is not None:
         piece = engine.settings.max_piece_duration
         for seconds in points:
             job = Job.for_estimate(model.source, engine.settings.default_beam_size)
-            estimate = model.cost.estimate(engine.requested_shape(model, job, duration=seconds))
+            estimate = model.cost.estimate(
+                engine.planner.requested_shape(model, job, duration=seconds)
+            )
             need = estimate.device_bytes
             if device == "cpu":  # the piece's audio and features share the budget
                 need += estimate.host_bytes(min(seconds, piece))

@@ -13,7 +13,6 @@ in one place instead of quietly changing transcripts.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,24 +44,6 @@ from server.transcript import Segment, TokenLogprob, Word
 
 #: faster-whisper's (and OpenAI's) temperature fallback schedule.
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-
-# CTranslate2 reports device OOM as "CUDA failed with error out of memory" (or a cuBLAS
-# allocation failure); host OOM surfaces as std::bad_alloc or MemoryError.
-_OOM = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|bad_alloc|failed to allocate", re.I)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether an exception raised by a model call means the device ran out of memory.
-
-    A wrapping ``RuntimeError`` (the scheduler's batch failure) counts when its cause does.
-    """
-    if isinstance(exc, MemoryError):
-        return True
-    if not isinstance(exc, RuntimeError):
-        return False
-    if _OOM.search(str(exc)) is not None:
-        return True
-    return exc.__cause__ is not None and is_out_of_memory(exc.__cause__)
 
 
 def download_model(repo: str, target: Path) -> Path:
@@ -596,7 +577,6 @@ __all__ = [
     "WhisperRunner",
     "download_model",
     "has_speech",
-    "is_out_of_memory",
     "loud_for_vad",
     "speech_timestamps",
     "to_segment",
