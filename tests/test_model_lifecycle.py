@@ -118,9 +118,7 @@ def test_an_idle_model_is_unloaded_before_a_request_is_degraded(
     )
     engine.load(engine.store.resolve("tiny-b", engine.served))  # type: ignore[arg-type]
     # ...then the limit the request meets.
-    engine.settings = engine.settings.model_copy(
-        update={"host_memory_limit": MemoryAmount.parse(str(limit))}
-    )
+    engine.settings.host_memory_limit = MemoryAmount.parse(str(limit))
 
     transcript = engine.run(jfk_job(engine, data_dir))
     kinds = [kind for kind, _ in transcript.degradations]
@@ -149,9 +147,7 @@ engine.start()
 engine.load(engine.store.resolve("whisper-base", engine.served))
 engine.settle()
 limit = engine.footprint() + extra
-engine.settings = engine.settings.model_copy(
-    update={"host_memory_limit": MemoryAmount.parse(str(limit))}
-)
+engine.settings.host_memory_limit = MemoryAmount.parse(str(limit))
 with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")  # resets VmHWM to the resident memory now
 error = None

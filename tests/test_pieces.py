@@ -19,8 +19,9 @@ import requests
 from server.audio.decode import AudioStream, decode_audio
 from server.audio.pieces import ArraySource, PieceReader, split_on_silence
 from server.config import Settings
-from server.engine.core import HOST, Engine
+from server.engine.core import Engine
 from server.errors import AudioError
+from server.memory.gate import HOST
 from server.request import Job
 from tests.conftest import pin_footprint_to_weights, wer, within
 

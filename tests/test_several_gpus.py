@@ -48,7 +48,7 @@ def two_gpus(
         "server.engine.core.cuda_available", lambda: (True, "2 CUDA device(s) (fake)")
     )
     monkeypatch.setattr(
-        "server.engine.core.open_probe",
+        "server.memory.gate.open_probe",
         lambda place, index=0: NvmlProbe(
             int(place.split(":")[1]), nvml=nvml, environ={}, driver_identity=None
         ),
