@@ -38,7 +38,7 @@ from server.errors import (
 )
 from server.memory import format_bytes, host_heap
 from server.metrics import Metrics
-from server.realtime.session import LiveSessions
+from server.realtime.admission import LiveSessions
 
 logger = logging.getLogger(__name__)
 access_log = logging.getLogger("server.access")

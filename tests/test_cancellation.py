@@ -9,6 +9,7 @@ requests where each of those is held and check that ``/v1/memory`` comes back to
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gc
 import json
@@ -21,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -34,6 +36,8 @@ from server.batching.scheduler import BatchKey, Scheduler, WindowOptions
 from server.config import Settings
 from server.errors import RequestCancelledError
 from server.memory.batch_budget import BatchBudget
+from server.realtime.input import InputAudio
+from server.realtime.transcriber import Transcriber
 from server.request import Job
 from tests.conftest import LiveServer, free_port, make_engine, pin_footprint_to_weights, run_server
 
@@ -340,3 +344,52 @@ def test_a_stream_left_after_its_first_event_is_released_and_counted(
     memory = _memory(tiny_server)
     assert _settled(memory), (memory["reservations"], memory["requests"])
     assert _cancelled_count(tiny_server) == before + 1
+
+
+# ---- a live session's own task cancelled ---------------------------------------------------------
+
+
+def test_a_live_session_cancelled_while_it_stops_still_waits_for_its_decode_and_stays_cancelled() -> (
+    None
+):
+    """The session ends (its client left) while an item is decoded, and its task is cancelled
+    (the server shutting down) while it waits for that decode to stop: the decode is told to
+    stop and waited for all the same, and the cancellation is not swallowed."""
+    told = threading.Event()
+    stopped = threading.Event()
+
+    def run(job: Any, *, cancelled: threading.Event) -> Any:
+        assert cancelled.wait(30)
+        told.set()
+        time.sleep(0.5)  # the window it was in
+        stopped.set()
+        raise RequestCancelledError("stopped")
+
+    async def ignore(event: Any) -> None:
+        pass
+
+    async def session() -> None:
+        engine: Any = SimpleNamespace(executor=ThreadPoolExecutor(1), run=run)
+        metrics: Any = SimpleNamespace()
+        settings = Settings()
+        audio = InputAudio(engine, settings, metrics, owner="sess", api_key=None, send=ignore)
+        transcriber = Transcriber(engine, settings, metrics, audio, session_id="sess", send=ignore)
+        transcriber.decoding = SimpleNamespace(  # type: ignore[assignment]
+            job=lambda samples, item_id: SimpleNamespace(chinese=None),
+            config=SimpleNamespace(logprobs=False),
+        )
+        async with transcriber.running():
+            audio.buffer.append(np.zeros(SR, np.float32))
+            await audio.commit(None)  # its final decode starts
+            while transcriber._inflight is None:
+                await asyncio.sleep(0.01)
+
+    async def main() -> None:
+        task = asyncio.create_task(session())
+        assert await asyncio.to_thread(told.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert stopped.is_set()
+
+    asyncio.run(main())

@@ -28,15 +28,9 @@ from websockets.sync.client import ClientConnection, connect
 
 from bench.harness import edit_distance
 from server.realtime.audio import InputDecoder, Resampler, decode_g711
-from server.realtime.events import (
-    EventError,
-    SessionConfig,
-    TurnDetection,
-    apply_beta,
-    apply_ga,
-    parse_client_event,
-)
-from server.realtime.session import StablePrefix, TurnDetector, logprobs_within
+from server.realtime.events import EventError, parse_client_event
+from server.realtime.session_config import SessionConfig, TurnDetection, apply_beta, apply_ga
+from server.realtime.turns import StablePrefix, TurnDetector, logprobs_within
 from server.request import live_window
 from server.transcript import TokenLogprob
 from server.whisper.runner import VAD_FRAME, StreamingVad

@@ -23,7 +23,7 @@ import numpy as np
 
 from server.whisper.runner import SAMPLE_RATE
 
-#: The wire's input formats (beta names; the GA names map onto them in ``realtime_events``).
+#: The wire's input formats (beta names; ``session_config`` maps the GA names onto them).
 InputFormat = Literal["pcm16", "g711_ulaw", "g711_alaw"]
 
 #: Samples per second of each input format (OpenAI's PCM is always 24 kHz, G.711 always 8 kHz).

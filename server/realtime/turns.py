@@ -13,7 +13,7 @@ from typing import Literal
 
 import numpy as np
 
-from server.realtime.events import TurnDetection
+from server.realtime.session_config import TurnDetection
 from server.transcript import TokenLogprob
 from server.whisper.runner import SAMPLE_RATE, VAD_FRAME
 

@@ -20,14 +20,10 @@ from server.errors import (
     ServiceUnavailableError,
     quote,
 )
-from server.realtime.events import Dialect, error_event
-from server.realtime.session import (
-    CLOSE_POLICY,
-    CLOSE_TRY_LATER,
-    LiveSessions,
-    RealtimeSession,
-    admitted,
-)
+from server.realtime.admission import LiveSessions, admitted
+from server.realtime.events import Dialect
+from server.realtime.server_events import ErrorEvent
+from server.realtime.session import CLOSE_POLICY, CLOSE_TRY_LATER, RealtimeSession
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["realtime"])
@@ -51,7 +47,7 @@ def _dialect(ws: WebSocket, offered: list[str]) -> Dialect:
 
 async def _refuse(ws: WebSocket, subprotocol: str | None, error: APIError, code: int) -> None:
     await ws.accept(subprotocol=subprotocol)
-    await ws.send_json(error_event(error))
+    await ws.send_json(ErrorEvent.of(error).wire())
     await ws.close(code, error.message[:120])
 
 
