@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.admission import Admission
+from server.api.service import TranscriptionService
 from server.audio.decoders import DecoderPool
 from server.config import Settings
 from server.engine.core import Engine
@@ -41,11 +42,17 @@ def get_admission(request: Request) -> Admission:
     return admission
 
 
+def get_transcriptions(request: Request) -> TranscriptionService:
+    service: TranscriptionService = request.app.state.transcriptions
+    return service
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 AdmissionDep = Annotated[Admission, Depends(get_admission)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 DecodersDep = Annotated[DecoderPool, Depends(get_decoders)]
+TranscriptionsDep = Annotated[TranscriptionService, Depends(get_transcriptions)]
 
 
 def check_api_key(token: str | None, settings: Settings) -> str | None:

@@ -1,12 +1,20 @@
-"""Render a :class:`~server.transcript.Transcript` in the response formats OpenAI's
-``/v1/audio/transcriptions`` and ``/v1/audio/translations`` offer, and build the SSE events
-of a streamed transcription. Pure functions: no I/O, no model, no request state."""
+"""The response formats of OpenAI's ``/v1/audio/transcriptions`` and ``/v1/audio/translations``,
+each one :class:`FormatSpec` in :data:`FORMATS`: its media type, whether it streams, which
+options it allows, and its renderer; plus the SSE events of a streamed transcription. Pure
+functions: no I/O, no model, no request state.
+
+Adding a response format means adding its value to :class:`ResponseFormat`, writing its
+renderer (``Transcript -> body``), and adding one :class:`FormatSpec` to :data:`FORMATS`;
+nothing else. The form's checks (:func:`server.api.protocol.parse_form`'s 400s), whether a
+request is diarized, the rendering and the streamed events all follow from the spec.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, NamedTuple
 
@@ -33,11 +41,95 @@ class ResponseFormat(StrEnum):
     DIARIZED_JSON = "diarized_json"
 
 
+Body = str | dict[str, Any]
+
+
 class Rendered(NamedTuple):
     """A response body and its media type: a dict for the JSON formats, a str otherwise."""
 
-    body: str | dict[str, Any]
+    body: Body
     media_type: str
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """What a client asked of the body, beyond its format.
+
+    Attributes:
+        granularities: ``timestamp_granularities[]`` (``"segment"``, ``"word"``).
+        logprobs: ``include[]=logprobs``.
+    """
+
+    granularities: frozenset[str] = frozenset()
+    logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """One ``response_format``: everything the server decides by it.
+
+    Attributes:
+        format: The ``response_format`` value.
+        media_type: The response's content type.
+        renderer: The finished transcript -> the body (a dict for JSON, a str otherwise).
+        streamable: ``stream=true`` may ask for it (``transcript.text.*`` events).
+        granularities: ``timestamp_granularities[]`` may be sent with it.
+        logprobs: ``include[]=logprobs`` may be sent with it.
+        diarized: It says who spoke: the diarization fields (``known_speaker_*``,
+            ``min_speakers``, ``max_speakers``, ``diarize_by_channel``) may be sent with it,
+            the engine diarizes the request, and each streamed delta names its segment,
+            followed by the segment with its speaker.
+        translations: ``/v1/audio/translations`` may ask for it.
+    """
+
+    format: ResponseFormat
+    media_type: str
+    renderer: Callable[[Transcript, RenderOptions], Body]
+    streamable: bool = False
+    granularities: bool = False
+    logprobs: bool = False
+    diarized: bool = False
+    translations: bool = True
+
+    def render(self, transcript: Transcript, options: RenderOptions | None = None) -> Rendered:
+        """The body of a finished transcription in this format, and its media type."""
+        return Rendered(self.renderer(transcript, options or RenderOptions()), self.media_type)
+
+    def segment_events(self, segment: Segment, *, logprobs: bool = False) -> bytes:
+        """A streamed segment's server-sent events: its text as a ``transcript.text.delta``
+        (with its tokens' log-probabilities when asked for), and, diarized, the delta names its
+        segment and the ``transcript.text.segment`` with its speaker follows (not for a
+        segment without text)."""
+        token_logprobs = (segment.logprobs or ()) if logprobs else None
+        if not self.diarized:
+            return sse(text_delta_event(segment.text, token_logprobs))
+        delta = text_delta_event(segment.text, token_logprobs, segment=segment_id(segment))
+        return sse(delta) + (sse(segment_event(segment)) if segment.text.strip() else b"")
+
+    def done_event(self, transcript: Transcript, *, logprobs: bool = False) -> bytes:
+        """A streamed transcription's last event: ``transcript.text.done``, with every token's
+        log-probability when asked for and ``x_whisper_degraded`` when something was given
+        up."""
+        event = text_done_event(
+            transcript.text, transcript.duration, transcript.logprobs if logprobs else None
+        )
+        if transcript.degradations:
+            event["x_whisper_degraded"] = degradations_body(transcript)
+        return sse(event)
+
+
+def format_spec(fmt: ResponseFormat | str) -> FormatSpec:
+    """The spec of one response format.
+
+    Raises:
+        ValueError: ``fmt`` is not a :class:`ResponseFormat`.
+    """
+    return FORMATS[ResponseFormat(fmt)]
+
+
+def formats_where(rule: Callable[[FormatSpec], bool]) -> list[ResponseFormat]:
+    """The formats whose spec satisfies ``rule``, in :data:`FORMATS`' order (OpenAI's)."""
+    return [spec.format for spec in FORMATS.values() if rule(spec)]
 
 
 def render(
@@ -63,19 +155,7 @@ def render(
         ValueError: ``fmt`` is not a :class:`ResponseFormat`; the router validates the field
             first, so this is a programming error.
     """
-    match ResponseFormat(fmt):
-        case ResponseFormat.JSON:
-            return Rendered(to_json(transcript, logprobs=logprobs), JSON_MEDIA_TYPE)
-        case ResponseFormat.VERBOSE_JSON:
-            return Rendered(to_verbose_json(transcript, granularities), JSON_MEDIA_TYPE)
-        case ResponseFormat.DIARIZED_JSON:
-            return Rendered(to_diarized_json(transcript), JSON_MEDIA_TYPE)
-        case ResponseFormat.TEXT:
-            return Rendered(to_text(transcript), TEXT_MEDIA_TYPE)
-        case ResponseFormat.SRT:
-            return Rendered(to_srt(transcript), TEXT_MEDIA_TYPE)
-        case ResponseFormat.VTT:
-            return Rendered(to_vtt(transcript), TEXT_MEDIA_TYPE)
+    return format_spec(fmt).render(transcript, RenderOptions(granularities, logprobs))
 
 
 def usage_seconds(duration: float) -> int:
@@ -251,6 +331,42 @@ def text_done_event(
 def sse(event: dict[str, Any]) -> bytes:
     """One server-sent event: ``data: <json>`` and a blank line, UTF-8."""
     return b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\n\n"
+
+
+# ---- the formats --------------------------------------------------------------------------
+
+#: Every response format's spec, in the order OpenAI's reference lists them (the order in which
+#: error messages name them).
+FORMATS: Mapping[ResponseFormat, FormatSpec] = {
+    spec.format: spec
+    for spec in (
+        FormatSpec(
+            ResponseFormat.JSON,
+            JSON_MEDIA_TYPE,
+            lambda t, o: to_json(t, logprobs=o.logprobs),
+            streamable=True,
+            logprobs=True,
+        ),
+        FormatSpec(ResponseFormat.TEXT, TEXT_MEDIA_TYPE, lambda t, o: to_text(t), streamable=True),
+        FormatSpec(ResponseFormat.SRT, TEXT_MEDIA_TYPE, lambda t, o: to_srt(t)),
+        FormatSpec(
+            ResponseFormat.VERBOSE_JSON,
+            JSON_MEDIA_TYPE,
+            lambda t, o: to_verbose_json(t, o.granularities),
+            granularities=True,
+        ),
+        FormatSpec(ResponseFormat.VTT, TEXT_MEDIA_TYPE, lambda t, o: to_vtt(t)),
+        FormatSpec(
+            ResponseFormat.DIARIZED_JSON,
+            JSON_MEDIA_TYPE,
+            lambda t, o: to_diarized_json(t),
+            streamable=True,
+            diarized=True,
+            translations=False,
+        ),
+    )
+}
+assert set(FORMATS) == set(ResponseFormat), "every response format needs its FormatSpec"
 
 
 # ---- helpers ---------------------------------------------------------------------------------

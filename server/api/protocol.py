@@ -15,13 +15,13 @@ import binascii
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from server.api.formats import ResponseFormat
+from server.api.formats import FormatSpec, ResponseFormat, format_spec, formats_where
 from server.audio.upload import Upload
 from server.errors import InvalidRequestError, quote
 from server.languages import LanguageTag, parse_language
@@ -88,9 +88,14 @@ class TranscriptionRequest:
     diarize_by_channel: Literal["auto", "on", "off"] = "auto"
 
     @property
+    def spec(self) -> FormatSpec:
+        """The response format's spec: how the result is rendered and streamed."""
+        return format_spec(self.response_format)
+
+    @property
     def diarize(self) -> bool:
-        """Whether the client asked who said what (``response_format=diarized_json``)."""
-        return self.response_format is ResponseFormat.DIARIZED_JSON
+        """Whether the client asked who said what (a diarized format: ``diarized_json``)."""
+        return self.spec.diarized
 
     @property
     def language(self) -> str | None:
@@ -351,10 +356,14 @@ def parse_form(
             param="response_format",
         ) from None
 
+    # What each format allows is its spec's (server.api.formats.FORMATS); the messages name
+    # the formats that do allow what was sent.
+    spec = format_spec(fmt)
     granularities = _choices(form, "timestamp_granularities", GRANULARITIES)
-    if granularities and fmt is not ResponseFormat.VERBOSE_JSON:
+    if granularities and not spec.granularities:
         raise InvalidRequestError(
-            f"timestamp_granularities[] needs response_format=verbose_json (got {fmt.value!r}).",
+            f"timestamp_granularities[] needs response_format="
+            f"{_formats(lambda s: s.granularities)} (got {fmt.value!r}).",
             param="timestamp_granularities",
         )
 
@@ -362,27 +371,23 @@ def parse_form(
     if task == "transcribe":
         language = parse_language(_text(form, "language"))
     stream = bool(_bool(form, "stream"))
-    if stream and fmt not in (
-        ResponseFormat.JSON,
-        ResponseFormat.TEXT,
-        ResponseFormat.DIARIZED_JSON,
-    ):
+    if stream and not spec.streamable:
         raise InvalidRequestError(
-            "stream=true returns transcript.text.* events; use response_format json, text or "
-            "diarized_json.",
+            "stream=true returns transcript.text.* events; use response_format "
+            f"{_formats(lambda s: s.streamable)}.",
             param="stream",
         )
     include = _choices(form, "include", INCLUDES)
-    if include and fmt is not ResponseFormat.JSON:
+    if include and not spec.logprobs:
         raise InvalidRequestError(
-            "include[]=logprobs works only with response_format json (streamed or not), not "
-            f"with {fmt.value!r}.",
+            f"include[]=logprobs works only with response_format {_formats(lambda s: s.logprobs)}"
+            f" (streamed or not), not with {fmt.value!r}.",
             param="include",
         )
 
     temperature = _number(form, "temperature", lo=0.0, hi=1.0)
     beam = _number(form, "beam_size", lo=1, hi=max_beam_size, integer=True)
-    speakers = _speakers(form, fmt, task)
+    speakers = _speakers(form, spec, task)
     return TranscriptionRequest(
         task=task,
         file=upload,
@@ -433,17 +438,24 @@ def _data_url(url: str, index: int) -> bytes:
     return data
 
 
-def _speakers(form: Mapping[str, Sequence[Any]], fmt: ResponseFormat, task: Task) -> dict[str, Any]:
+def _formats(rule: Callable[[FormatSpec], bool]) -> str:
+    """The formats whose spec allows something, for a message: ``"json, text or srt"``."""
+    names = [f.value for f in formats_where(rule)]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _speakers(form: Mapping[str, Sequence[Any]], spec: FormatSpec, task: Task) -> dict[str, Any]:
     """The diarization fields, checked against each other and the response format."""
     names = _list(form, "known_speaker_names", commas=False)
     urls = _list(form, "known_speaker_references", commas=False)
     min_speakers = _number(form, "min_speakers", lo=1, hi=MAX_SPEAKERS, integer=True)
     max_speakers = _number(form, "max_speakers", lo=1, hi=MAX_SPEAKERS, integer=True)
     by_channel = _text(form, "diarize_by_channel")
-    if fmt is ResponseFormat.DIARIZED_JSON and task != "transcribe":
+    fmt = spec.format
+    if task != "transcribe" and not spec.translations:
         raise InvalidRequestError(
-            "response_format=diarized_json is for transcriptions; translations return json, "
-            "text, srt, verbose_json or vtt.",
+            f"response_format={fmt.value} is for transcriptions; translations return "
+            f"{_formats(lambda s: s.translations)}.",
             param="response_format",
         )
     given = [
@@ -457,10 +469,10 @@ def _speakers(form: Mapping[str, Sequence[Any]], fmt: ResponseFormat, task: Task
         )
         if value
     ]
-    if given and fmt is not ResponseFormat.DIARIZED_JSON:
+    if given and not spec.diarized:
         raise InvalidRequestError(
             f"'{given[0]}' is for speaker diarization; send it with "
-            f"response_format=diarized_json (got {fmt.value!r}).",
+            f"response_format={_formats(lambda s: s.diarized)} (got {fmt.value!r}).",
             param=given[0],
         )
     if len(urls) > MAX_KNOWN_SPEAKERS:
