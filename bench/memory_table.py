@@ -36,7 +36,8 @@ audio = decode_audio(open(audio_path, "rb").read(), max_duration=1e6)
 import contextlib, psutil
 from server.memory.peaks import peak_sampler, sample_peak
 proc = psutil.Process()
-job = Job(request_id="bench", audio=audio.samples, source=engine.served, word_timestamps=words)
+job = Job.for_file(audio.samples, request_id="bench", source=engine.served, task="transcribe",
+                   language=None, beam_size=5, word_timestamps=words, chinese_script="simplified")
 with contextlib.ExitStack() as stack:
     # RSS from now on, not the peak of loading the model
     rss = stack.enter_context(sample_peak(lambda: proc.memory_info().rss, interval_ms=2))

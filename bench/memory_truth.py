@@ -62,8 +62,11 @@ engine.start()
 assert engine.ready, engine.load_error
 data = open(path, "rb").read()
 warm = decode_audio(open({warm!r}, "rb").read(), max_duration=60).samples
-engine.run(Job(request_id="warm", audio=warm, source=engine.served, beam_size=beam,
-               word_timestamps=words))
+def job(audio, request_id):
+    return Job.for_file(audio, request_id=request_id, source=engine.served, task="transcribe",
+                        language=None, beam_size=beam, word_timestamps=words,
+                        chinese_script="simplified")
+engine.run(job(warm, "warm"))
 proc = psutil.Process()
 keys = ("cpu", "cpu/batched", "host")
 held = lambda: sum(engine.reservations.total(k) for k in keys)
@@ -72,9 +75,7 @@ with sample_peak(lambda: proc.memory_info().rss, interval_ms=2) as rss, \
     started = time.perf_counter()
     with engine.hold_upload(len(data), "bench"):
         stream = AudioStream(data, max_duration=settings.max_audio_duration)
-        job = Job(request_id="bench", audio=stream, source=engine.served, beam_size=beam,
-                  word_timestamps=words)
-        transcript = engine.run(job)
+        transcript = engine.run(job(stream, "bench"))
         stream.close()
     elapsed = time.perf_counter() - started
 print(json.dumps(dict(before=rss.baseline, peak=rss.peak, reserved=reserved.peak,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from server.audio.pieces import ArraySource, AudioSource
-from server.batching.scheduler import WindowOptions
+from server.batching.options import Search, WindowOptions
 from server.chinese import target
 from server.diarization import DiarizationOptions
 from server.engine.store import ModelSource
@@ -287,11 +287,12 @@ class Job:
         )
 
     def _decoding(self, shape: Shape) -> dict[str, Any]:
-        sampling = self.temperature != 0
-        return {
-            "beam_size": 1 if sampling else shape.beam_size,
-            "best_of": min(BEST_OF, shape.beam_size),
-        }
+        """Beams and samples for a planned ``shape``: the first temperature's
+        :class:`~server.batching.options.Search`, and the samples every later (sampling)
+        temperature takes."""
+        best_of = min(BEST_OF, shape.beam_size)
+        search = Search.at(self.temperature, beam_size=shape.beam_size, best_of=best_of)
+        return {"beam_size": search.beam_size, "best_of": best_of}
 
     def transcribe_options(
         self, shape: Shape, *, language: str | None, prompt: str | list[int] | None

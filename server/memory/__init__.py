@@ -9,12 +9,12 @@ the CPU, or reject. Running work holds :class:`Reservations` so concurrent plans
 the same free memory twice.
 
 The rooms: ``probes`` (with ``gpu_identity`` and ``cgroups``) read memory; ``model_file``
-reads a model's dimensions; ``cost`` estimates; ``planner`` decides (the ladder is defined
+reads a model's dimensions; ``cost`` estimates (``profile``: measured peaks it prefers); ``planner`` decides (the ladder is defined
 there, once); ``reservations`` is the ledger; ``peaks`` measures, for calibration and benches;
 ``sizes`` parses ``22GiB`` and ``90%``.
 """
 
-from server.memory.cost import CostEstimate, CostModel, Profile, ProfilePoint, Shape
+from server.memory.cost import CostEstimate, CostModel, Shape
 from server.memory.model_file import read_model_dims
 from server.memory.planner import (
     Budget,
@@ -37,6 +37,7 @@ from server.memory.probes import (
     device_ordinal,
     open_probe,
 )
+from server.memory.profile import Profile, ProfilePoint
 from server.memory.reservations import Reservation, Reservations
 from server.memory.sizes import MemoryAmount, format_bytes
 

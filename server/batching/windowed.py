@@ -1,0 +1,372 @@
+"""One batch of windows through the model (:class:`WindowDecoder`): encode, detect languages,
+generate, the fallback test, word alignment and token scores; and a finished window turned into
+faster-whisper segments when its turn comes.
+
+Two passes run after generation when a window asks for them: the word alignment, and the
+scoring pass for token log-probabilities (``logprobs``), which forces each window's final text
+through the decoder once more and keeps every step's logits.
+
+Trade-offs, and where they differ from ``BatchedInferencePipeline``:
+
+- No conditioning on previous text. Windows of one request are decoded in parallel, so window
+  *n* cannot be prompted with the text of window *n-1*; every window gets the request's initial
+  prompt only. ``BatchedInferencePipeline`` does the same; bench/README.md measures the cost.
+- Temperature fallback works per window (``BatchedInferencePipeline`` uses the first temperature
+  only). A window whose text is too repetitive (compression ratio above
+  ``compression_ratio_threshold``) or too unsure (average log-probability below
+  ``log_prob_threshold``, unless it is silence) goes back to the queue at the next temperature
+  and joins a later batch of windows at that temperature. It is encoded again there, which is
+  cheaper than keeping encoder outputs alive between batches. With ``temperatures=(0.0,)`` the
+  output matches ``BatchedInferencePipeline`` exactly.
+- A temperature above 0 samples ``best_of`` candidates, as ``WhisperModel.transcribe`` does;
+  ``BatchedInferencePipeline`` would run beam search at that temperature instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from server.batching.options import BatchKey, WindowOptions
+from server.batching.windows import Attempt, Decoded, QueuedRequest, Ticket, Window
+from server.whisper.runner import SAMPLE_RATE, WhisperRunner
+from server.whisper.word_timing import fit_segments, speech_spans
+
+if TYPE_CHECKING:
+    from faster_whisper.tokenizer import Tokenizer
+    from faster_whisper.transcribe import Segment
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchOutcome:
+    """A decoded batch: the windows that go back to the queue at their next temperature, and
+    the finished ones with what they decoded to."""
+
+    retry: list[Window]
+    finished: list[tuple[Window, Decoded]]
+
+
+class WindowDecoder:
+    """Decodes batches of windows with one model; used only by the scheduler's worker (and by
+    a ticket decoded inline).
+
+    Args:
+        runner: The model's door (:class:`WhisperRunner`).
+        wake: The scheduler's condition: a detected language is set under it, and the
+            requests' other windows are woken by it.
+    """
+
+    def __init__(self, runner: WhisperRunner, wake: threading.Condition) -> None:
+        self._runner = runner
+        self._wake = wake
+
+    def prompt(self, tokenizer: Tokenizer, options: WindowOptions, initial: list[int]) -> list[int]:
+        """The prompt of a request's windows once its language is known."""
+        return self._runner.prompt(
+            tokenizer,
+            initial,
+            without_timestamps=options.without_timestamps,
+            hotwords=options.hotwords,
+        )
+
+    def cut(
+        self,
+        audio: np.ndarray,
+        options: WindowOptions,
+        cancelled: threading.Event | None,
+        lock: threading.Lock,
+        notify: Callable[[], None],
+    ) -> QueuedRequest:
+        """A request with its windows cut (Silero VAD, speech merged into windows of at most
+        ``chunk_length`` seconds, as ``BatchedInferencePipeline`` does) and their features
+        computed, not yet queued; its ticket waits under the scheduler's ``lock`` and calls
+        ``notify`` to wake the worker.
+
+        Raises:
+            ValueError: an unknown language, or a prompt that leaves no room to decode.
+        """
+        runner = self._runner
+        multilingual = runner.multilingual
+        language = options.language
+        if not multilingual and language not in (None, "en"):
+            logger.warning("English-only model; language %r replaced by 'en'", language)
+        if not multilingual:
+            language = "en"
+        # Validates the language and the prompt's length before anything is queued.
+        tokenizer = runner.tokenizer(language or "en", options.task)
+        initial = runner.prompt_tokens(tokenizer, options.initial_prompt)
+        prompt = self.prompt(tokenizer, options, initial)
+        if len(prompt) >= runner.max_length:
+            raise ValueError(
+                f"The prompt and hotwords take {len(prompt)} tokens, leaving none of the "
+                f"model's {runner.max_length} to decode; shorten them."
+            )
+
+        clips, chunks, metadata = runner.cut(
+            np.asarray(audio, dtype=np.float32),
+            vad_filter=options.vad_filter,
+            vad_parameters=options.vad_parameters,
+            chunk_length=options.chunk_length,
+        )
+        speech = sum(c["end"] - c["start"] for c in clips)
+        features = [runner.features(chunk) for chunk in chunks] if speech else []
+
+        event = cancelled if cancelled is not None else threading.Event()
+        ticket = Ticket(
+            lock,
+            event,
+            notify,
+            duration=len(audio) / SAMPLE_RATE,
+            windows=len(features),
+            language=language,
+        )
+        request = QueuedRequest(options, ticket, clips, initial)
+        if options.word_timestamps and speech:
+            request.speech = speech_spans(np.asarray(audio, dtype=np.float32))
+        if language is not None:
+            request.tokenizer, request.prompt = tokenizer, prompt
+        # The language token comes after <|startoftranscript|>, so its position is known now.
+        request.prefix_length = prompt.index(tokenizer.sot)
+        now = time.monotonic()
+        key = options.batch_key(0, prefix_length=request.prefix_length)
+        request.pending = [
+            Window(request, i, f, float(m["offset"]), float(m["duration"]), now, key=key)
+            for i, (f, m) in enumerate(zip(features, metadata[: len(features)], strict=True))
+        ]
+        request.total = len(request.pending)
+        return request
+
+    def run(self, key: BatchKey, windows: list[Window]) -> BatchOutcome:
+        """Decode one batch of windows with ``key``: encode, detect the languages not yet known
+        (and wake the requests' other windows), generate, test each for fallback, align and
+        score the finished ones."""
+        runner = self._runner
+        encoder_output = runner.encode([w.features for w in windows], chunk_length=key.chunk_length)
+
+        undetected = [i for i, w in enumerate(windows) if w.request.tokenizer is None]
+        if undetected:
+            detected = runner.detect_language(encoder_output)
+            with self._wake:
+                for i in undetected:
+                    request = windows[i].request
+                    language, probability = detected[i]
+                    request.tokenizer = runner.tokenizer(language, request.options.task)
+                    request.prompt = self.prompt(
+                        request.tokenizer, request.options, request.initial_tokens
+                    )
+                    request.ticket._set_language(language, probability)
+                self._wake.notify_all()  # the rest of these requests' windows may go now
+
+        tokenizers = [_tokenizer_of(w) for w in windows]
+        results = runner.generate(
+            encoder_output,
+            [w.request.prompt for w in windows],
+            suppress_tokens=runner.suppressed_tokens(tokenizers[0], key.suppress_tokens),
+            **key.generate_options(),
+        )
+
+        finished: list[tuple[Window, Attempt, list[dict[str, Any]], int]] = []
+        retry: list[Window] = []
+        for w, tokenizer, result in zip(windows, tokenizers, results, strict=True):
+            tokens = list(result.sequences_ids[0])
+            cum_logprob = result.scores[0] * (len(tokens) ** key.length_penalty)
+            attempt = Attempt(
+                tokens=tokens,
+                avg_logprob=cum_logprob / (len(tokens) + 1),
+                no_speech_prob=float(result.no_speech_prob),
+                compression_ratio=runner.compression_ratio(tokenizer.decode(tokens).strip()),
+                temperature=key.temperature,
+            )
+            w.attempts.append(attempt)
+            options = w.request.options
+            failed = _needs_fallback(attempt, options)
+            if failed and w.step + 1 < len(options.temperatures):
+                retry.append(w)
+                continue
+            chosen = _best(w.attempts, options) if failed else attempt
+            size = int(math.ceil(w.duration) * runner.frames_per_second)
+            segments = runner.split_segments(
+                tokenizer, chosen.tokens, offset=w.offset, size=size, duration=w.duration
+            )
+            finished.append((w, chosen, segments, size))
+
+        alignments: dict[int, list[dict[str, Any]]] = {}
+        if key.word_timestamps and finished:
+            alignments = self._align(windows, finished, encoder_output)
+        if key.logprobs and finished:
+            self._score(key, windows, finished, encoder_output)
+
+        decoded: list[tuple[Window, Decoded]] = []
+        for w, chosen, segments, size in finished:
+            for s in segments:
+                text = _tokenizer_of(w).decode(s["tokens"])
+                s.update(
+                    text=text,
+                    compression_ratio=runner.compression_ratio(text),
+                    avg_logprob=chosen.avg_logprob,
+                    no_speech_prob=chosen.no_speech_prob,
+                    seek=int(w.offset * runner.frames_per_second),
+                )
+            decoded.append((w, Decoded(segments, chosen.temperature, size, alignments.get(id(w)))))
+        return BatchOutcome(retry, decoded)
+
+    def _align(
+        self,
+        windows: list[Window],
+        finished: list[tuple[Window, Attempt, list[dict[str, Any]], int]],
+        encoder_output: Any,
+    ) -> dict[int, list[dict[str, Any]]]:
+        """Word alignments of the finished windows, keyed by ``id(window)``.
+
+        CTranslate2's ``align`` takes one start sequence per call and needs text for every item
+        of the encoder output, so it runs once per (language, task) in the batch over all items
+        (windows re-queued for fallback align their current text, which is discarded).
+        """
+        runner = self._runner
+        chosen = {id(w): (attempt, segments, size) for w, attempt, segments, size in finished}
+        eot = _tokenizer_of(windows[0]).eot
+        text_tokens: list[list[int]] = []
+        sizes: list[int] = []
+        for w in windows:
+            if id(w) in chosen:
+                _, segments, size = chosen[id(w)]
+                tokens = [t for s in segments for t in s["tokens"] if t < eot]
+            else:
+                tokens = [t for t in w.attempts[-1].tokens if t < eot]
+                size = int(math.ceil(w.duration) * runner.frames_per_second)
+            text_tokens.append(tokens)
+            sizes.append(size)
+        if not any(text_tokens):
+            return {id(w): [] for w, *_ in finished}
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, w in enumerate(windows):
+            if id(w) in chosen:
+                language = _tokenizer_of(w).language_code
+                groups.setdefault((language, w.request.options.task), []).append(i)
+        aligned: dict[int, list[dict[str, Any]]] = {}
+        for indices in groups.values():
+            tokenizer = _tokenizer_of(windows[indices[0]])
+            result = runner.find_alignment(tokenizer, text_tokens, encoder_output, sizes)
+            for i in indices:
+                aligned[id(windows[i])] = result[i]
+        return aligned
+
+    def _score(
+        self,
+        key: BatchKey,
+        windows: list[Window],
+        finished: list[tuple[Window, Attempt, list[dict[str, Any]], int]],
+        encoder_output: Any,
+    ) -> None:
+        """Set ``logprobs`` on the segments of the finished windows: every emitted token's
+        log-probability from one forced pass over the batch (windows re-queued for fallback are
+        scored with their current text, which is discarded)."""
+        runner = self._runner
+        chosen = {id(w): attempt for w, attempt, *_ in finished}
+        tokenizer = _tokenizer_of(windows[0])
+        sequences = [
+            chosen[id(w)].tokens if id(w) in chosen else w.attempts[-1].tokens for w in windows
+        ]
+        blank = [*tokenizer.encode(" "), tokenizer.eot] if key.suppress_blank else None
+        scores = runner.score(
+            encoder_output,
+            [w.request.prompt for w in windows],
+            sequences,
+            eot=tokenizer.eot,
+            suppress_tokens=runner.suppressed_tokens(tokenizer, key.suppress_tokens),
+            blank=blank,
+        )
+        by_window = {id(w): score for w, score in zip(windows, scores, strict=True)}
+        for w, attempt, segments, _ in finished:
+            pairs = list(zip(attempt.tokens, by_window[id(w)], strict=False))
+            position = 0
+            for segment in segments:
+                taken: list[tuple[int, float]] = []
+                for token in segment["tokens"]:
+                    while position < len(pairs) and pairs[position][0] != token:
+                        position += 1  # a timestamp token between segments
+                    if position < len(pairs):
+                        taken.append(pairs[position])
+                        position += 1
+                segment["logprobs"] = runner.token_logprobs(
+                    _tokenizer_of(w), [t for t, _ in taken], [lp for _, lp in taken]
+                )
+
+    def segments(self, request: QueuedRequest, decoded: Decoded) -> list[Segment]:
+        """As ``BatchedInferencePipeline.forward`` + ``_batched_segments_generator``, for one
+        window, then mapped from the speech-only timeline back to the audio's."""
+        options = request.options
+        if options.word_timestamps:
+            assert request.tokenizer is not None
+            last = self._runner.add_word_timestamps(
+                decoded.segments,
+                request.tokenizer,
+                decoded.alignment or [],
+                decoded.segment_size,
+                prepend_punctuations=options.prepend_punctuations,
+                append_punctuations=options.append_punctuations,
+                last_speech_timestamp=request.last_speech_timestamp,
+            )
+            if last is not None:
+                request.last_speech_timestamp = last
+        segments = self._runner.restore_timestamps(
+            decoded.segments,
+            request.clips,
+            temperature=decoded.temperature,
+            with_words=options.word_timestamps,
+            first_id=request.segment_id + 1,
+        )
+        if options.word_timestamps and request.speech:
+            # Whisper's alignment hands pauses to words; move word edges onto the speech.
+            segments = fit_segments(segments, request.speech, previous_end=request.last_word_end)
+            if ends := [s.words[-1].end for s in segments if s.words]:
+                request.last_word_end = ends[-1]
+        request.segment_id += len(segments)
+        return segments
+
+
+def _tokenizer_of(window: Window) -> Tokenizer:
+    tokenizer = window.request.tokenizer
+    assert tokenizer is not None, "a window is decoded only once its language is known"
+    return tokenizer
+
+
+def _needs_fallback(attempt: Attempt, options: WindowOptions) -> bool:
+    """WhisperModel.generate_with_fallback's test, for one window."""
+    cr_limit, lp_limit = options.compression_ratio_threshold, options.log_prob_threshold
+    too_repetitive = cr_limit is not None and attempt.compression_ratio > cr_limit
+    too_unsure = lp_limit is not None and attempt.avg_logprob < lp_limit
+    silence = (
+        options.no_speech_threshold is not None
+        and attempt.no_speech_prob > options.no_speech_threshold
+        and too_unsure
+    )
+    return (too_repetitive or too_unsure) and not silence
+
+
+def _best(attempts: list[Attempt], options: WindowOptions) -> Attempt:
+    """When every temperature failed: the most likely attempt that was not too repetitive
+    (or of all of them), reported at the last temperature, as faster-whisper does."""
+    limit = options.compression_ratio_threshold
+    pool = [a for a in attempts if limit is not None and a.compression_ratio <= limit]
+    best = max(pool or attempts, key=lambda a: a.avg_logprob)
+    return Attempt(
+        best.tokens,
+        best.avg_logprob,
+        best.no_speech_prob,
+        best.compression_ratio,
+        attempts[-1].temperature,
+    )
+
+
+__all__ = ["BatchOutcome", "WindowDecoder"]
