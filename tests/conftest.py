@@ -191,10 +191,10 @@ def out_of_memory_faults(engine: Any, calls: int) -> Iterator[None]:
 @pytest.fixture
 def pipeline_hears_louder(monkeypatch: pytest.MonkeyPatch) -> None:
     """faster-whisper's own pipelines, with Silero VAD listening to the louder copy the server's
-    does (``server.whisper.runner.loud_for_vad``), so that both cut the same windows."""
+    does (``server.audio.loudness.loud_for_vad``), so that both cut the same windows."""
     import faster_whisper.transcribe
 
-    from server.whisper.runner import loud_for_vad
+    from server.audio.loudness import loud_for_vad
 
     vad = faster_whisper.transcribe.get_speech_timestamps
     monkeypatch.setattr(

@@ -20,7 +20,7 @@ from faster_whisper import WhisperModel, decode_audio
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps
 from opencc import OpenCC
 
-from server.whisper.runner import loud_for_vad
+from server.audio.loudness import loud_for_vad
 from tests.conftest import LiveServer, cer, within
 from tests.test_operations import _metric
 

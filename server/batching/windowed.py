@@ -195,8 +195,12 @@ class WindowDecoder:
                 continue
             chosen = _best(w.attempts, options) if failed else attempt
             size = int(math.ceil(w.duration) * runner.frames_per_second)
-            segments = runner.split_segments(
-                tokenizer, chosen.tokens, offset=w.offset, size=size, duration=w.duration
+            segments = (
+                []
+                if _is_silence(chosen, options)
+                else runner.split_segments(
+                    tokenizer, chosen.tokens, offset=w.offset, size=size, duration=w.duration
+                )
             )
             finished.append((w, chosen, segments, size))
 
@@ -352,6 +356,17 @@ def _needs_fallback(attempt: Attempt, options: WindowOptions) -> bool:
         and too_unsure
     )
     return (too_repetitive or too_unsure) and not silence
+
+
+def _is_silence(attempt: Attempt, options: WindowOptions) -> bool:
+    """Whether Whisper judges the window silence, as ``WhisperModel.generate_segments`` does
+    before it skips one: likely no speech, and text it is unsure of. Silero hears the first
+    half second of mains hum as speech at any level, and Whisper wrote "Thank you." over it
+    (tests/test_loudness.py); BatchedInferencePipeline keeps such text."""
+    threshold, lp_limit = options.no_speech_threshold, options.log_prob_threshold
+    if threshold is None or attempt.no_speech_prob <= threshold:
+        return False
+    return lp_limit is None or attempt.avg_logprob <= lp_limit
 
 
 def _best(attempts: list[Attempt], options: WindowOptions) -> Attempt:

@@ -14,7 +14,7 @@ import numpy as np
 from server.diarization.encoder import HOP, SAMPLE_RATE, WINDOW_FRAMES, SpeakerEncoder
 from server.diarization.speakers import KnownSpeaker, SpeakerTrack
 from server.transcript import Segment, Word
-from server.whisper.runner import loud_for_vad, speech_timestamps
+from server.whisper.runner import speech_timestamps
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Diarizer:
     def embed_speech(self, samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings of 1.6 s windows over the speech in ``samples``, and the span (seconds
         from its start) each speaks for."""
-        regions = speech_timestamps(loud_for_vad(samples), _VAD)
+        regions = speech_timestamps(samples, _VAD)
         batches: list[np.ndarray] = []
         spans: list[tuple[float, float]] = []
         for region in regions:

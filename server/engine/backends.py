@@ -29,7 +29,6 @@ from server.transcript import Segment
 from server.whisper.runner import (
     SAMPLE_RATE,
     has_speech,
-    loud_for_vad,
     speech_timestamps,
     to_segment,
 )
@@ -94,9 +93,9 @@ class Sequential:
         first_id: int,
         cancelled: threading.Event | None,
     ) -> Iterator[tuple[Segment, str]]:
-        heard = loud_for_vad(audio)  # what Silero VAD listens to (runner.loud_for_vad)
-        if len(audio) < MIN_PIECE_SAMPLES or not has_speech(heard, _SPEECH_GATE):
-            # Nothing the VAD hears as speech: Whisper would only fail its fallback tests at
+        if len(audio) < MIN_PIECE_SAMPLES or not has_speech(audio, _SPEECH_GATE):
+            # Nothing the VAD hears as speech, at any level (it hears a copy brought to one
+            # level, server.audio.loudness): Whisper would only fail its fallback tests at
             # every temperature over it, at many times the cost of speech, and at best return
             # nothing (at worst a hallucinated "you"). The scheduler's windows are cut at speech
             # already, so this matters for the sequential path only.
@@ -106,7 +105,7 @@ class Sequential:
             return
         options = job.transcribe_options(plan.shape, language=language, prompt=prompt)
         if not options["vad_filter"] and len(audio) > _SPARSE_CHECK_SAMPLES:
-            gated = speech_timestamps(heard, _SPEECH_GATE)
+            gated = speech_timestamps(audio, _SPEECH_GATE)
             share = sum(s["end"] - s["start"] for s in gated) / len(audio)
             if share < _SPARSE_SPEECH:
                 # Mostly pauses (a meeting, a recording left running): Whisper would decode
@@ -119,7 +118,6 @@ class Sequential:
                     100 * share,
                     len(audio) / SAMPLE_RATE,
                 )
-        del heard  # the louder copy is the VAD's only: not held while the model runs
         # Word edges are fitted to the speech, as on the windowed path.
         spans = speech_spans(audio) if options["word_timestamps"] else []
         previous_end: float | None = None

@@ -52,7 +52,7 @@ FEATURE_EXTRACTION_BYTES_PER_SECOND = 1_030_000
 #: Silero VAD over a piece (the scheduler cuts its windows at speech): faster-whisper runs the
 #: ONNX model over up to 10,000 frames (320 s) at once. Measured by RSS on a warm process:
 #: 122 MiB for 300 s, 49 MiB for 120 s; plus the louder copy VAD listens to (float32, 64 kB a
-#: second; ``runners.loud_for_vad``). Freed before the piece's batches run.
+#: second; ``server.audio.loudness.loud_for_vad``). Freed before the piece's batches run.
 VAD_BYTES_PER_SECOND = 420_000 + 64_000
 #: Of a transient freed on the CPU before the working memory is taken, what still counts beside
 #: it: blocks under glibc's mmap threshold (which grows to 32 MiB) stay in the heap until the

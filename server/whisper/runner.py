@@ -39,7 +39,9 @@ from faster_whisper.transcribe import (
 )
 from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps, get_vad_model
 
+from server.audio import loudness
 from server.audio.decode import SAMPLE_RATE  # Whisper's input: 16 kHz mono
+from server.audio.loudness import loud_for_vad
 from server.transcript import Segment, TokenLogprob, Word
 
 #: faster-whisper's (and OpenAI's) temperature fallback schedule.
@@ -53,71 +55,32 @@ def download_model(repo: str, target: Path) -> Path:
     return Path(fetch(repo, output_dir=str(target)))
 
 
-# Silero VAD misses quiet or hoarse speech that it hears once louder, so VAD hears a louder copy
-# (what is decoded is never changed). Every 0.51 s the gain is the larger of the file's (its
-# 95th-percentile 30 ms frame above -70 dBFS brought to -14 dBFS) and the local one (the 90th
-# percentile of the frames within 1.5 s either side brought to -14 dBFS); never a cut, at most
-# +40 dB. bench/vad_cut.py chose it: a quiet second speaker went from 1.9 s of 22 s heard to
-# 20.6 s, and no silence, noise, tone or hum was heard as speech.
-VAD_TARGET_DBFS = -14.0
-VAD_MAX_GAIN_DB = 40.0
-_VAD_FRAME = 480  # 30 ms
-_VAD_WINDOW = 100  # frames (3 s)
-_VAD_HOP = 17  # frames (0.51 s)
-
-
-def loud_for_vad(audio: np.ndarray) -> np.ndarray:
-    """``audio`` at the gain VAD listens to it with (see above); ``audio`` itself when there is
-    no gain to apply (digital silence, or speech loud enough already)."""
-    n = len(audio) // _VAD_FRAME
-    if n == 0:
-        return audio
-    frames = audio[: n * _VAD_FRAME].reshape(n, _VAD_FRAME)
-    db = 10.0 * np.log10(np.maximum(np.einsum("ij,ij->i", frames, frames) / _VAD_FRAME, 1e-12))
-    heard = db[db > -70.0]
-    if not heard.size:
-        return audio
-    whole = VAD_TARGET_DBFS - np.percentile(heard, 95)
-    padded = np.pad(db, (_VAD_WINDOW // 2, _VAD_WINDOW - 1 - _VAD_WINDOW // 2), mode="edge")
-    local = np.percentile(
-        np.lib.stride_tricks.sliding_window_view(padded, _VAD_WINDOW)[::_VAD_HOP], 90, axis=1
-    )
-    gain = np.clip(np.maximum(VAD_TARGET_DBFS - local, whole), 0.0, VAD_MAX_GAIN_DB)
-    if not np.any(gain > 0.05):
-        return audio
-    centres = (np.arange(len(gain)) * _VAD_HOP + 0.5) * _VAD_FRAME
-    linear = 10.0 ** (gain / 20.0)
-    out = np.empty_like(audio)
-    step = 30 * SAMPLE_RATE  # piece by piece: no float64 copy of a long piece
-    for start in range(0, len(audio), step):
-        stop = min(start + step, len(audio))
-        g = np.interp(np.arange(start, stop), centres, linear).astype(np.float32)
-        np.multiply(audio[start:stop], g, out=out[start:stop])
-    return np.clip(out, -1.0, 1.0, out=out)
-
-
 def speech_timestamps(
     audio: np.ndarray, options: Mapping[str, Any] | VadOptions
 ) -> list[dict[str, int]]:
-    """Silero VAD (bundled with faster-whisper): speech as ``{"start", "end"}`` in samples.
+    """Silero VAD (bundled with faster-whisper): speech as ``{"start", "end"}`` in samples,
+    heard on :func:`server.audio.loudness.loud_for_vad`'s copy, so that quiet speech is found as
+    loud speech is. Every speech decision in the server comes through here (or
+    :func:`has_speech`).
 
     Args:
         audio: 16 kHz mono samples.
         options: ``VadOptions`` or its fields (``threshold``, ``min_silence_duration_ms``...).
     """
     vad = options if isinstance(options, VadOptions) else VadOptions(**options)
-    return list(get_speech_timestamps(audio, vad, sampling_rate=SAMPLE_RATE))
+    return list(get_speech_timestamps(loud_for_vad(audio), vad, sampling_rate=SAMPLE_RATE))
 
 
 def has_speech(audio: np.ndarray, options: Mapping[str, Any]) -> bool:
-    """Whether Silero VAD hears any speech in ``audio`` (give it :func:`loud_for_vad`'s copy,
-    as windows are cut), listening to growing stretches (1 s, 2 s, 4 s...) and stopping at the
-    first speech it hears. Speech usually starts early, so on speech this costs milliseconds;
-    silence and noise are heard to the end (about 5 ms a second)."""
+    """Whether Silero VAD hears any speech in ``audio`` (on the same copy as
+    :func:`speech_timestamps`), listening to growing stretches (1 s, 2 s, 4 s...) and stopping
+    at the first speech it hears. Speech usually starts early, so on speech this costs
+    milliseconds; silence and noise are heard to the end (about 5 ms a second)."""
     vad = VadOptions(**options)
+    heard = loud_for_vad(audio)
     start, block = 0, SAMPLE_RATE
-    while start < len(audio):
-        if get_speech_timestamps(audio[start : start + block], vad, sampling_rate=SAMPLE_RATE):
+    while start < len(heard):
+        if get_speech_timestamps(heard[start : start + block], vad, sampling_rate=SAMPLE_RATE):
             return True
         start, block = start + block, block * 2
     return False
@@ -336,8 +299,10 @@ class WhisperRunner:
             else:
                 given = {k: v for k, v in vad_parameters.items() if k != "max_speech_duration_s"}
                 vad = VadOptions(**given, max_speech_duration_s=chunk_length)
-            # Spans heard on the louder copy; the windows are cut from the audio as it is.
-            clips = speech_timestamps(loud_for_vad(audio), vad)
+            clips = speech_timestamps(audio, vad)
+            # Quiet stretches of speech raised, so that a quiet speaker in a window beside a
+            # loud one is decoded too; the copy is dropped once its windows are copied out.
+            audio = loudness.for_decoder(audio, clips)
         else:
             step = chunk_length * SAMPLE_RATE
             clips = [
@@ -577,7 +542,6 @@ __all__ = [
     "WhisperRunner",
     "download_model",
     "has_speech",
-    "loud_for_vad",
     "speech_timestamps",
     "to_segment",
 ]
