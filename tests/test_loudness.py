@@ -32,9 +32,8 @@ A_CLIPS = [
 ]
 B_CLIPS = ["en_leopard_test.wav", "en_librispeech_61-70968-0000.flac", "jfk.flac"]
 ONLY_A = {"dashwood", "leisure", "prudently", "selfish", "amiable", "respectable"}
-# JFK's sentence, last, is lost on the windowed path whatever the levels: Whisper ends the
-# window's text where the voice changes (README, "Quiet, distant and mixed-level speech").
 ONLY_B_BEFORE_JFK = {"quilter", "apostle", "gospel", "wizard", "curtain"}
+JFK = {"fellow", "americans", "country"}
 
 
 def _dbfs(samples: np.ndarray) -> float:
@@ -218,6 +217,46 @@ def test_a_quiet_recording_keeps_its_words(
     loud = wer(ref_a, _transcribe(tiny_server, a))
     text = _transcribe(tiny_server, _at(a, dbfs))
     assert within("WER, quiet recording", wer(ref_a, text), at_most=loud + 0.02), text
+
+
+@pytest.mark.parametrize("down", [0, 30])
+def test_a_window_whose_text_stops_at_a_new_voice_is_decoded_on(
+    tiny_server: LiveServer, speakers: tuple[np.ndarray, str, np.ndarray, str], down: int
+) -> None:
+    """A then B, B last (0 or 30 dB down): the second window holds a LibriSpeech reader, then
+    JFK. Whisper ended that window's text with the reader and never wrote JFK's sentence (18
+    tokens for 15.4 s of speech), at any level; the window is now decoded again in two parts,
+    cut at the pause nearest where its text should have ended."""
+    a, ref_a, b, ref_b = speakers
+    text = _transcribe(tiny_server, np.concatenate([a, _down(b, down)]))
+    assert JFK <= set(words(text)), text
+    assert within("WER, A then B", wer(f"{ref_a} {ref_b}", text), at_most=0.06), text
+    if down == 0:  # the parts' word times and log-probabilities, in order
+        resp = requests.post(
+            tiny_server.url + "/v1/audio/transcriptions",
+            data={
+                "model": "whisper-1",
+                "response_format": "verbose_json",
+                "timestamp_granularities[]": ["word", "segment"],
+            },
+            files={"file": ("mix.wav", _wav(np.concatenate([a, b])), "audio/wav")},
+            timeout=300,
+        )
+        assert resp.status_code == 200, resp.text
+        timed = resp.json()["words"]
+        starts = [w["start"] for w in timed]
+        assert starts == sorted(starts)
+        fellow = next(w for w in timed if w["word"].strip(" ,.").lower() == "fellow")
+        assert 33.0 <= fellow["start"] <= 36.0, fellow  # JFK speaks from 31.9 s
+        resp = requests.post(
+            tiny_server.url + "/v1/audio/transcriptions",
+            data={"model": "whisper-1", "include[]": "logprobs"},
+            files={"file": ("mix.wav", _wav(np.concatenate([a, b])), "audio/wav")},
+            timeout=300,
+        )
+        assert resp.status_code == 200, resp.text
+        spelled = "".join(t["token"] for t in resp.json()["logprobs"])
+        assert "fellow Americans" in spelled
 
 
 def test_non_speech_at_any_level_gives_no_text(tiny_server: LiveServer) -> None:

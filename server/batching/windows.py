@@ -94,17 +94,20 @@ class Window:
     step: int = 0  # index into the request's temperatures
     key: BatchKey = field(default_factory=BatchKey)
     attempts: list[Attempt] = field(default_factory=list)
+    part: bool = False  # a part of a window whose text stopped early, decoded on its own
 
 
 @dataclass
 class Decoded:
     """A finished window: its segments (speech-only timeline) and, with word timestamps,
-    its word alignment, applied when the window is released in order."""
+    its word alignment, applied when the window is released in order. A window decoded again
+    in parts (its text stopped early) holds the parts, each with its own alignment."""
 
     segments: list[dict[str, Any]]
     temperature: float
     segment_size: int
     alignment: list[dict[str, Any]] | None
+    parts: list[Decoded] = field(default_factory=list)
 
 
 class QueuedRequest:
