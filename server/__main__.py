@@ -4,7 +4,7 @@ python -m server                      # serve on 127.0.0.1:8000 (WHISPER_* setti
 python -m server serve --port 9000
 python -m server transcribe speech.flac --format srt
 python -m server calibrate            # on a GPU: measure memory, write the model's profile
-python -m server settings-table       # the README's table of variables
+python -m server settings-table       # the table of variables in docs/reference/settings.md
 python -m server install-model        # install the embedded default model and exit
 python -m server ray --replicas 2     # on a Ray cluster (RAY_ADDRESS) or a local one; '.[ray]'
 """
@@ -195,9 +195,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     cal.set_defaults(func=cmd_calibrate)
 
-    sub.add_parser("settings-table", help="print the README's settings table").set_defaults(
-        func=cmd_settings_table
-    )
+    sub.add_parser(
+        "settings-table", help="print the settings table of docs/reference/settings.md"
+    ).set_defaults(func=cmd_settings_table)
     sub.add_parser("install-model", help="install the embedded default model").set_defaults(
         func=cmd_install_model
     )

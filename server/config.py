@@ -1,8 +1,8 @@
 """Configuration: one pydantic-settings class, every knob a ``WHISPER_*`` environment variable.
 
-The README's table of variables is generated from this class (``python -m server
-settings-table``) and a test checks that the two agree, so a field's docstring is its
-documentation.
+The table of variables in docs/reference/settings.md is generated from this class
+(``python -m server settings-table``) and a test checks that the two agree, so a field's
+docstring is its documentation.
 """
 
 from __future__ import annotations
