@@ -265,3 +265,15 @@ def test_non_speech_at_any_level_gives_no_text(tiny_server: LiveServer) -> None:
     the window's text was kept though Whisper judged it silence."""
     for name, samples in _non_speech().items():
         assert _transcribe(tiny_server, samples) == "", name
+    # A window judged silence has no segments: word timing (verbose_json, diarized_json) skips
+    # it rather than failing the request.
+    for fmt in ("verbose_json", "diarized_json"):
+        resp = requests.post(
+            tiny_server.url + "/v1/audio/transcriptions",
+            data={"model": "whisper-1", "response_format": fmt}
+            | ({"timestamp_granularities[]": "word"} if fmt == "verbose_json" else {}),
+            files={"file": ("hum.wav", _wav(_non_speech()["hum 60 Hz -20 dBFS"]), "audio/wav")},
+            timeout=300,
+        )
+        assert resp.status_code == 200, (fmt, resp.text)
+        assert resp.json()["text"] == "", fmt

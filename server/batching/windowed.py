@@ -387,6 +387,8 @@ class WindowDecoder:
         if options.word_timestamps:
             assert request.tokenizer is not None
             for piece in decoded.parts or [decoded]:
+                if not piece.segments:  # silence, or a part with no text: no words to time
+                    continue
                 last = self._runner.add_word_timestamps(
                     piece.segments,
                     request.tokenizer,
