@@ -146,11 +146,15 @@ class WindowDecoder:
         request.total = len(request.pending)
         return request
 
-    def run(self, key: BatchKey, windows: list[Window]) -> BatchOutcome:
+    def run(
+        self, key: BatchKey, windows: list[Window], pause: Callable[[], None] | None = None
+    ) -> BatchOutcome:
         """Decode one batch of windows with ``key``: encode, detect the languages not yet known
         (and wake the requests' other windows), generate, test each for fallback, align and
-        score the finished ones."""
+        score the finished ones. ``pause`` is called between those steps (the scheduler holds a
+        batch there while a live decode runs beside it)."""
         runner = self._runner
+        step = pause or (lambda: None)
         encoder_output = runner.encode([w.features for w in windows], chunk_length=key.chunk_length)
 
         undetected = [i for i, w in enumerate(windows) if w.request.tokenizer is None]
@@ -168,6 +172,7 @@ class WindowDecoder:
                 self._wake.notify_all()  # the rest of these requests' windows may go now
 
         tokenizers = [_tokenizer_of(w) for w in windows]
+        step()
         results = runner.generate(
             encoder_output,
             [w.request.prompt for w in windows],
@@ -201,6 +206,8 @@ class WindowDecoder:
             finished.append((w, chosen, segments, size))
 
         alignments: dict[int, list[dict[str, Any]]] = {}
+        if (key.word_timestamps or key.logprobs) and finished:
+            step()
         if key.word_timestamps and finished:
             alignments = self._align(windows, finished, encoder_output)
         if key.logprobs and finished:
