@@ -259,6 +259,8 @@ class Scheduler:
     ) -> Ticket:
         """Like :meth:`submit`, but the windows are decoded in the thread that iterates the
         ticket, one at a time, and never queued: for a caller that holds a slot of its own.
+        Like a batch, it gives way to a final live decode running beside it, before each
+        window and between its steps (see :mod:`server.batching.policy`).
 
         Each window goes through the very steps a batch runs (a batch of one), so the segments
         are those the request would get in any batch: the same input gives the same text
@@ -275,6 +277,7 @@ class Scheduler:
             return ticket
 
         def drive() -> None:
+            self._pause(request.work_class)  # a final live decode beside it goes first
             with self._lock:
                 self._check_open()
                 window = request.pending.pop(0) if request.pending else None
@@ -284,7 +287,7 @@ class Scheduler:
             if window is None:
                 raise RuntimeError("no window left to decode for an unfinished request")
             try:
-                self._decode(window.key, [window])
+                self._decode(window.key, [window], partial(self._pause, request.work_class))
             finally:
                 with self._lock:
                     self._inline[request.work_class] -= 1
@@ -386,8 +389,9 @@ class Scheduler:
         return any(n and self._policy.holds(c, work_class) for c, n in self._inline.items())
 
     def _pause(self, work_class: WorkClass) -> None:
-        """Between the steps of a batch of ``work_class``: wait while a live decode outside the
-        queue holds it back, at most the policy's starvation bound."""
+        """Before or between the steps of a decode of ``work_class`` (a batch, or a window
+        decoded inline): wait while a live decode outside the queue holds it back, at most the
+        policy's starvation bound."""
         with self._lock:
             began = time.monotonic()
             deadline = began + self._policy.starvation_s
