@@ -53,13 +53,27 @@ class ModelProxy:
 
     def __init__(self, model: Any, clock: Clock) -> None:
         self._model = model
-        self.encode = clock.wrap("encode", model.encode, lambda f, *a, **k: len(f))
+        self.encode = clock.wrap("encode", model.encode, lambda f, *a, **k: int(f.shape[0]))
         self.generate = clock.wrap("generate", model.generate)
         self.detect_language = clock.wrap("generate", model.detect_language)
         self.align = clock.wrap("align", model.align)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
+
+
+class FeaturesProxy:
+    """faster-whisper's feature extractor with its calls timed."""
+
+    def __init__(self, extractor: Any, clock: Clock) -> None:
+        self._extractor = extractor
+        self._call = clock.wrap("features", extractor.__call__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._extractor, name)
 
 
 @contextmanager
@@ -76,7 +90,7 @@ def timed(model: Any, clock: Clock) -> Iterator[None]:
         faster_whisper.transcribe.get_speech_timestamps,
     )
     model.model = ModelProxy(saved[0], clock)
-    model.feature_extractor = clock.wrap("features", saved[1])
+    model.feature_extractor = FeaturesProxy(saved[1], clock)
     runner.get_speech_timestamps = clock.wrap("vad", saved[2])
     faster_whisper.transcribe.get_speech_timestamps = clock.wrap("vad", saved[3])
     try:
