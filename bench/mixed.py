@@ -9,7 +9,8 @@ Per cell (N, M) it runs all three kinds of work together:
 - short: M clients each post the four short clips of tests/data in a loop (``json``), one at
   a time; latency is the request's wall time;
 - long: one client uploads the long file (``verbose_json`` with word timestamps) again and
-  again while the others run; its RTFx is audio seconds over the wall seconds of its uploads.
+  again while the others run (``--long-repeat K``: K copies of it in one Opus file); its RTFx
+  is audio seconds over the wall seconds of its uploads.
 
 The cell lasts as long as the live playlist (``--seconds`` when N = 0); uploads started before
 it ends are finished and counted. WER is per class against the references; peak RSS is the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import requests
-from harness import ROOT, Served, served, wer
+from harness import ROOT, Served, encode_opus, served, wer
 from realtime import AUDIO, Result, load_clips, session
 
 DATA = ROOT / "tests" / "data"
@@ -75,8 +77,30 @@ def post(url: str, name: str, body: bytes, data: dict[str, str]) -> str:
     return str(r.json()["text"])
 
 
-def long_client(url: str, stop: threading.Event, out: Requests) -> None:
-    body = (DATA / LONG).read_bytes()
+@dataclass(frozen=True)
+class LongFile:
+    """The long upload: its bytes, name, seconds and reference text."""
+
+    name: str
+    body: bytes
+    seconds: float
+    reference: str
+
+
+def long_file(repeat: int, folder: Path) -> LongFile:
+    """The 231 s file as is, or ``repeat`` copies of it in one Opus file (in ``folder``)."""
+    if repeat <= 1:
+        return LongFile(LONG, (DATA / LONG).read_bytes(), LONG_SECONDS, reference(LONG))
+    from faster_whisper import decode_audio
+
+    samples = np.tile(decode_audio(str(DATA / LONG)), repeat)
+    path = folder / f"long_x{repeat}.ogg"
+    encode_opus(samples, path)
+    text = " ".join([reference(LONG)] * repeat)
+    return LongFile(path.name, path.read_bytes(), len(samples) / 16000, text)
+
+
+def long_client(url: str, long: LongFile, stop: threading.Event, out: Requests) -> None:
     data = {
         "model": "whisper-1",
         "response_format": "verbose_json",
@@ -85,11 +109,11 @@ def long_client(url: str, stop: threading.Event, out: Requests) -> None:
     while not stop.is_set():
         began = time.monotonic()
         try:
-            text = post(url, LONG, body, data)
+            text = post(url, long.name, long.body, data)
         except requests.RequestException:
             out.failures += 1
             continue
-        out.add(time.monotonic() - began, LONG_SECONDS, wer(reference(LONG), text))
+        out.add(time.monotonic() - began, long.seconds, wer(long.reference, text))
 
 
 def short_client(url: str, offset: int, stop: threading.Event, out: Requests) -> None:
@@ -126,10 +150,12 @@ class Cell:
     cpu: float
 
 
-def run_cell(server: Served, clips: list, sessions: int, clients: int, seconds: float) -> Cell:
+def run_cell(
+    server: Served, clips: list, upload: LongFile, sessions: int, clients: int, seconds: float
+) -> Cell:
     stop = threading.Event()
     short, long = Requests(), Requests()
-    threads = [threading.Thread(target=long_client, args=(server.url, stop, long))]
+    threads = [threading.Thread(target=long_client, args=(server.url, upload, stop, long))]
     threads += [
         threading.Thread(target=short_client, args=(server.url, i, stop, short))
         for i in range(clients)
@@ -202,9 +228,14 @@ def main() -> None:
     parser.add_argument("--audio", type=Path, default=AUDIO, help="the live playlist's folder")
     parser.add_argument("--max-clip-s", type=float, default=15.0)
     parser.add_argument("--seconds", type=float, default=60.0, help="a cell's length when N = 0")
+    parser.add_argument(
+        "--long-repeat", type=int, default=1, help="the long file: the 231 s one this many times"
+    )
     parser.add_argument("--label", default="")
     args = parser.parse_args()
     clips = load_clips(args.audio, args.max_clip_s)
+    scratch = tempfile.TemporaryDirectory()
+    upload = long_file(args.long_repeat, Path(scratch.name))
     env = {"WHISPER_REALTIME_MAX_SESSIONS": "64", "WHISPER_LOG_LEVEL": "warning"}
     if args.model:
         env["WHISPER_MODEL"] = args.model
@@ -212,7 +243,7 @@ def main() -> None:
     with served(env, root=args.root) as server:
         for n in [int(x) for x in args.sessions.split(",")]:
             for m in [int(x) for x in args.clients.split(",")]:
-                cells.append(run_cell(server, clips, n, m, args.seconds))
+                cells.append(run_cell(server, clips, upload, n, m, args.seconds))
                 print(f"N={n} M={m} done in {cells[-1].wall:.0f} s", flush=True)
     print()
     if args.label:

@@ -14,11 +14,13 @@ request of a later class still progresses: once its next window has waited
 :attr:`SchedulingPolicy.starvation_s` seconds, or :attr:`SchedulingPolicy.starvation_batches`
 batches have run without it, it leads the next batch whatever else is queued.
 
-A live decode may also run outside the queue, in its caller's thread (the scheduler's
-``decode``, for a request that holds a slot of its own). While a decode of a class that
-:meth:`SchedulingPolicy.holds` the worker runs there, the worker starts no batch of a later
-class, and stops between the steps of one already running, so that the model's threads are
-the live decode's (the same starvation bound applies).
+A decode may also run outside the queue, in its caller's thread (the scheduler's ``decode``,
+for a request that holds a slot of its own; a live decode always does under
+``WHISPER_BATCHING=auto``). While one of a class that :meth:`SchedulingPolicy.holds` others
+runs there, no decode of a later class starts a step (encode, generate, align): the worker
+starts no such batch and holds a running one between its steps, and so does a window decoded
+inline in another slot, so that the model's threads are the live decode's. The same
+starvation bound applies.
 """
 
 from __future__ import annotations
