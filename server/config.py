@@ -275,6 +275,15 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(20.0, ge=0, le=1000)
     """Longest time the first window of a batch waits for others to join it, in milliseconds."""
 
+    batch_starvation_s: float = Field(5.0, gt=0, le=600)
+    """Longest a request's next window waits while the scheduler serves classes before it (live
+    decodes first, then short requests, then the windows of long files), in seconds; then it
+    leads the next batch. Bounds how long a long file can be held back."""
+
+    batch_starvation_batches: int = Field(8, ge=1, le=1000)
+    """Most batches the scheduler runs past a request that has a window ready; then it leads the
+    next batch (with WHISPER_BATCH_STARVATION_S, whichever comes first)."""
+
     batch_size: int | None = Field(None, ge=1, le=128)
     """Largest batch of 30 s windows decoded together (long files, and requests combined). Unset:
     8 on a GPU, 4 on the CPU, where a batch's memory grows with its size (the encoder's attention

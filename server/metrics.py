@@ -12,11 +12,19 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from server.batching.policy import WAIT_BUCKETS, WorkClass
 
 if TYPE_CHECKING:
     from server.admission import Admission
+    from server.batching.scheduler import SchedulerStats
     from server.engine.core import Engine
 
 logger = logging.getLogger(__name__)
@@ -73,6 +81,7 @@ class EngineCollector(Collector):
         windows.add_metric([], sum(st.windows for st in scheduler_stats))
         queued.add_metric([], sum(st.queued_windows for st in scheduler_stats))
         yield from (batches, mixed, windows, queued)
+        yield from _classes(scheduler_stats)
         ready = GaugeMetricFamily("whisper_ready", "1 when the model is loaded.")
         ready.add_metric([], 1.0 if engine.ready else 0.0)
         yield ready
@@ -103,6 +112,40 @@ class EngineCollector(Collector):
             total.add_metric([label, memory.name], memory.total)
             reserved.add_metric([device], engine.gate.reserved_bytes(device))
         yield from (free, used, total, reserved)
+
+
+def _classes(scheduler_stats: list[SchedulerStats]) -> Iterator[Metric]:
+    """Per class of work (the scheduling policy's): windows queued now, and how long the
+    windows taken from the queue waited."""
+    depth = GaugeMetricFamily(
+        "whisper_scheduler_class_queued_windows",
+        "Windows waiting for a batch, by class of work (live_final, live_interim, short, long).",
+        labels=["class"],
+    )
+    inline = GaugeMetricFamily(
+        "whisper_scheduler_class_inline_decodes",
+        "Decodes running outside the queue in their callers' threads, by class of work.",
+        labels=["class"],
+    )
+    wait = HistogramMetricFamily(
+        "whisper_scheduler_class_wait_seconds",
+        "Seconds a window waited in the queue before its batch, by class of work.",
+        labels=["class"],
+    )
+    for c in WorkClass:
+        each = [st.classes[c.label] for st in scheduler_stats]
+        depth.add_metric([c.label], sum(x.queued_windows for x in each))
+        inline.add_metric([c.label], sum(x.inline for x in each))
+        counts = [sum(x.buckets[i] for x in each) for i in range(len(WAIT_BUCKETS))]
+        waited = sum(x.waited for x in each)
+        buckets = [(str(b), n) for b, n in zip(WAIT_BUCKETS, counts, strict=True)]
+        wait.add_metric([c.label], [*buckets, ("+Inf", waited)], sum(x.wait_seconds for x in each))
+    held = CounterMetricFamily(
+        "whisper_scheduler_held_for_live_seconds",
+        "Seconds the scheduler held back batches for live decodes running outside the queue.",
+    )
+    held.add_metric([], sum(st.held_seconds for st in scheduler_stats))
+    yield from (depth, inline, wait, held)
 
 
 class Metrics:

@@ -18,6 +18,7 @@ import numpy as np
 
 from server.audio.pieces import ArraySource, AudioSource
 from server.batching.options import Search, WindowOptions
+from server.batching.policy import LiveDecode, WorkClass, classify
 from server.chinese import target
 from server.diarization import DiarizationOptions
 from server.engine.store import ModelSource
@@ -92,6 +93,9 @@ class Job:
             is transcribed on its own, instead of ``audio``.
         api_key: The id of the API key the request came with (None without keys): its
             reservations and plan decisions are shown to that key (GET /v1/memory).
+        live: For a live session's decode, which: ``"final"`` (a turn's transcript, or the
+            early decode of it) or ``"interim"`` (deltas); None for any other request. With
+            the audio's length it decides the request's class of work (:attr:`work_class`).
     """
 
     request_id: str
@@ -112,6 +116,7 @@ class Job:
     diarization: DiarizationOptions | None = None
     channels: tuple[AudioSource, ...] = ()
     api_key: str | None = None
+    live: LiveDecode | None = None
 
     @classmethod
     def from_request(
@@ -174,10 +179,13 @@ class Job:
         max_prompt_chars: int,
         chinese_script: ChineseScript,
         seconds: float | None = None,
+        decode: LiveDecode = "final",
     ) -> Job:
         """The job that decodes one live item's ``samples`` (a realtime session's options),
         in a window its own length: the shortest of 10, 15, 20 or 30 s that holds ``seconds``
         (the samples' own length by default), since the encoder's cost grows with the window.
+        ``decode`` says which decode of the item it is (``"final"`` or ``"interim"``): finals
+        are served before interims, and both before HTTP requests.
 
         Raises:
             InvalidRequestError: an unknown language, or keywords past the limits.
@@ -196,6 +204,7 @@ class Job:
             logprobs=logprobs,
             chinese=target(tag, chinese_script),
             chunk_length=live_window(length),
+            live=decode,
         )
 
     @classmethod
@@ -246,6 +255,12 @@ class Job:
         if isinstance(self.audio, np.ndarray):
             return len(self.audio) / SAMPLE_RATE
         return self.audio.duration
+
+    @property
+    def work_class(self) -> WorkClass:
+        """The class of work the scheduler serves this request in (see
+        :mod:`server.batching.policy`): a live decode by its kind, a file by its length."""
+        return classify(live=self.live, seconds=self.duration)
 
     def reader(self) -> AudioSource:
         """The audio as a source to read pieces from."""
@@ -333,6 +348,7 @@ class Job:
             vad_parameters=self.vad_parameters,
             chunk_length=shape.chunk_length,
             logprobs=self.logprobs,
+            work_class=self.work_class,
         )
 
 

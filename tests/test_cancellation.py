@@ -375,7 +375,7 @@ def test_a_live_session_cancelled_while_it_stops_still_waits_for_its_decode_and_
         audio = InputAudio(engine, settings, metrics, owner="sess", api_key=None, send=ignore)
         transcriber = Transcriber(engine, settings, metrics, audio, session_id="sess", send=ignore)
         transcriber.decoding = SimpleNamespace(  # type: ignore[assignment]
-            job=lambda samples, item_id: SimpleNamespace(chinese=None),
+            job=lambda samples, item_id, **_: SimpleNamespace(chinese=None),
             config=SimpleNamespace(logprobs=False),
         )
         async with transcriber.running():

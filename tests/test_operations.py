@@ -67,6 +67,14 @@ def test_metrics(tiny_server: LiveServer, data_dir: Path) -> None:
     ]
     assert len(mine) == 1, mine
     assert _metric(text, "whisper_real_time_factor_count") is not None
+    # The scheduler's classes of work, in the order it serves them, with their queues.
+    order = ["live_final", "live_interim", "short", "long"]
+    assert memory["scheduling"]["order"] == order
+    assert set(memory["scheduling"]["classes"]) == set(order)
+    for label in order:
+        assert _metric(text, "whisper_scheduler_class_queued_windows", **{"class": label}) == 0
+        wait = _metric(text, "whisper_scheduler_class_wait_seconds_count", **{"class": label})
+        assert wait is not None
 
 
 def test_cors_off_by_default_and_on_when_configured(

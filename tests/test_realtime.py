@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import importlib
 import json
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -619,3 +620,57 @@ def test_limits_and_a_client_that_vanishes_mid_utterance(
         if line.startswith("whisper_realtime_completion_seconds_count")
     )
     assert float(count.split()[-1]) >= 1
+
+
+def test_a_live_turn_is_not_stuck_behind_a_long_upload(
+    tiny_server: LiveServer, data_dir: Path
+) -> None:
+    """A turn ends while the server decodes a 231 s file (word timestamps, in batches of its
+    own windows): its final decode goes before the file's windows (server/batching/policy.py)."""
+    long = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
+    upload: dict[str, Any] = {}
+
+    def send() -> None:
+        upload["response"] = httpx.post(
+            tiny_server.url + "/v1/audio/transcriptions",
+            files={"file": (long, (data_dir / long).read_bytes())},
+            data={
+                "model": "whisper-1",
+                "response_format": "verbose_json",
+                "timestamp_granularities[]": "word",
+            },
+            timeout=300,
+        )
+
+    uploading = threading.Thread(target=send)
+    uploading.start()
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the file's windows are queued
+            memory = httpx.get(tiny_server.url + "/v1/memory", timeout=10).json()
+            if memory["scheduling"]["classes"]["long"]["queued_windows"]:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the upload's windows were never queued")
+        audio = pcm24(data_dir / f"{LEOPARD}.wav")
+        with connect(ws_url(tiny_server)) as ws:
+            recv = raw_recv(ws)
+            assert recv()["type"] == "session.created"
+            for chunk in chunks(audio, 48000):
+                ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+            events_until(recv, lambda e: e["type"] == "input_audio_buffer.speech_stopped")
+            stopped = time.monotonic()
+            events = events_until(recv, lambda e: e["type"].endswith("transcription.completed"))
+            latency = time.monotonic() - stopped
+        beside = uploading.is_alive()
+    finally:
+        uploading.join(timeout=300)
+    transcript = events[-1]["transcript"]
+    assert within("WER vs reference", wer(reference(data_dir, LEOPARD), transcript), at_most=0.15)
+    assert beside, "the upload ended before the turn: nothing was measured beside it"
+    # Alone the final decode ends about 0.2 s after speech stops; behind a batch of the file's
+    # windows it would wait for them.
+    assert within("stop->completed beside a long upload (s)", latency, at_most=1.5), latency
+    assert upload["response"].status_code == 200
+    assert len(upload["response"].json()["words"]) > 500

@@ -9,8 +9,10 @@ failures) is pinned with the ``around_batch`` hook, which the worker enters arou
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import pytest
 from faster_whisper import BatchedInferencePipeline, WhisperModel
 
 from server.audio.decode import decode_audio
+from server.batching.policy import LiveDecode, SchedulingPolicy, WorkClass, classify
 from server.batching.scheduler import (
     BatchFailedError,
     BatchKey,
@@ -366,3 +369,190 @@ def test_options_are_validated_at_submit(scheduler: Callable[..., Scheduler]) ->
             np.zeros(SR, dtype=np.float32),
             WindowOptions(initial_prompt=list(range(500)), hotwords="hello " * 300),
         )
+
+
+# ---- the scheduling policy: classes, their order, the starvation bound ---------------------
+
+
+@dataclass
+class Queued:
+    """What the policy reads of a queued request."""
+
+    name: str
+    work_class: WorkClass
+    waiting_since: float = 0.0
+    skipped: int = 0
+
+
+def names(groups: list[list[Queued]]) -> list[list[str]]:
+    return [[q.name for q in group] for group in groups]
+
+
+def test_classes_go_in_order_and_take_turns_within_one() -> None:
+    policy = SchedulingPolicy(starvation_s=5.0, starvation_batches=8)
+    queue = [  # round-robin order: the least recently served first
+        Queued("long-a", WorkClass.LONG),
+        Queued("short-a", WorkClass.SHORT),
+        Queued("interim", WorkClass.LIVE_INTERIM),
+        Queued("long-b", WorkClass.LONG),
+        Queued("short-b", WorkClass.SHORT),
+        Queued("final", WorkClass.LIVE_FINAL),
+    ]
+    assert names(policy.order(queue, now=1.0)) == [
+        ["final"],
+        ["interim"],
+        ["short-a", "short-b"],
+        ["long-a", "long-b"],
+    ]
+    assert [c.label for c in WorkClass] == ["live_final", "live_interim", "short", "long"]
+
+
+@pytest.mark.parametrize(
+    ("waited_s", "skipped", "leads"),
+    [
+        (4.9, 7, "short"),  # within both bounds: the class order holds
+        (5.0, 0, "long"),  # waited the bound's seconds
+        (0.1, 8, "long"),  # passed over by the bound's batches
+    ],
+)
+def test_a_request_past_the_starvation_bound_leads_the_next_batch(
+    waited_s: float, skipped: int, leads: str
+) -> None:
+    policy = SchedulingPolicy(starvation_s=5.0, starvation_batches=8)
+    now = 100.0
+    long = Queued("long", WorkClass.LONG, waiting_since=now - waited_s, skipped=skipped)
+    queue = [Queued("final", WorkClass.LIVE_FINAL, waiting_since=now), long]
+    queue.insert(1, Queued("short", WorkClass.SHORT, waiting_since=now))
+    expected = "final" if leads == "short" else "long"
+    lead = policy.lead(queue, now)
+    assert lead is not None and lead.name == expected
+    # Among overdue requests the one waiting longest goes first.
+    older = Queued("older", WorkClass.SHORT, waiting_since=now - 50, skipped=9)
+    lead = policy.lead([long, older], now)
+    assert lead is not None and lead.name == "older"
+
+
+@pytest.mark.parametrize(
+    ("live", "seconds", "expected"),
+    [
+        ("final", 5.0, WorkClass.LIVE_FINAL),
+        ("interim", 2.0, WorkClass.LIVE_INTERIM),
+        (None, 11.0, WorkClass.SHORT),
+        (None, 60.0, WorkClass.SHORT),
+        (None, 60.5, WorkClass.LONG),
+        (None, None, WorkClass.LONG),  # a stream of unknown length
+    ],
+)
+def test_the_request_factory_classifies_live_decodes_and_files(
+    live: LiveDecode | None, seconds: float | None, expected: WorkClass
+) -> None:
+    assert classify(live=live, seconds=seconds) is expected
+
+
+def test_live_batches_stay_live_and_finals_hold_back_later_classes() -> None:
+    policy = SchedulingPolicy()
+    live, files = (WorkClass.LIVE_FINAL, WorkClass.LIVE_INTERIM), (WorkClass.SHORT, WorkClass.LONG)
+    assert all(policy.joins(a, b) for a in live for b in live)
+    assert not any(policy.joins(a, b) for a in live for b in files)
+    assert all(policy.joins(a, b) for a in files for b in WorkClass)
+    assert [c for c in WorkClass if policy.holds(WorkClass.LIVE_FINAL, c)] == [
+        WorkClass.LIVE_INTERIM,
+        WorkClass.SHORT,
+        WorkClass.LONG,
+    ]
+    assert not any(
+        policy.holds(c, d) for c in WorkClass if c != WorkClass.LIVE_FINAL for d in WorkClass
+    )
+
+
+def batch_order(s: Scheduler) -> tuple[list[list[WorkClass]], threading.Event]:
+    """Record the classes of each batch ``s`` decodes; its worker stops in its first batch
+    until the returned event is set (so that everything submitted meanwhile is queued)."""
+    order: list[list[WorkClass]] = []
+    release = threading.Event()
+    run = s._decoder.run
+
+    def recording(key: BatchKey, windows: list[Any], pause: Any = None) -> Any:
+        order.append([w.request.work_class for w in windows])
+        if len(order) == 1:
+            release.wait(60)
+        return run(key, windows, pause)
+
+    s._decoder.run = recording  # type: ignore[method-assign]
+    return order, release
+
+
+def as_class(work_class: WorkClass) -> WindowOptions:
+    return replace(GREEDY, work_class=work_class)
+
+
+def test_the_worker_serves_live_then_short_then_long(
+    scheduler: Callable[..., Scheduler], audio: dict[str, np.ndarray]
+) -> None:
+    unbounded = SchedulingPolicy(starvation_s=600, starvation_batches=100)
+    s = scheduler(max_batch=lambda key: 1, max_wait_s=0.0, policy=unbounded)
+    order, release = batch_order(s)
+    clip = audio["jfk.flac"]
+    tickets = [s.submit(clip, as_class(WorkClass.SHORT))]  # the worker stops in its batch
+    tickets += [
+        s.submit(audio[LONG][: 70 * SR], as_class(WorkClass.LONG)),
+        s.submit(clip, as_class(WorkClass.SHORT)),
+        s.submit(clip, as_class(WorkClass.LIVE_INTERIM)),
+        s.submit(clip, as_class(WorkClass.LIVE_FINAL)),
+    ]
+    long_windows = tickets[1].windows
+    queued = s.stats().classes
+    assert queued["live_final"].queued_windows == 1
+    assert queued["long"].queued_windows == long_windows >= 2
+    release.set()
+    texts = [text(t) for t in tickets]
+    assert all("ask not what your country" in t for t in texts[2:]), texts
+    assert [b for (b,) in order] == [
+        WorkClass.SHORT,
+        WorkClass.LIVE_FINAL,
+        WorkClass.LIVE_INTERIM,
+        WorkClass.SHORT,
+        *[WorkClass.LONG] * long_windows,
+    ]
+    waited = s.stats().classes
+    assert waited["long"].waited == long_windows and waited["long"].max_wait_seconds > 0
+
+
+@pytest.mark.parametrize(("bound", "long_at"), [(2, 3), (8, 6)])
+def test_a_long_file_waits_at_most_the_bound_in_batches(
+    scheduler: Callable[..., Scheduler], audio: dict[str, np.ndarray], bound: int, long_at: int
+) -> None:
+    policy = SchedulingPolicy(starvation_s=600, starvation_batches=bound)
+    s = scheduler(max_batch=lambda key: 1, max_wait_s=0.0, policy=policy)
+    order, release = batch_order(s)
+    clip = audio["jfk.flac"]
+    tickets = [s.submit(clip, as_class(WorkClass.SHORT))]
+    tickets.append(s.submit(audio[LONG][: 40 * SR], as_class(WorkClass.LONG)))
+    tickets += [s.submit(clip, as_class(WorkClass.SHORT)) for _ in range(5)]
+    release.set()
+    for t in tickets:
+        text(t)
+    classes = [b for (b,) in order]
+    # Two short batches pass it by, then it leads; without a tight bound it waits for all five.
+    assert classes.index(WorkClass.LONG) == long_at, classes
+
+
+def test_a_final_live_decode_beside_the_queue_holds_back_a_long_file_for_the_bound(
+    scheduler: Callable[..., Scheduler], audio: dict[str, np.ndarray]
+) -> None:
+    s = scheduler(max_batch=lambda key: 1, policy=SchedulingPolicy(starvation_s=1.5))
+    started: list[float] = []
+    s._decoder.run = lambda key, windows, pause=None, run=s._decoder.run: (  # type: ignore[method-assign]
+        started.append(time.monotonic()) or run(key, windows, pause)
+    )
+    for running, held in [(WorkClass.LIVE_INTERIM, False), (WorkClass.LIVE_FINAL, True)]:
+        with s._lock:
+            s._inline[running] += 1  # as Scheduler.decode counts a decode in its caller's thread
+        began = time.monotonic()
+        ticket = s.submit(audio["jfk.flac"], as_class(WorkClass.LONG))
+        assert "ask not what your country" in text(ticket)
+        with s._lock:
+            s._inline[running] -= 1
+        waited = started[-1] - began
+        assert (waited >= 1.4) if held else (waited < 1.4), (running, waited)
+    assert s.stats().held_seconds >= 1.4

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from server.batching.policy import WorkClass
 from server.memory import Shape
 from server.whisper.runner import TEMPERATURES
 
@@ -162,6 +163,8 @@ class WindowOptions:
             ``chunk_length`` when a mapping is given.
         chunk_length: The longest window, in seconds (at most 30); windows are padded to it.
         logprobs: Score each window's tokens for their log-probabilities (``include[]``).
+        work_class: Which class of work the request is, for the order the scheduler serves
+            it in (:mod:`server.batching.policy`); it never changes the text.
     """
 
     language: str | None = None
@@ -188,6 +191,7 @@ class WindowOptions:
     vad_parameters: Mapping[str, Any] | VadOptions | None = None
     chunk_length: int = 30
     logprobs: bool = False
+    work_class: WorkClass = WorkClass.SHORT
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

@@ -20,6 +20,10 @@ What may differ inside one batch, and what may not:
   suppressed tokens) and whether words are aligned. These make up the :class:`BatchKey`; only
   windows with equal keys share a batch.
 
+Which request leads the next batch is the scheduling policy's choice
+(:mod:`server.batching.policy`): live decodes first, then short requests, then the windows of
+long files, round-robin within a class, and no request waits past the policy's starvation bound.
+
 A request may also be decoded outside the queue, in the thread that iterates its ticket
 (:meth:`Scheduler.decode`, for a caller with a slot of its own): window by window through the
 same steps, a batch of one. On the CPUs measured a window's result does not depend on the batch
@@ -39,13 +43,15 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from server.batching.budget import BatchBudget, CallableBudget
 from server.batching.options import BatchKey, WindowOptions
+from server.batching.policy import ClassStats, SchedulingPolicy, Waits, WorkClass
 from server.batching.windowed import WindowDecoder
 from server.batching.windows import (
     BatchFailedError,
@@ -77,6 +83,9 @@ class SchedulerStats:
         failed_batches: Batches that raised.
         cancelled_windows: Queued windows dropped because their request was cancelled.
         rejected: Submissions refused because the queue was full.
+        classes: Per class of work (:class:`WorkClass`'s label): its queue and waits.
+        held_seconds: How long the worker held back its batches for live decodes running
+            outside the queue.
     """
 
     queued_windows: int
@@ -89,10 +98,56 @@ class SchedulerStats:
     failed_batches: int
     cancelled_windows: int
     rejected: int
+    classes: Mapping[str, ClassStats]
+    held_seconds: float
 
     @property
     def mean_batch_size(self) -> float:
         return self.windows / self.batches if self.batches else 0.0
+
+
+@dataclass
+class _Counters:
+    """The worker's running counts (under the scheduler's lock); see :class:`SchedulerStats`."""
+
+    batches: int = 0
+    windows: int = 0
+    mixed: int = 0
+    sizes: Counter[int] = field(default_factory=Counter)
+    fallbacks: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    held: float = 0.0
+    waits: Waits = field(default_factory=Waits)
+
+    def batch(self, windows: list[Window]) -> None:
+        self.batches += 1
+        self.windows += len(windows)
+        self.sizes[len(windows)] += 1
+        if len({id(w.request) for w in windows}) > 1:
+            self.mixed += 1
+
+    def snapshot(
+        self, requests: deque[QueuedRequest], queued: int, inline: Counter[WorkClass]
+    ) -> SchedulerStats:
+        by_class: Counter[WorkClass] = Counter()
+        for r in requests:
+            by_class[r.work_class] += len(r.pending)
+        return SchedulerStats(
+            queued_windows=queued,
+            active_requests=len(requests),
+            batches=self.batches,
+            windows=self.windows,
+            mixed_batches=self.mixed,
+            batch_sizes=dict(sorted(self.sizes.items())),
+            fallbacks=self.fallbacks,
+            failed_batches=self.failed,
+            cancelled_windows=self.cancelled,
+            rejected=self.rejected,
+            classes={c.label: self.waits.stats(c, by_class[c], inline[c]) for c in WorkClass},
+            held_seconds=self.held,
+        )
 
 
 class Scheduler:
@@ -109,6 +164,7 @@ class Scheduler:
             latency a lone request pays.
         max_queued_windows: :meth:`submit` raises :class:`QueueFullError` when more windows
             than this would be waiting.
+        policy: Which request goes first (the defaults of :class:`SchedulingPolicy` if None).
     """
 
     def __init__(
@@ -120,6 +176,7 @@ class Scheduler:
         max_wait_s: float = 0.02,
         max_queued_windows: int = 1024,
         around_batch: Callable[[BatchKey, int], AbstractContextManager[object]] | None = None,
+        policy: SchedulingPolicy | None = None,
     ) -> None:
         if max_wait_s < 0:
             raise ValueError("max_wait_s must not be negative")
@@ -132,23 +189,17 @@ class Scheduler:
             assert max_batch is not None
             budget = CallableBudget(max_batch, around_batch)
         self._budget = budget
+        self._policy = policy or SchedulingPolicy()
+        self._inline: Counter[WorkClass] = Counter()  # decodes running in callers' threads
+        self._counts = _Counters()
         self._max_wait = max_wait_s
         self._max_queued = max_queued_windows
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._requests: deque[QueuedRequest] = (
-            deque()
-        )  # round-robin order: least recently served first
+        # Round-robin order: the least recently served first.
+        self._requests: deque[QueuedRequest] = deque()
         self._queued = 0
         self._closed = False
-        self._batches = 0
-        self._windows = 0
-        self._mixed = 0
-        self._sizes: Counter[int] = Counter()
-        self._fallbacks = 0
-        self._failed = 0
-        self._cancelled = 0
-        self._rejected = 0
         self._decoder = WindowDecoder(self._runner, self._wake)
         self._worker = threading.Thread(target=self._run, name="whisper-batch", daemon=True)
         self._worker.start()
@@ -181,7 +232,7 @@ class Scheduler:
         with self._lock:
             self._check_open()
             if self._queued >= self._max_queued:  # refuse before spending time on VAD
-                self._rejected += 1
+                self._counts.rejected += 1
                 raise QueueFullError(self._queued, None, self._max_queued)
         request = self._decoder.cut(
             audio, options or WindowOptions(), cancelled, self._lock, self._notify
@@ -189,7 +240,7 @@ class Scheduler:
         with self._lock:
             self._check_open()
             if self._queued + request.total > self._max_queued:
-                self._rejected += 1
+                self._counts.rejected += 1
                 raise QueueFullError(self._queued, request.total, self._max_queued)
             if not request.total:
                 request.ticket._finish()
@@ -208,6 +259,8 @@ class Scheduler:
     ) -> Ticket:
         """Like :meth:`submit`, but the windows are decoded in the thread that iterates the
         ticket, one at a time, and never queued: for a caller that holds a slot of its own.
+        Like a batch, it gives way to a final live decode running beside it, before each
+        window and between its steps (see :mod:`server.batching.policy`).
 
         Each window goes through the very steps a batch runs (a batch of one), so the segments
         are those the request would get in any batch: the same input gives the same text
@@ -224,38 +277,34 @@ class Scheduler:
             return ticket
 
         def drive() -> None:
+            self._pause(request.work_class)  # a final live decode beside it goes first
             with self._lock:
                 self._check_open()
                 window = request.pending.pop(0) if request.pending else None
                 if window is not None:
                     request.in_flight += 1
+                    self._inline[request.work_class] += 1
             if window is None:
                 raise RuntimeError("no window left to decode for an unfinished request")
-            self._decode(window.key, [window])
+            try:
+                self._decode(window.key, [window], partial(self._pause, request.work_class))
+            finally:
+                with self._lock:
+                    self._inline[request.work_class] -= 1
+                    self._wake.notify_all()  # a batch held back for it may go now
 
         ticket._drive = drive
         return ticket
 
-    def ready(self, key: BatchKey) -> int:
-        """How many queued windows with ``key`` could join a batch now."""
+    def ready(self, key: BatchKey, lead: WorkClass = WorkClass.LONG) -> int:
+        """How many queued windows with ``key`` could join a batch led by class ``lead`` now."""
         with self._lock:
-            return sum(1 for r in self._requests for w in r.eligible() if w.key == key)
+            return len(self._ready(key, lead))
 
     def stats(self) -> SchedulerStats:
         """A snapshot of the counters."""
         with self._lock:
-            return SchedulerStats(
-                queued_windows=self._queued,
-                active_requests=len(self._requests),
-                batches=self._batches,
-                windows=self._windows,
-                mixed_batches=self._mixed,
-                batch_sizes=dict(sorted(self._sizes.items())),
-                fallbacks=self._fallbacks,
-                failed_batches=self._failed,
-                cancelled_windows=self._cancelled,
-                rejected=self._rejected,
-            )
+            return self._counts.snapshot(self._requests, self._queued, self._inline)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the worker after the batch it is running; unfinished requests get
@@ -288,11 +337,12 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            key = self._next_key()
-            if key is None:
+            lead = self._next_key()
+            if lead is None:
                 return
+            key, work_class = lead
             try:
-                limit = max(1, int(self._budget.max_batch(key, self.ready(key))))
+                limit = max(1, int(self._budget.max_batch(key, self.ready(key, work_class))))
             except Exception as exc:
                 logger.warning("max_batch(%s) raised %r; failing the requests it held", key, exc)
                 with self._lock:
@@ -303,38 +353,74 @@ class Scheduler:
                 continue
             # Every batch max_batch sized runs under the budget's scope, even one that finds no
             # window left to take (size 0): that scope is where what max_batch reserved goes.
-            windows = self._fill(key, limit)
+            windows = self._fill(key, limit, work_class)
             try:
                 with self._budget.batch(key, len(windows)):
                     if windows:
-                        self._decode(key, windows)
+                        batch_class = min(w.request.work_class for w in windows)
+                        self._decode(key, windows, pause=partial(self._pause, batch_class))
             except Exception as exc:  # the worker must survive anything a batch raises
                 if windows:
                     self._fail_batch(windows, exc)
                 else:
                     logger.warning("closing an empty batch raised %r", exc)
 
-    def _next_key(self) -> BatchKey | None:
-        """Wait for a window that may join a batch; the key of the batch to size next (None
+    def _next_key(self) -> tuple[BatchKey, WorkClass] | None:
+        """Wait for a window that may lead a batch (the policy's choice) and for no live decode
+        outside the queue to hold it back; the key and class of the batch to size next (None
         once the scheduler is closed)."""
         with self._lock:
             while True:
                 if self._closed:
                     return None
                 self._drop_cancelled()
-                head = next((r for r in self._requests if r.eligible()), None)
-                if head is not None:
-                    return head.eligible()[0].key
-                self._wake.wait()
+                now = time.monotonic()
+                lead = self._policy.lead([r for r in self._requests if r.eligible()], now)
+                if lead is None:
+                    self._wake.wait()
+                    continue
+                if not self._holding(lead.work_class) or self._policy.overdue(lead, now):
+                    return lead.eligible()[0].key, lead.work_class
+                self._wake.wait(self._policy.until_overdue(lead, now))
+                self._counts.held += time.monotonic() - now
 
-    def _fill(self, key: BatchKey, limit: int) -> list[Window]:
+    def _holding(self, work_class: WorkClass) -> bool:
+        """Whether a decode running outside the queue holds back batches of ``work_class``."""
+        return any(n and self._policy.holds(c, work_class) for c, n in self._inline.items())
+
+    def _pause(self, work_class: WorkClass) -> None:
+        """Before or between the steps of a decode of ``work_class`` (a batch, or a window
+        decoded inline): wait while a live decode outside the queue holds it back, at most the
+        policy's starvation bound."""
+        with self._lock:
+            began = time.monotonic()
+            deadline = began + self._policy.starvation_s
+            while not self._closed and self._holding(work_class):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            self._counts.held += time.monotonic() - began
+
+    def _ready(self, key: BatchKey, lead: WorkClass) -> list[Window]:
+        """Queued windows with ``key`` that may join a batch led by class ``lead`` now."""
+        joins = self._policy.joins
+        return [
+            w
+            for r in self._requests
+            if joins(lead, r.work_class)
+            for w in r.eligible()
+            if w.key == key
+        ]
+
+    def _fill(self, key: BatchKey, limit: int, lead: WorkClass) -> list[Window]:
         """Wait (at most ``max_wait_s`` after the oldest window) for ``limit`` windows with
         ``key``, and take them, round-robin over requests. Empty when none is left by then:
         their requests were cancelled, or the scheduler closed."""
         with self._lock:
             while not self._closed:
                 self._drop_cancelled()
-                ready = [w for r in self._requests for w in r.eligible() if w.key == key]
+                ready = self._ready(key, lead)
                 if not ready:
                     break
                 wait = min(w.queued_at for w in ready) + self._max_wait - time.monotonic()
@@ -343,31 +429,33 @@ class Scheduler:
                 self._wake.wait(wait)
             if self._closed:
                 return []
-            windows = self._take(key, limit)
+            windows = self._take(key, limit, lead)
             if windows:
-                self._batches += 1
-                self._windows += len(windows)
-                self._sizes[len(windows)] += 1
-                if len({id(w.request) for w in windows}) > 1:
-                    self._mixed += 1
+                self._counts.batch(windows)
             return windows
 
-    def _take(self, key: BatchKey, limit: int) -> list[Window]:
-        """Up to ``limit`` windows with ``key``: one from each request in turn, starting with
-        the least recently served, so one long upload does not starve short ones."""
-        candidates = {id(r): [w for w in r.eligible() if w.key == key] for r in self._requests}
-        taken: list[Window] = []
-        served: list[QueuedRequest] = []
-        while len(taken) < limit and any(candidates.values()):
-            for request in self._requests:
-                queue = candidates[id(request)]
-                if queue and len(taken) < limit:
-                    window = queue.pop(0)
-                    request.pending.remove(window)
-                    request.in_flight += 1
-                    taken.append(window)
-                    if request not in served:
-                        served.append(request)
+    def _take(self, key: BatchKey, limit: int, lead: WorkClass) -> list[Window]:
+        """Up to ``limit`` windows with ``key`` that may join a batch led by ``lead``, group by
+        group in the policy's order (the overdue, then each class); within a group one window
+        from each request in turn, the least recently served first, so one long upload does
+        not starve short ones."""
+        now = time.monotonic()
+        joining = [
+            r
+            for r in self._requests
+            if self._policy.joins(lead, r.work_class) and any(w.key == key for w in r.eligible())
+        ]
+        taken = _round_robin(self._policy.order(joining, now), key, limit)
+        served = list({id(w.request): w.request for w in taken}.values())
+        for window in taken:
+            window.request.pending.remove(window)
+            window.request.in_flight += 1
+            self._counts.waits.record(window.request.work_class, now - window.queued_at)
+        for request in self._requests:
+            if any(request is r for r in served):
+                request.skipped, request.waiting_since = 0, now
+            elif request.eligible():
+                request.skipped += 1
         for request in served:
             self._requests.remove(request)
             self._requests.append(request)
@@ -377,7 +465,7 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         gone = [r for r in self._requests if r.ticket.cancelled.is_set() or r.ticket._withdrawn]
         for request in gone:
-            self._cancelled += len(request.pending)
+            self._counts.cancelled += len(request.pending)
             logger.info(
                 "request cancelled; dropped %d queued windows of %d",
                 len(request.pending),
@@ -404,7 +492,7 @@ class Scheduler:
             exc,
         )
         with self._lock:
-            self._failed += 1
+            self._counts.failed += 1
             for request in requests:
                 request.in_flight = 0
                 if not request.closed:
@@ -412,19 +500,23 @@ class Scheduler:
 
     # ---- decoding -------------------------------------------------------------------------
 
-    def _decode(self, key: BatchKey, windows: list[Window]) -> None:
-        """Run one batch (the decoder's work), then requeue the windows that fall back to their
-        next temperature and hand the finished ones to their requests, in order."""
-        outcome = self._decoder.run(key, windows)
+    def _decode(
+        self, key: BatchKey, windows: list[Window], pause: Callable[[], None] | None = None
+    ) -> None:
+        """Run one batch (the decoder's work; ``pause`` between its steps), then requeue the
+        windows that fall back to their next temperature and hand the finished ones to their
+        requests, in order."""
+        outcome = self._decoder.run(key, windows, pause)
         with self._lock:
             for w in outcome.retry:
                 w.step += 1
+                w.queued_at = time.monotonic()
                 w.key = w.request.options.batch_key(w.step, prefix_length=w.request.prefix_length)
                 w.request.in_flight -= 1
                 if not w.request.closed:
                     bisect.insort(w.request.pending, w, key=lambda x: x.index)
                     self._queued += 0 if w.request.inline else 1
-                    self._fallbacks += 1
+                    self._counts.fallbacks += 1
             for w, decoded in outcome.finished:
                 w.request.in_flight -= 1
                 w.features = np.empty((0, 0), dtype=np.float32)  # free it; the result stays
@@ -456,6 +548,19 @@ class Scheduler:
                     request.ticket._finish()
 
 
+def _round_robin(groups: list[list[QueuedRequest]], key: BatchKey, limit: int) -> list[Window]:
+    """Up to ``limit`` eligible windows with ``key``, group after group; within a group one
+    window from each request in turn, in the group's order."""
+    taken: list[Window] = []
+    for group in groups:
+        queues = [[w for w in r.eligible() if w.key == key] for r in group]
+        while len(taken) < limit and any(queues):
+            for queue in queues:
+                if queue and len(taken) < limit:
+                    taken.append(queue.pop(0))
+    return taken
+
+
 def _batch_failed(exc: Exception, size: int) -> BatchFailedError:
     what = f"a batch of {size} windows" if size else "planning a batch"
     error = BatchFailedError(f"{what} failed: {type(exc).__name__}: {exc}")
@@ -474,6 +579,8 @@ __all__ = [
     "SchedulerClosedError",
     "SchedulerError",
     "SchedulerStats",
+    "SchedulingPolicy",
     "Ticket",
     "WindowOptions",
+    "WorkClass",
 ]

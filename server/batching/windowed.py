@@ -153,16 +153,23 @@ class WindowDecoder:
         request.total = len(request.pending)
         return request
 
-    def run(self, key: BatchKey, windows: list[Window]) -> BatchOutcome:
+    def run(
+        self, key: BatchKey, windows: list[Window], pause: Callable[[], None] | None = None
+    ) -> BatchOutcome:
         """Decode one batch of windows with ``key``: encode, detect the languages not yet known
         (and wake the requests' other windows), generate, test each for fallback, align and
         score the finished ones; a finished window whose text stopped early is decoded again
-        in two parts (:meth:`_decode_on`)."""
-        outcome = self._pass(key, windows)
-        outcome.finished = [(w, self._decode_on(w, decoded)) for w, decoded in outcome.finished]
+        in two parts (:meth:`_decode_on`). ``pause`` is called between those steps (the
+        scheduler holds a batch there while a live decode runs beside it)."""
+        outcome = self._pass(key, windows, pause)
+        outcome.finished = [
+            (w, self._decode_on(w, decoded, pause)) for w, decoded in outcome.finished
+        ]
         return outcome
 
-    def _decode_on(self, window: Window, decoded: Decoded) -> Decoded:
+    def _decode_on(
+        self, window: Window, decoded: Decoded, pause: Callable[[], None] | None = None
+    ) -> Decoded:
         """``decoded``, or, when its text stopped early, the window decoded again in two parts
         cut at the pause nearest where its text should have ended.
 
@@ -201,7 +208,7 @@ class WindowDecoder:
                 part=True,
             )
             while True:
-                outcome = self._pass(part.key, [part])
+                outcome = self._pass(part.key, [part], pause)
                 if outcome.finished:
                     parts.append(outcome.finished[0][1])
                     break
@@ -222,9 +229,12 @@ class WindowDecoder:
             parts=parts,
         )
 
-    def _pass(self, key: BatchKey, windows: list[Window]) -> BatchOutcome:
+    def _pass(
+        self, key: BatchKey, windows: list[Window], pause: Callable[[], None] | None = None
+    ) -> BatchOutcome:
         """One pass of a batch through the model (see :meth:`run`), without decoding on."""
         runner = self._runner
+        step = pause or (lambda: None)
         encoder_output = runner.encode([w.features for w in windows], chunk_length=key.chunk_length)
 
         undetected = [i for i, w in enumerate(windows) if w.request.tokenizer is None]
@@ -242,6 +252,7 @@ class WindowDecoder:
                 self._wake.notify_all()  # the rest of these requests' windows may go now
 
         tokenizers = [_tokenizer_of(w) for w in windows]
+        step()
         results = runner.generate(
             encoder_output,
             [w.request.prompt for w in windows],
@@ -279,6 +290,8 @@ class WindowDecoder:
             finished.append((w, chosen, segments, size))
 
         alignments: dict[int, list[dict[str, Any]]] = {}
+        if (key.word_timestamps or key.logprobs) and finished:
+            step()
         if key.word_timestamps and finished:
             alignments = self._align(windows, finished, encoder_output)
         if key.logprobs and finished:

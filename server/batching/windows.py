@@ -5,6 +5,7 @@ its caller iterates, and the scheduler's errors."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -136,6 +137,10 @@ class QueuedRequest:
         self.last_word_end: float | None = None
         self.closed = False
         self.inline = False  # decoded by Scheduler.decode in its caller's thread, never queued
+        # What the scheduling policy reads (server.batching.policy.Waiting).
+        self.work_class = options.work_class
+        self.waiting_since = time.monotonic()  # since its next window has waited
+        self.skipped = 0  # batches run without it while it had a window ready
 
     def eligible(self) -> list[Window]:
         """Queued windows that may join a batch now. Until the language is known only the

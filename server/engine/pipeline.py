@@ -230,7 +230,7 @@ class PiecePipeline:
                 seconds = (len(piece.samples) - resume) / SAMPLE_RATE
             else:
                 seconds = self._next_piece_seconds(job, reader)
-            slot = self.planner.sequential_slot(planned)
+            slot = self.planner.sequential_slot(planned, job)
             scheduled = slot is None
             # The piece's scope: its slot, its reservations, the samples read under them and
             # a CPU copy of the model, all released when the block ends, however it ends.

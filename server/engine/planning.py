@@ -83,19 +83,24 @@ class RequestPlanner:
         """
         return self.settings.batching != "off" or job.logprobs
 
-    def sequential_slot(self, shape: Shape) -> ExitStack | None:
+    def sequential_slot(self, shape: Shape, job: Job) -> ExitStack | None:
         """A sequential slot (faster-whisper's own path: exactly its results, each window
         conditioned on the text before it), or None for the cross-request scheduler.
 
         WHISPER_BATCHING=auto: long files (planned with a batch) go to the scheduler; a short
         request takes a sequential slot if one is free, and joins the scheduler's shared batches
-        rather than queueing when all are busy.
+        rather than queueing when all are busy. A live session's decode is decoded in its own
+        thread even then (a slot outside the count): queued, it would wait for the batch the
+        worker is running, which on the CPU takes seconds; beside it, the scheduler lets it
+        go first (:mod:`server.batching.policy`). The sessions bound how many there are
+        (WHISPER_REALTIME_MAX_SESSIONS, one decode each at a time), and each is planned and
+        reserved like any request.
         """
         mode = self.settings.batching
         if mode == "on" or (mode == "auto" and shape.batch_size > 1):
             return None
         if not self._sequential.acquire(blocking=mode == "off"):
-            return None
+            return ExitStack() if job.work_class.live and shape.batched else None
         slot = ExitStack()
         slot.callback(self._sequential.release)
         return slot

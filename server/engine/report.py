@@ -16,10 +16,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from server.batching.policy import WorkClass
 from server.memory import Plan, device_kind
 from server.memory.gate import GateStats
 
 if TYPE_CHECKING:
+    from server.batching.scheduler import SchedulerStats
     from server.engine.core import Engine
     from server.engine.pool import LoadedModel
     from server.request import Job
@@ -152,6 +154,7 @@ def memory_report(engine: Engine, in_flight: int) -> dict[str, Any]:
         in_flight: Requests admitted now (the admission queue's depth, the serving side's).
     """
     gate, models, stats, s = engine.gate, engine.models, engine.stats, engine.settings
+    schedulers = models.scheduler_stats()
     devices: list[dict[str, Any]] = []
     for place in dict.fromkeys([*engine.places, "cpu"]):
         try:
@@ -190,7 +193,14 @@ def memory_report(engine: Engine, in_flight: int) -> dict[str, Any]:
             "max_queue": s.max_queue,
             "running": stats.running,
             "waiting_for_memory": stats.waiting_for_memory,
-            "queued_windows": sum(st.queued_windows for st in models.scheduler_stats()),
+            "queued_windows": sum(st.queued_windows for st in schedulers),
+        },
+        "scheduling": {
+            "order": [c.label for c in WorkClass],
+            "starvation_s": s.batch_starvation_s,
+            "starvation_batches": s.batch_starvation_batches,
+            "held_for_live_s": round(sum(st.held_seconds for st in schedulers), 3),
+            "classes": _classes(schedulers),
         },
         "models": [model_status(m, s.model_ttl) for m in models.pool.loaded()],
         "model_ttl_s": s.model_ttl,
@@ -215,6 +225,22 @@ def memory_report(engine: Engine, in_flight: int) -> dict[str, Any]:
         },
         "recent_decisions": list(stats.recent),
     }
+
+
+def _classes(schedulers: list[SchedulerStats]) -> dict[str, dict[str, Any]]:
+    """Each class's queue and waits, over every model's scheduler."""
+    classes: dict[str, dict[str, Any]] = {}
+    for c in WorkClass:
+        each = [st.classes[c.label] for st in schedulers]
+        waited = sum(x.waited for x in each)
+        classes[c.label] = {
+            "queued_windows": sum(x.queued_windows for x in each),
+            "running_inline": sum(x.inline for x in each),
+            "waited_windows": waited,
+            "mean_wait_s": round(sum(x.wait_seconds for x in each) / waited, 3) if waited else 0.0,
+            "max_wait_s": round(max((x.max_wait_seconds for x in each), default=0.0), 3),
+        }
+    return classes
 
 
 __all__ = ["Decisions", "EngineStats", "memory_report", "model_status"]

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from server.batching.policy import SchedulingPolicy
 from server.batching.scheduler import Scheduler, SchedulerStats
 from server.config import Settings
 from server.diarization import SpeakerEncoder, load_encoder
@@ -192,6 +193,10 @@ class Residency:
                     budget=budget,
                     max_wait_s=settings.batch_max_wait_ms / 1000,
                     max_queued_windows=settings.max_queue * 64,
+                    policy=SchedulingPolicy(
+                        starvation_s=settings.batch_starvation_s,
+                        starvation_batches=settings.batch_starvation_batches,
+                    ),
                 )
                 self._schedulers[id(model)] = scheduler
             return scheduler

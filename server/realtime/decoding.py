@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.batching.policy import LiveDecode
 from server.config import Settings
 from server.engine.core import Engine
 from server.engine.store import ModelSource
@@ -86,13 +87,21 @@ class LiveDecoding:
             raise EventError(exc.message, param="keywords", code="invalid_value") from exc
         return cls(config, source, settings, session_id, api_key)
 
-    def job(self, samples: np.ndarray, item_id: str, seconds: float | None = None) -> Job:
+    def job(
+        self,
+        samples: np.ndarray,
+        item_id: str,
+        seconds: float | None = None,
+        decode: LiveDecode = "final",
+    ) -> Job:
         """The request that decodes ``samples`` with the session's options.
 
         Args:
             samples: 16 kHz audio of one item (or of its start, for an interim decode).
             item_id: The item's id, in the request id.
             seconds: For a check, the length of audio to plan for instead of ``samples``'.
+            decode: ``"final"`` (the item's transcript, or its early decode) or
+                ``"interim"`` (for deltas): finals are served first.
 
         Returns:
             The job, from the request factory.
@@ -111,6 +120,7 @@ class LiveDecoding:
             max_prompt_chars=settings.max_prompt_chars,
             chinese_script=settings.chinese_script,
             seconds=seconds,
+            decode=decode,
         )
 
     def check_memory(self, engine: Engine) -> None:

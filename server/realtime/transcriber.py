@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from server.api.formats import logprobs_body, usage_seconds
+from server.batching.policy import LiveDecode
 from server.chinese import convert_transcript
 from server.config import Settings
 from server.engine.core import Engine
@@ -171,7 +172,7 @@ class Transcriber:
         item.decoded_to = end
         began = time.monotonic()
         try:
-            transcript = await self._transcribe(samples, item.id)
+            transcript = await self._transcribe(samples, item.id, "interim")
         except APIError as exc:
             logger.info(
                 "realtime %s: interim decode of %s failed: %s", self.session_id, item.id, exc
@@ -251,11 +252,13 @@ class Transcriber:
     def _logprobs(self) -> bool:
         return self.decoding is not None and self.decoding.config.logprobs
 
-    async def _transcribe(self, samples: np.ndarray, item_id: str) -> Transcript:
+    async def _transcribe(
+        self, samples: np.ndarray, item_id: str, decode: LiveDecode = "final"
+    ) -> Transcript:
         """One decode of ``samples`` through the engine (planned and reserved like any request),
-        in the engine's worker threads."""
+        in the engine's worker threads; ``decode`` is its kind (an early decode is a final)."""
         assert self.decoding is not None
-        job = self.decoding.job(samples, item_id)
+        job = self.decoding.job(samples, item_id, decode=decode)
         future = self.engine.executor.submit(
             partial(self.engine.run, job, cancelled=self._cancelled)
         )
