@@ -509,9 +509,8 @@ class Scheduler:
         outcome = self._decoder.run(key, windows, pause)
         with self._lock:
             for w in outcome.retry:
-                w.step += 1
+                w.fall_back()
                 w.queued_at = time.monotonic()
-                w.key = w.request.options.batch_key(w.step, prefix_length=w.request.prefix_length)
                 w.request.in_flight -= 1
                 if not w.request.closed:
                     bisect.insort(w.request.pending, w, key=lambda x: x.index)

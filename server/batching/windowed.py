@@ -145,7 +145,7 @@ class WindowDecoder:
         # The language token comes after <|startoftranscript|>, so its position is known now.
         request.prefix_length = prompt.index(tokenizer.sot)
         now = time.monotonic()
-        key = options.batch_key(0, prefix_length=request.prefix_length)
+        key = request.key(0)
         request.pending = [
             Window(request, i, f, float(m["offset"]), float(m["duration"]), now, key=key)
             for i, (f, m) in enumerate(zip(features, metadata[: len(features)], strict=True))
@@ -204,7 +204,7 @@ class WindowDecoder:
                 offset,
                 duration,
                 window.queued_at,
-                key=request.options.batch_key(0, prefix_length=request.prefix_length),
+                key=request.key(0),
                 part=True,
             )
             while True:
@@ -212,8 +212,7 @@ class WindowDecoder:
                 if outcome.finished:
                     parts.append(outcome.finished[0][1])
                     break
-                part.step += 1
-                part.key = request.options.batch_key(part.step, prefix_length=request.prefix_length)
+                part.fall_back()
         logger.debug(
             "a window of %.1f s stopped after %d tokens; decoded again in parts of %.1f and %.1f s",
             window.duration,

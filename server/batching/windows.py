@@ -97,6 +97,11 @@ class Window:
     attempts: list[Attempt] = field(default_factory=list)
     part: bool = False  # a part of a window whose text stopped early, decoded on its own
 
+    def fall_back(self) -> None:
+        """Move the window to its request's next temperature (its key changes with it)."""
+        self.step += 1
+        self.key = self.request.key(self.step)
+
 
 @dataclass
 class Decoded:
@@ -141,6 +146,10 @@ class QueuedRequest:
         self.work_class = options.work_class
         self.waiting_since = time.monotonic()  # since its next window has waited
         self.skipped = 0  # batches run without it while it had a window ready
+
+    def key(self, step: int) -> BatchKey:
+        """The batch key of this request's windows at fallback step ``step``."""
+        return self.options.batch_key(step, prefix_length=self.prefix_length)
 
     def eligible(self) -> list[Window]:
         """Queued windows that may join a batch now. Until the language is known only the
