@@ -152,7 +152,14 @@ def test_an_upload_on_disk_is_handed_over_as_a_descriptor(
     pid = pool.pids()[0]
 
     def held() -> list[str]:
-        return [os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd")]
+        # A descriptor may close between the listing and the readlink: that one is not held.
+        targets = []
+        for n in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                targets.append(os.readlink(f"/proc/{pid}/fd/{n}"))
+            except FileNotFoundError:
+                continue
+        return targets
 
     deadline = time.monotonic() + 30
     while str(path) in held() and time.monotonic() < deadline:
