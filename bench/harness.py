@@ -168,3 +168,84 @@ def cer(reference: str, hypothesis: str) -> float:
     keep = re.compile(r"\w")
     ref = keep.findall(reference)
     return edit_distance(ref, keep.findall(hypothesis)) / max(1, len(ref))
+
+
+# ---- recordings in several languages -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One clip of a joined recording: its file, language and reference, and where it lies."""
+
+    file: str
+    language: str
+    reference: str
+    start: float
+    end: float
+
+    def error(self, hypothesis: str) -> float:
+        """The clip's error: letters for Chinese and Japanese (in simplified characters),
+        words otherwise."""
+        if self.language in ("zh", "ja"):
+            from opencc import OpenCC
+
+            return cer(OpenCC("t2s").convert(self.reference), OpenCC("t2s").convert(hypothesis))
+        return wer(self.reference, hypothesis)
+
+    @property
+    def one_error(self) -> float:
+        """What one word (one letter in Chinese and Japanese) adds to :meth:`error`."""
+        if self.language in ("zh", "ja"):
+            return 1 / max(1, len(re.findall(r"\w", self.reference)))
+        return 1 / max(1, len(words(self.reference)))
+
+
+#: Seven clips in six languages, as a new user joined them (issue 26), and three in one window.
+MIXED = (
+    ("jfk.flac", "en"),
+    ("es_mls_13697_11991_000000.opus", "es"),
+    ("de_leopard_test_de.wav", "de"),
+    ("fr_leopard_test_fr.wav", "fr"),
+    ("ru_deepspeech_ru.wav", "ru"),
+    ("zh_aishell_BAC009S0724W0121.wav", "zh"),
+    ("en_leopard_test.wav", "en"),
+)
+ONE_WINDOW = (
+    ("fr_leopard_test_fr.wav", "fr"),
+    ("en_leopard_test.wav", "en"),
+    ("de_leopard_test_de.wav", "de"),
+)
+
+
+def join_clips(
+    folder: Path, clips: tuple[tuple[str, str], ...], pause: float = 0.7
+) -> tuple[np.ndarray, list[Clip]]:
+    """The clips decoded and joined with ``pause`` seconds of silence after each, and where
+    each one lies in the result."""
+    from faster_whisper.audio import decode_audio
+
+    pieces: list[np.ndarray] = []
+    placed: list[Clip] = []
+    at = 0
+    gap = np.zeros(round(pause * RATE), np.float32)
+    for name, language in clips:
+        audio = decode_audio(str(folder / name))
+        reference = (folder / name).with_suffix(".txt").read_text().strip()
+        placed.append(Clip(name, language, reference, at / RATE, (at + len(audio)) / RATE))
+        pieces += [audio, gap]
+        at += len(audio) + len(gap)
+    return np.concatenate(pieces), placed
+
+
+def wav_bytes(samples: np.ndarray) -> bytes:
+    """16 kHz mono float samples as a 16-bit WAV file."""
+    import io
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(RATE)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return out.getvalue()

@@ -95,6 +95,8 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
         beam_size=settings.default_beam_size,
         word_timestamps=args.words,
         chinese_script=settings.chinese_script,
+        per_region=settings.language_detection == "region",
+        languages=settings.languages,
     )
     transcript = convert_transcript(engine.run(job), job.chinese)
     body, _ = render(

@@ -101,13 +101,21 @@ def convert_segment(segment: Segment, config: str | None) -> Segment:
 
 
 def convert_transcript(transcript: Transcript, config: str | None) -> Transcript:
-    """``transcript`` in the script ``config`` converts to, when it is a Chinese
-    transcription (translations are English, and other languages are left alone)."""
-    if config is None or not is_chinese(transcript.task, transcript.language):
+    """``transcript`` with its Chinese segments in the script ``config`` converts to
+    (translations are English, and other languages are left alone). A segment's own language
+    decides, where the file's languages were detected per stretch."""
+    if config is None or transcript.task != "transcribe":
         return transcript
-    return replace(
-        transcript, segments=tuple(convert_segment(s, config) for s in transcript.segments)
+    chinese = [
+        is_chinese(transcript.task, s.language or transcript.language) for s in transcript.segments
+    ]
+    if not any(chinese):
+        return transcript
+    segments = tuple(
+        convert_segment(s, config) if wanted else s
+        for s, wanted in zip(transcript.segments, chinese, strict=True)
     )
+    return replace(transcript, segments=segments)
 
 
 def is_chinese(task: str, language: str | None) -> bool:

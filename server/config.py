@@ -14,6 +14,8 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.api.origins import parse_origin
+from server.errors import APIError
+from server.languages import parse_language
 from server.memory.planner import DEFAULT_LADDER, Step, parse_ladder
 from server.memory.sizes import MemoryAmount
 
@@ -166,6 +168,18 @@ class Settings(BaseSettings):
     `zh-SG`, `zh-Hans` give simplified; `zh-TW`, `zh-Hant` traditional in Taiwan's forms, `zh-HK`,
     `zh-MO` in Hong Kong's."""
 
+    language_detection: Literal["region", "file"] = "region"
+    """How a request without `language` is told its language (multilingual models). `region`:
+    every stretch of speech between pauses, from the encoder output the decode computes anyway,
+    so that a recording in several languages comes back with each in its own (a switch costs a
+    few seconds of confident speech, so one unsure stretch does not flip a paragraph). `file`:
+    once, on the first 30 s, and that language holds for the whole file (faster-whisper's
+    behaviour)."""
+
+    languages: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated ISO codes (`en,de`) that detection may choose among, for requests that
+    name neither `language` nor `languages[]`. Empty: any language the model knows."""
+
     upload_idle_timeout: float = Field(60.0, gt=0)
     """Seconds the server waits for the next part of an upload; a client that stalls mid-body
     longer than this gets 408 and its connection is freed."""
@@ -309,6 +323,7 @@ class Settings(BaseSettings):
         "cors_origins",
         "allowed_origins",
         "model_aliases",
+        "languages",
         mode="before",
     )
     @classmethod
@@ -325,6 +340,19 @@ class Settings(BaseSettings):
                     "https://app.example.com, or *"
                 )
         return value
+
+    @field_validator("languages")
+    @classmethod
+    def _language_codes(cls, value: list[str]) -> list[str]:
+        codes: list[str] = []
+        for entry in value:
+            try:
+                tag = parse_language(entry)
+            except APIError as exc:
+                raise ValueError(exc.message) from None
+            if tag is not None and tag.code not in codes:
+                codes.append(tag.code)
+        return codes
 
     @field_validator("device_index", mode="before")
     @classmethod

@@ -96,6 +96,10 @@ class Job:
         live: For a live session's decode, which: ``"final"`` (a turn's transcript, or the
             early decode of it) or ``"interim"`` (deltas); None for any other request. With
             the audio's length it decides the request's class of work (:attr:`work_class`).
+        per_region: Without ``language``, detect the language of every stretch of speech
+            (WHISPER_LANGUAGE_DETECTION=region); False: once for the request.
+        languages: Without ``language``, the languages detection may choose (``languages[]``
+            or WHISPER_LANGUAGES); None: any.
     """
 
     request_id: str
@@ -117,6 +121,8 @@ class Job:
     channels: tuple[AudioSource, ...] = ()
     api_key: str | None = None
     live: LiveDecode | None = None
+    per_region: bool = True
+    languages: tuple[str, ...] | None = None
 
     @classmethod
     def from_request(
@@ -132,8 +138,11 @@ class Job:
         channels: tuple[AudioSource, ...] = (),
         diarization_words: bool = True,
         api_key: str | None = None,
+        per_region: bool = True,
+        languages: Sequence[str] = (),
     ) -> Job:
-        """The job for a parsed request; OpenAI's field names become faster-whisper's."""
+        """The job for a parsed request; OpenAI's field names become faster-whisper's.
+        ``languages`` (WHISPER_LANGUAGES) holds when the request names none."""
         strategy = req.chunking_strategy
         vad: dict[str, Any] = {}
         if strategy is not None and strategy.type == "server_vad":
@@ -161,6 +170,8 @@ class Job:
             diarization=diarization,
             channels=channels,
             api_key=api_key,
+            per_region=per_region,
+            languages=tuple(req.languages or languages) or None,
         )
 
     @classmethod
@@ -180,6 +191,8 @@ class Job:
         chinese_script: ChineseScript,
         seconds: float | None = None,
         decode: LiveDecode = "final",
+        per_region: bool = True,
+        languages: Sequence[str] = (),
     ) -> Job:
         """The job that decodes one live item's ``samples`` (a realtime session's options),
         in a window its own length: the shortest of 10, 15, 20 or 30 s that holds ``seconds``
@@ -205,6 +218,8 @@ class Job:
             chinese=target(tag, chinese_script),
             chunk_length=live_window(length),
             live=decode,
+            per_region=per_region,
+            languages=tuple(languages) or None,
         )
 
     @classmethod
@@ -219,6 +234,8 @@ class Job:
         beam_size: int,
         word_timestamps: bool,
         chinese_script: ChineseScript,
+        per_region: bool = True,
+        languages: Sequence[str] = (),
     ) -> Job:
         """The job for a local file (``python -m server transcribe``).
 
@@ -235,6 +252,8 @@ class Job:
             beam_size=beam_size,
             word_timestamps=word_timestamps,
             chinese=target(tag, chinese_script) if task == "transcribe" else None,
+            per_region=per_region,
+            languages=tuple(languages) or None,
         )
 
     @classmethod
@@ -339,6 +358,8 @@ class Job:
         return WindowOptions(
             **self._decoding(shape),
             language=language,
+            languages=self.languages,
+            per_region=self.per_region,
             task=self.task,
             initial_prompt=self.prompt,
             hotwords=self.hotwords,

@@ -3,6 +3,7 @@ formats render. Times are seconds from the start of the uploaded file."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -46,6 +47,9 @@ class Segment:
     logprobs: tuple[TokenLogprob, ...] | None = None
     #: Who said it (``diarized_json``): ``A``, ``B``, ... or a known speaker's name.
     speaker: str | None = None
+    #: The language it was spoken in (ISO code), when the file's languages were detected per
+    #: stretch of speech; None where one language held for the whole request.
+    language: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,26 @@ class Transcript:
         return "".join(s.text for s in self.segments).strip()
 
     @property
+    def languages(self) -> tuple[str, ...]:
+        """The languages spoken, in order of first appearance (segments without one of their
+        own are in :attr:`language`); empty when no segment has text."""
+        found: dict[str, None] = {}
+        for s in self.segments:
+            if s.text.strip():
+                found.setdefault(s.language or self.language)
+        return tuple(found)
+
+    @property
     def logprobs(self) -> tuple[TokenLogprob, ...]:
         """Every segment's token log-probabilities, in order (empty unless asked for)."""
         return tuple(t for s in self.segments for t in s.logprobs or ())
+
+
+def main_language(segments: Iterable[Segment]) -> str | None:
+    """The language with the most speech (the segments' seconds), or None when no segment
+    says its language."""
+    seconds: dict[str, float] = {}
+    for s in segments:
+        if s.language is not None:
+            seconds[s.language] = seconds.get(s.language, 0.0) + max(0.0, s.end - s.start)
+    return max(seconds, key=lambda c: seconds[c]) if seconds else None

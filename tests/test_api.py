@@ -159,7 +159,8 @@ def test_response_formats(
     body = resp.text
     if fmt == "json":
         parsed = resp.json()
-        assert set(parsed) == {"text", "usage"}
+        assert set(parsed) == {"text", "languages", "usage"}
+        assert parsed["languages"] == [{"code": "en"}]
         assert parsed["usage"] == {"type": "duration", "seconds": 11}
     elif fmt == "verbose_json":
         parsed = resp.json()

@@ -490,7 +490,8 @@ def test_a_piece_s_diarization_stays_within_its_estimate(encoder: Any) -> None:
 
 
 def test_render_shape_matches_the_sdk(client: openai.OpenAI) -> None:
-    """The body parses as the SDK's own TranscriptionDiarized with nothing left over."""
+    """The body parses as the SDK's own TranscriptionDiarized with nothing left over but the
+    segments' ``language``."""
     raw = client.audio.transcriptions.with_raw_response.create(
         model="whisper-1",
         file=("jfk.flac", (DATA / "jfk.flac").read_bytes()),
@@ -498,5 +499,7 @@ def test_render_shape_matches_the_sdk(client: openai.OpenAI) -> None:
     )
     body = json.loads(raw.text)
     assert set(body) == {"task", "duration", "text", "segments", "usage"}
-    assert set(body["segments"][0]) == {"type", "id", "start", "end", "speaker", "text"}
+    # and each segment's language, the one field the server adds (issue 26)
+    assert set(body["segments"][0]) == {"type", "id", "start", "end", "speaker", "text", "language"}
+    assert {s["language"] for s in body["segments"]} == {"en"}
     assert {s["speaker"] for s in body["segments"]} == {"A"}

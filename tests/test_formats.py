@@ -10,6 +10,7 @@ from server.api.formats import (
     JSON_MEDIA_TYPE,
     TEXT_MEDIA_TYPE,
     ResponseFormat,
+    format_spec,
     render,
     sse,
     text_delta_event,
@@ -20,7 +21,10 @@ from server.api.formats import (
     to_vtt,
     usage_seconds,
 )
+from server.chinese import convert_transcript
 from server.transcript import Segment, TokenLogprob, Transcript, Word
+
+FORMATS_JSON = format_spec("json")
 
 ENGLISH = Transcript(
     task="transcribe",
@@ -90,14 +94,19 @@ EMPTY = Transcript(task="transcribe", language="en", duration=0.0, segments=())
             ENGLISH,
             {
                 "text": "Hello world. Bye.",
+                "languages": [{"code": "en"}],
                 "usage": {"type": "duration", "seconds": 3726},
             },
         ),
         (
             CHINESE,
-            {"text": "你好，世界。", "usage": {"type": "duration", "seconds": 4}},
+            {
+                "text": "你好，世界。",
+                "languages": [{"code": "zh"}],
+                "usage": {"type": "duration", "seconds": 4},
+            },
         ),
-        (EMPTY, {"text": "", "usage": {"type": "duration", "seconds": 0}}),
+        (EMPTY, {"text": "", "languages": [], "usage": {"type": "duration", "seconds": 0}}),
     ],
 )
 def test_json(transcript: Transcript, body: dict[str, Any]) -> None:
@@ -190,6 +199,7 @@ ENGLISH_SEGMENTS = [
         "avg_logprob": -0.251235,
         "compression_ratio": 0.8,
         "no_speech_prob": 0.01,
+        "language": "english",
     },
     {
         "id": 1,
@@ -202,6 +212,7 @@ ENGLISH_SEGMENTS = [
         "avg_logprob": 0.0,
         "compression_ratio": 0.0,
         "no_speech_prob": 0.0,
+        "language": "english",
     },
 ]
 ENGLISH_WORDS = [
@@ -309,8 +320,59 @@ def test_degradations_only_in_verbose_json() -> None:
     body, _ = render(degraded, ResponseFormat.JSON)
     assert body == {
         "text": "Hello world. Bye.",
+        "languages": [{"code": "en"}],
         "usage": {"type": "duration", "seconds": 3726},
     }
+
+
+MIXED = Transcript(
+    task="transcribe",
+    language="de",  # spoken longest
+    duration=9.0,
+    segments=(
+        Segment(0, 0, 0.0, 2.0, " Hello.", language="en"),
+        Segment(1, 0, 2.5, 6.0, " Guten Tag.", language="de"),
+        Segment(2, 0, 6.0, 6.5, " ", language="fr"),  # no text: no language
+        Segment(3, 0, 6.5, 7.5, "頭髮", language="zh"),
+        Segment(4, 0, 7.5, 9.0, " Bye.", language="en"),
+    ),
+)
+
+
+def test_several_languages_in_every_json_format() -> None:
+    assert render(MIXED, "json")[0]["languages"] == [{"code": c} for c in ("en", "de", "zh")]
+    verbose = render(MIXED, "verbose_json")[0]
+    assert verbose["language"] == "german"
+    assert [s["language"] for s in verbose["segments"]] == [
+        "english",
+        "german",
+        "french",
+        "chinese",
+        "english",
+    ]
+    diarized = render(MIXED, "diarized_json")[0]
+    assert [s["language"] for s in diarized["segments"]] == ["en", "de", "zh", "en"]
+    done = json.loads(FORMATS_JSON.done_event(MIXED).decode()[len("data: ") :])
+    assert done["languages"] == [{"code": c} for c in ("en", "de", "zh")]
+    # A segment with no language of its own is in the transcript's.
+    assert render(ENGLISH, "diarized_json")[0]["segments"][0]["language"] == "en"
+    # srt and vtt are unchanged by languages.
+    plain = dataclasses.replace(
+        MIXED, segments=tuple(dataclasses.replace(s, language=None) for s in MIXED.segments)
+    )
+    assert to_srt(MIXED) == to_srt(plain) and to_vtt(MIXED) == to_vtt(plain)
+
+
+def test_only_chinese_segments_are_converted() -> None:
+    converted = convert_transcript(MIXED, "s2tw")
+    assert [s.text for s in converted.segments] == [
+        s.text for s in MIXED.segments
+    ]  # 頭髮 is traditional already
+    simplified = convert_transcript(MIXED, "tw2s")
+    assert simplified.segments[3].text == "头发"
+    assert [s.text for i, s in enumerate(simplified.segments) if i != 3] == [
+        s.text for i, s in enumerate(MIXED.segments) if i != 3
+    ]
 
 
 def test_unknown_format_is_rejected() -> None:
@@ -363,6 +425,7 @@ def test_logprobs_in_json_and_stream_events() -> None:
     body, _ = render(transcript, "json", logprobs=True)
     assert body == {
         "text": "Hello world",
+        "languages": [{"code": "en"}],
         "logprobs": expected,
         "usage": {"type": "duration", "seconds": 3},
     }

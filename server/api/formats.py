@@ -111,7 +111,10 @@ class FormatSpec:
         log-probability when asked for and ``x_whisper_degraded`` when something was given
         up."""
         event = text_done_event(
-            transcript.text, transcript.duration, transcript.logprobs if logprobs else None
+            transcript.text,
+            transcript.duration,
+            transcript.logprobs if logprobs else None,
+            languages=transcript.languages,
         )
         if transcript.degradations:
             event["x_whisper_degraded"] = degradations_body(transcript)
@@ -165,13 +168,20 @@ def usage_seconds(duration: float) -> int:
 
 
 def to_json(transcript: Transcript, *, logprobs: bool = False) -> dict[str, Any]:
-    """``response_format=json``: ``{"text", "usage"}``, and ``logprobs`` (``[{"token",
-    "logprob", "bytes"}]`` for every emitted token) when asked for."""
-    body: dict[str, Any] = {"text": transcript.text}
+    """``response_format=json``: ``{"text", "languages", "usage"}``, and ``logprobs``
+    (``[{"token", "logprob", "bytes"}]`` for every emitted token) when asked for.
+    ``languages`` is OpenAI's ``[{"code"}]``, in order of first appearance (empty when nothing
+    was said)."""
+    body: dict[str, Any] = {"text": transcript.text, "languages": languages_body(transcript)}
     if logprobs:
         body["logprobs"] = logprobs_body(transcript.logprobs)
     body["usage"] = _usage(transcript.duration)
     return body
+
+
+def languages_body(transcript: Transcript) -> list[dict[str, str]]:
+    """OpenAI's ``languages`` list: ``[{"code": "en"}, ...]``."""
+    return [{"code": code} for code in transcript.languages]
 
 
 def logprobs_body(logprobs: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
@@ -218,8 +228,10 @@ def to_verbose_json(
             ``"word"`` is asked for.
 
     Returns:
-        ``task``, ``language`` (the English name; ``"english"`` for translations),
-        ``duration``, ``text``, ``segments`` and/or ``words``, ``usage``, and
+        ``task``, ``language`` (the English name; ``"english"`` for translations; with
+        several languages, the one spoken longest), ``duration``, ``text``, ``segments``
+        (each with the English name of the language it was spoken in, translations too)
+        and/or ``words``, ``usage``, and
         ``x_whisper_degraded`` (``[{"kind", "reason"}]``) only when something was given up (the
         planner's degradations; fewer speakers than ``min_speakers``). OpenAI's clients ignore
         the unknown field.
@@ -232,7 +244,7 @@ def to_verbose_json(
         "text": transcript.text,
     }
     if not granularities or "segment" in granularities:
-        body["segments"] = [_segment(s) for s in transcript.segments]
+        body["segments"] = [_segment(s, transcript.language) for s in transcript.segments]
     if "word" in granularities:
         body["words"] = [
             {
@@ -252,14 +264,17 @@ def to_verbose_json(
 def to_diarized_json(transcript: Transcript) -> dict[str, Any]:
     """``response_format=diarized_json``, shaped like OpenAI's ``TranscriptionDiarized``:
     ``task``, ``duration``, ``text``, ``segments`` (``transcript.text.segment`` objects with
-    ``id``, ``start``, ``end``, ``speaker`` and ``text``; segments without text are left out),
+    ``id``, ``start``, ``end``, ``speaker``, ``text`` and the ``language`` code; segments without
+    text are left out),
     ``usage``, and ``x_whisper_degraded`` when something was given up (the planner's
     degradations; ``speakers``: fewer speakers than ``min_speakers`` asked for)."""
     body: dict[str, Any] = {
         "task": "transcribe",
         "duration": round(transcript.duration, _TIME_DIGITS),
         "text": transcript.text,
-        "segments": [segment_event(s) for s in transcript.segments if s.text.strip()],
+        "segments": [
+            segment_event(s, transcript.language) for s in transcript.segments if s.text.strip()
+        ],
         "usage": _usage(transcript.duration),
     }
     if transcript.degradations:
@@ -272,10 +287,11 @@ def segment_id(segment: Segment) -> str:
     return f"seg_{segment.id}"
 
 
-def segment_event(segment: Segment) -> dict[str, Any]:
+def segment_event(segment: Segment, language: str | None = None) -> dict[str, Any]:
     """OpenAI's ``transcript.text.segment``: one speaker's stretch of text, in a
-    ``diarized_json`` body and as a streamed event."""
-    return {
+    ``diarized_json`` body and as a streamed event, with the code of the language it was
+    spoken in (the segment's own, else ``language``) as an extra field."""
+    event: dict[str, Any] = {
         "type": "transcript.text.segment",
         "id": segment_id(segment),
         "start": round(segment.start, _TIME_DIGITS),
@@ -283,6 +299,9 @@ def segment_event(segment: Segment) -> dict[str, Any]:
         "speaker": segment.speaker or "A",
         "text": segment.text.strip(),
     }
+    if code := segment.language or language:
+        event["language"] = code
+    return event
 
 
 def degradations_body(transcript: Transcript) -> list[dict[str, str]]:
@@ -312,7 +331,11 @@ def text_delta_event(
 
 
 def text_done_event(
-    text: str, duration: float, logprobs: tuple[TokenLogprob, ...] | None = None
+    text: str,
+    duration: float,
+    logprobs: tuple[TokenLogprob, ...] | None = None,
+    *,
+    languages: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """OpenAI's ``transcript.text.done`` event: the whole text and the billed duration.
 
@@ -320,8 +343,12 @@ def text_done_event(
         text: The full transcript text.
         duration: Length of the audio in seconds; rounded up to whole seconds in ``usage``.
         logprobs: Every token's log-probability, when they were asked for.
+        languages: The languages spoken, as codes in order of first appearance
+            (``languages: [{"code"}]``); None leaves the field out.
     """
     event: dict[str, Any] = {"type": "transcript.text.done", "text": text}
+    if languages is not None:
+        event["languages"] = [{"code": code} for code in languages]
     if logprobs is not None:
         event["logprobs"] = logprobs_body(logprobs)
     event["usage"] = _usage(duration)
@@ -376,7 +403,7 @@ def _usage(duration: float) -> dict[str, Any]:
     return {"type": "duration", "seconds": usage_seconds(duration)}
 
 
-def _segment(s: Segment) -> dict[str, Any]:
+def _segment(s: Segment, language: str) -> dict[str, Any]:
     return {
         "id": s.id,
         "seek": s.seek,
@@ -388,6 +415,7 @@ def _segment(s: Segment) -> dict[str, Any]:
         "avg_logprob": round(s.avg_logprob, _STAT_DIGITS),
         "compression_ratio": round(s.compression_ratio, _STAT_DIGITS),
         "no_speech_prob": round(s.no_speech_prob, _STAT_DIGITS),
+        "language": language_name(s.language or language),
     }
 
 

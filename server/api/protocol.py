@@ -60,7 +60,7 @@ class TranscriptionRequest:
     Mirrors OpenAI's fields (``file``, ``model``, ``language``, ``prompt``,
     ``response_format``, ``temperature``, ``timestamp_granularities[]``, ``stream``,
     ``chunking_strategy``, ``include[]``, ``keywords[]``, ``known_speaker_names[]``,
-    ``known_speaker_references[]``) plus faster-whisper extras (``hotwords``, ``vad_filter``,
+    ``known_speaker_references[]``, ``languages[]``) plus faster-whisper extras (``hotwords``, ``vad_filter``,
     ``beam_size``) and diarization extras (``min_speakers``, ``max_speakers``,
     ``diarize_by_channel``). ``keywords[]`` and ``hotwords`` are one mechanism: both end up in
     :attr:`hotwords`. ``known_speaker_references[]`` holds the bytes of each data URL, not yet
@@ -86,6 +86,7 @@ class TranscriptionRequest:
     min_speakers: int | None = None
     max_speakers: int | None = None
     diarize_by_channel: Literal["auto", "on", "off"] = "auto"
+    languages: tuple[str, ...] = ()
 
     @property
     def spec(self) -> FormatSpec:
@@ -232,6 +233,23 @@ def _choices(
             f"Unknown {name} value {quote(unknown[0])}; use {options}.", param=name
         )
     return frozenset(values)
+
+
+def _languages(form: Mapping[str, Sequence[Any]]) -> tuple[str, ...]:
+    """``languages[]``: the languages detection may choose among, as Whisper's codes."""
+    codes: list[str] = []
+    for value in _list(form, "languages"):
+        try:
+            tag = parse_language(value)
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(
+                exc.message.replace("'language'", "'languages[]'"),
+                param="languages",
+                code="invalid_language",
+            ) from None
+        if tag is not None and tag.code not in codes:
+            codes.append(tag.code)
+    return tuple(codes)
 
 
 def _keywords(
@@ -405,6 +423,7 @@ def parse_form(
         vad_filter=bool(_bool(form, "vad_filter")),
         beam_size=None if beam is None else int(beam),
         include=include,
+        languages=_languages(form),
         **speakers,
     )
 
@@ -532,6 +551,11 @@ def form_schema(task: Task) -> dict[str, Any]:
             "language": {
                 "type": "string",
                 "description": "ISO-639-1 code or BCP-47 tag, e.g. en, zh, zh-CN, zh-TW.",
+            },
+            "languages[]": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Without language: the languages detection may choose among.",
             },
             "timestamp_granularities[]": {
                 "type": "array",

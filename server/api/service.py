@@ -112,6 +112,8 @@ class TranscriptionService:
                 diarization=diarization,
                 channels=channels,
                 diarization_words=settings.diarization_words,
+                per_region=settings.language_detection == "region",
+                languages=settings.languages,
             )
             started = time.perf_counter()
             if req.stream:

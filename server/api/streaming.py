@@ -59,7 +59,7 @@ async def stream_response(
     events: asyncio.Queue[Segment | _Mark] = asyncio.Queue()
 
     def on_segment(segment: Segment, language: str | None) -> None:
-        if is_chinese(job.task, language):
+        if is_chinese(job.task, segment.language or language):
             segment = convert_segment(segment, job.chinese)
         loop.call_soon_threadsafe(events.put_nowait, segment)
 

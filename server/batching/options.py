@@ -151,7 +151,11 @@ class WindowOptions:
     ``temperatures``, which is the whole fallback schedule (see the module docstring).
 
     Attributes:
-        language: ISO code; ``None`` detects it on the first window (multilingual models).
+        language: ISO code; ``None`` detects it (multilingual models): per stretch of speech
+            with ``per_region``, else once, on the first window.
+        languages: With no ``language``, detection chooses among these only (ISO codes).
+        per_region: Detect the language of every stretch of speech, and decode each in its
+            own (:mod:`server.batching.languages`); False: one language for the request.
         task: ``"transcribe"`` or ``"translate"``.
         initial_prompt: Text, or token ids, that prompt every window of the request.
         hotwords: Words to favour, prompted on every window.
@@ -168,6 +172,8 @@ class WindowOptions:
     """
 
     language: str | None = None
+    languages: tuple[str, ...] | None = None
+    per_region: bool = False
     task: str = "transcribe"
     initial_prompt: str | Sequence[int] | None = None
     hotwords: str | None = None

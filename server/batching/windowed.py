@@ -29,11 +29,12 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from server.batching.detection import LanguageReader, prompt_of
 from server.batching.options import BatchKey, WindowOptions
 from server.batching.windows import Attempt, Decoded, QueuedRequest, Ticket, Window
 from server.whisper.runner import SAMPLE_RATE, WhisperRunner
@@ -61,6 +62,8 @@ class BatchOutcome:
 
     retry: list[Window]
     finished: list[tuple[Window, Decoded]]
+    #: Windows found to hold more than one language: decoded next, in a part per language.
+    split: list[Window] = field(default_factory=list)
 
 
 class WindowDecoder:
@@ -75,16 +78,7 @@ class WindowDecoder:
 
     def __init__(self, runner: WhisperRunner, wake: threading.Condition) -> None:
         self._runner = runner
-        self._wake = wake
-
-    def prompt(self, tokenizer: Tokenizer, options: WindowOptions, initial: list[int]) -> list[int]:
-        """The prompt of a request's windows once its language is known."""
-        return self._runner.prompt(
-            tokenizer,
-            initial,
-            without_timestamps=options.without_timestamps,
-            hotwords=options.hotwords,
-        )
+        self._languages = LanguageReader(runner, wake)
 
     def cut(
         self,
@@ -112,7 +106,7 @@ class WindowDecoder:
         # Validates the language and the prompt's length before anything is queued.
         tokenizer = runner.tokenizer(language or "en", options.task)
         initial = runner.prompt_tokens(tokenizer, options.initial_prompt)
-        prompt = self.prompt(tokenizer, options, initial)
+        prompt = prompt_of(runner, tokenizer, options, initial)
         if len(prompt) >= runner.max_length:
             raise ValueError(
                 f"The prompt and hotwords take {len(prompt)} tokens, leaving none of the "
@@ -165,7 +159,66 @@ class WindowDecoder:
         outcome.finished = [
             (w, self._decode_on(w, decoded, pause)) for w, decoded in outcome.finished
         ]
+        outcome.finished += [(w, self._decode_languages(w, pause)) for w in outcome.split]
+        outcome.split = []
         return outcome
+
+    def _decode_languages(self, window: Window, pause: Callable[[], None] | None) -> Decoded:
+        """A window in more than one language, decoded in a part per run of one language (cut
+        at the pauses between them), each alone (a batch of one, within the batch's memory)
+        and down its fallback schedule."""
+        parts: list[Decoded] = []
+        for run in window.runs:
+            if parts and window.request.ticket.stopped:
+                break  # the caller has gone: the rest would be decoded for nobody
+            parts.append(
+                self._decode_part(window, run.start, run.end - run.start, run.language, pause)
+            )
+        logger.debug(
+            "a window of %.1f s holds %s; decoded in parts",
+            window.duration,
+            ", ".join(f"{r.language} {r.end - r.start:.1f} s" for r in window.runs),
+        )
+        return Decoded(
+            [s for p in parts for s in p.segments],
+            max(p.temperature for p in parts),
+            parts[0].segment_size,
+            None,
+            parts=parts,
+        )
+
+    def _decode_part(
+        self,
+        window: Window,
+        start: float,
+        duration: float,
+        language: str | None,
+        pause: Callable[[], None] | None,
+    ) -> Decoded:
+        """``duration`` seconds of ``window`` from ``start`` (speech-only timeline), decoded
+        alone: in ``language``, or the window's own."""
+        fps = self._runner.frames_per_second
+        first, end = round(start * fps), round((start + duration) * fps)
+        request = window.request
+        part = Window(
+            request,
+            window.index,
+            window.features[:, first:end],
+            window.offset + start,
+            duration,
+            window.queued_at,
+            key=request.key(0),
+            part=True,
+            tokenizer=window.tokenizer,
+            prompt=window.prompt,
+        )
+        if language is not None:
+            part.tokenizer, part.prompt = self._languages.language(request, language)
+        while True:
+            outcome = self._pass(part.key, [part], pause)
+            if outcome.finished:
+                return outcome.finished[0][1]
+            part.fall_back()
 
     def _decode_on(
         self, window: Window, decoded: Decoded, pause: Callable[[], None] | None = None
@@ -190,29 +243,10 @@ class WindowDecoder:
         cut = _pause_near(window, tokens / TYPICAL_RATE)
         if cut is None:
             return decoded
-        frame = round(cut * self._runner.frames_per_second)
-        request = window.request
-        parts: list[Decoded] = []
-        for features, offset, duration in (
-            (window.features[:, :frame], window.offset, cut),
-            (window.features[:, frame:], window.offset + cut, window.duration - cut),
-        ):
-            part = Window(
-                request,
-                window.index,
-                features,
-                offset,
-                duration,
-                window.queued_at,
-                key=request.key(0),
-                part=True,
-            )
-            while True:
-                outcome = self._pass(part.key, [part], pause)
-                if outcome.finished:
-                    parts.append(outcome.finished[0][1])
-                    break
-                part.fall_back()
+        parts = [
+            self._decode_part(window, 0.0, cut, None, pause),
+            self._decode_part(window, cut, window.duration - cut, None, pause),
+        ]
         logger.debug(
             "a window of %.1f s stopped after %d tokens; decoded again in parts of %.1f and %.1f s",
             window.duration,
@@ -226,6 +260,7 @@ class WindowDecoder:
             decoded.segment_size,
             None,
             parts=parts,
+            tokenizer=decoded.tokenizer,
         )
 
     def _pass(
@@ -236,25 +271,20 @@ class WindowDecoder:
         step = pause or (lambda: None)
         encoder_output = runner.encode([w.features for w in windows], chunk_length=key.chunk_length)
 
-        undetected = [i for i, w in enumerate(windows) if w.request.tokenizer is None]
-        if undetected:
-            detected = runner.detect_language(encoder_output)
-            with self._wake:
-                for i in undetected:
-                    request = windows[i].request
-                    language, probability = detected[i]
-                    request.tokenizer = runner.tokenizer(language, request.options.task)
-                    request.prompt = self.prompt(
-                        request.tokenizer, request.options, request.initial_tokens
-                    )
-                    request.ticket._set_language(language, probability)
-                self._wake.notify_all()  # the rest of these requests' windows may go now
+        self._languages.read(windows, encoder_output, key.chunk_length)
+        split = [w for w in windows if w.runs and not w.part]
+        if split:  # decoded in parts by the caller; the rest of the batch goes on without them
+            keep = [i for i, w in enumerate(windows) if not (w.runs and not w.part)]
+            windows = [windows[i] for i in keep]
+            if not windows:
+                return BatchOutcome([], [], split)
+            encoder_output = runner.select(encoder_output, keep)
 
         tokenizers = [_tokenizer_of(w) for w in windows]
         step()
         results = runner.generate(
             encoder_output,
-            [w.request.prompt for w in windows],
+            [_prompt_of(w) for w in windows],
             suppress_tokens=runner.suppressed_tokens(tokenizers[0], key.suppress_tokens),
             **key.generate_options(),
         )
@@ -298,8 +328,9 @@ class WindowDecoder:
 
         decoded: list[tuple[Window, Decoded]] = []
         for w, chosen, segments, size in finished:
+            tokenizer = _tokenizer_of(w)
             for s in segments:
-                text = _tokenizer_of(w).decode(s["tokens"])
+                text = tokenizer.decode(s["tokens"])
                 s.update(
                     text=text,
                     compression_ratio=runner.compression_ratio(text),
@@ -307,8 +338,13 @@ class WindowDecoder:
                     no_speech_prob=chosen.no_speech_prob,
                     seek=int(w.offset * runner.frames_per_second),
                 )
-            decoded.append((w, Decoded(segments, chosen.temperature, size, alignments.get(id(w)))))
-        return BatchOutcome(retry, decoded)
+                if w.tokenizer is not None:  # detected for this window: said per segment
+                    s["language"] = tokenizer.language_code
+            result = Decoded(
+                segments, chosen.temperature, size, alignments.get(id(w)), tokenizer=tokenizer
+            )
+            decoded.append((w, result))
+        return BatchOutcome(retry, decoded, split)
 
     def _align(
         self,
@@ -370,7 +406,7 @@ class WindowDecoder:
         blank = [*tokenizer.encode(" "), tokenizer.eot] if key.suppress_blank else None
         scores = runner.score(
             encoder_output,
-            [w.request.prompt for w in windows],
+            [_prompt_of(w) for w in windows],
             sequences,
             eot=tokenizer.eot,
             suppress_tokens=runner.suppressed_tokens(tokenizer, key.suppress_tokens),
@@ -397,13 +433,13 @@ class WindowDecoder:
         window, then mapped from the speech-only timeline back to the audio's."""
         options = request.options
         if options.word_timestamps:
-            assert request.tokenizer is not None
             for piece in decoded.parts or [decoded]:
                 if not piece.segments:  # silence, or a part with no text: no words to time
                     continue
+                assert piece.tokenizer is not None
                 last = self._runner.add_word_timestamps(
                     piece.segments,
-                    request.tokenizer,
+                    piece.tokenizer,
                     piece.alignment or [],
                     piece.segment_size,
                     prepend_punctuations=options.prepend_punctuations,
@@ -442,10 +478,18 @@ def _pause_near(window: Window, seconds: float) -> float | None:
     return min(pauses, key=lambda at: abs(at - seconds), default=None)
 
 
+def _tokenizer_or_none(window: Window) -> Tokenizer | None:
+    return window.tokenizer or window.request.tokenizer
+
+
 def _tokenizer_of(window: Window) -> Tokenizer:
-    tokenizer = window.request.tokenizer
+    tokenizer = _tokenizer_or_none(window)
     assert tokenizer is not None, "a window is decoded only once its language is known"
     return tokenizer
+
+
+def _prompt_of(window: Window) -> list[int]:
+    return window.prompt if window.prompt is not None else window.request.prompt
 
 
 def _needs_fallback(attempt: Attempt, options: WindowOptions) -> bool:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from server.batching.languages import Run
 from server.batching.options import BatchKey, WindowOptions
 from server.errors import RequestCancelledError
 from server.whisper.word_timing import Span
@@ -95,7 +96,12 @@ class Window:
     step: int = 0  # index into the request's temperatures
     key: BatchKey = field(default_factory=BatchKey)
     attempts: list[Attempt] = field(default_factory=list)
-    part: bool = False  # a part of a window whose text stopped early, decoded on its own
+    part: bool = False  # a part of a window decoded on its own (text stopped early, languages)
+    # Detected per stretch (WindowOptions.per_region): the window's runs of one language, and
+    # the tokenizer and prompt of the language it is decoded in. None: the request's.
+    runs: list[Run] = field(default_factory=list)
+    tokenizer: Tokenizer | None = None
+    prompt: list[int] | None = None
 
     def fall_back(self) -> None:
         """Move the window to its request's next temperature (its key changes with it)."""
@@ -114,6 +120,7 @@ class Decoded:
     segment_size: int
     alignment: list[dict[str, Any]] | None
     parts: list[Decoded] = field(default_factory=list)
+    tokenizer: Tokenizer | None = None  # the language it was decoded in
 
 
 class QueuedRequest:
@@ -146,6 +153,10 @@ class QueuedRequest:
         self.work_class = options.work_class
         self.waiting_since = time.monotonic()  # since its next window has waited
         self.skipped = 0  # batches run without it while it had a window ready
+        # Languages detected per stretch: each window's last language (the next window's
+        # starting point), and each language's prompt.
+        self.last_languages: dict[int, str] = {}
+        self.prompts: dict[str, tuple[Tokenizer, list[int]]] = {}
 
     def key(self, step: int) -> BatchKey:
         """The batch key of this request's windows at fallback step ``step``."""
@@ -153,8 +164,9 @@ class QueuedRequest:
 
     def eligible(self) -> list[Window]:
         """Queued windows that may join a batch now. Until the language is known only the
-        first window may, since detection runs on its encoder output."""
-        if self.tokenizer is not None:
+        first window may, since detection runs on its encoder output (unless each window's
+        languages are detected on its own)."""
+        if self.tokenizer is not None or self.options.per_region:
             return self.pending
         return self.pending[:1] if self.pending and self.pending[0].index == 0 else []
 
@@ -213,6 +225,11 @@ class Ticket(Iterator["Segment"]):
         """Whether every segment has been produced, or the request stopped."""
         with self._cond:
             return self._finished or self._error is not None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the caller cancelled or withdrew the request (its remaining work is waste)."""
+        return self.cancelled.is_set() or self._withdrawn
 
     def cancel(self) -> None:
         """Cancel the request: its queued windows are dropped before the next batch."""

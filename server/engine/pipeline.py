@@ -32,7 +32,7 @@ from server.memory.gate import MemoryGate
 from server.memory.host_heap import release_freed_memory
 from server.memory.oom import is_out_of_memory
 from server.request import Job
-from server.transcript import Segment, Transcript
+from server.transcript import Segment, Transcript, main_language
 from server.whisper.runner import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class PiecePipeline:
             segments = self._label(job, run, on_segment)
         return Transcript(
             task=job.task,
-            language=run.language or "en",
+            language=main_language(segments) or run.language or "en",
             duration=duration,
             segments=tuple(segments),
             degradations=tuple(run.degraded.items()),
@@ -269,7 +269,9 @@ class PiecePipeline:
                         job,
                         plan,
                         piece.samples[resume:],
-                        run.language,
+                        # Detected per stretch, every piece detects its own; else the first
+                        # piece's language holds for the request.
+                        job.language if job.per_region else run.language,
                         run.prompt,
                         offset=(piece.start + resume) / SAMPLE_RATE,
                         first_id=len(run.segments),
@@ -277,6 +279,8 @@ class PiecePipeline:
                     )
                     for segment, detected in produced:
                         run.language = run.language or detected
+                        if segment.language is None:
+                            segment = replace(segment, language=detected)
                         run.segments.append(segment)
                         run.channels.append(run.channel or 0)
                         if on_segment is not None and run.diarizer is None:

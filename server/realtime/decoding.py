@@ -121,6 +121,8 @@ class LiveDecoding:
             chinese_script=settings.chinese_script,
             seconds=seconds,
             decode=decode,
+            per_region=settings.language_detection == "region",
+            languages=settings.languages,
         )
 
     def check_memory(self, engine: Engine) -> None:

@@ -205,7 +205,8 @@ class TranscriptionDelta(ServerEvent):
 class TranscriptionCompleted(ServerEvent):
     """Mirrors ``openai.types.realtime.conversation_item_input_audio_transcription_completed_event
     .ConversationItemInputAudioTranscriptionCompletedEvent`` (``logprobs`` only when asked
-    for)."""
+    for). ``languages``: the item's languages, ``[{"code"}]``, detected per item when the
+    session names none."""
 
     type: ClassVar[str] = "conversation.item.input_audio_transcription.completed"
     omitted_when_none: ClassVar[tuple[str, ...]] = ("logprobs",)
@@ -213,6 +214,7 @@ class TranscriptionCompleted(ServerEvent):
     content_index: int = 0
     transcript: str
     usage: DurationUsage
+    languages: list[dict[str, str]] = field(default_factory=list)
     logprobs: LogProbs | None = None
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from server.api.formats import logprobs_body, usage_seconds
+from server.api.formats import languages_body, logprobs_body, usage_seconds
 from server.batching.policy import LiveDecode
 from server.chinese import convert_transcript
 from server.config import Settings
@@ -222,6 +222,7 @@ class Transcriber:
                 item_id=item.id,
                 transcript=text,
                 usage={"type": "duration", "seconds": usage_seconds(seconds)},
+                languages=languages_body(transcript),
                 logprobs=logprobs_body(transcript.logprobs) if self._logprobs else None,
             )
         )

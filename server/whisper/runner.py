@@ -134,6 +134,7 @@ class ScoredSegment(WhisperSegment):
     """faster-whisper's segment, with its tokens' log-probabilities when they were asked for."""
 
     logprobs: tuple[TokenLogprob, ...] | None = None
+    language: str | None = None  # the language it was decoded in, when detected per stretch
 
 
 def to_segment(s: Any, offset: float, segment_id: int) -> Segment:
@@ -157,6 +158,7 @@ def to_segment(s: Any, offset: float, segment_id: int) -> Segment:
         no_speech_prob=float(s.no_speech_prob),
         words=words,
         logprobs=getattr(s, "logprobs", None),
+        language=getattr(s, "language", None),
     )
 
 
@@ -170,6 +172,7 @@ class WhisperRunner:
     def __init__(self, whisper: WhisperModel) -> None:
         self.whisper = whisper
         self._tokenizers: dict[tuple[str, str], Tokenizer] = {}
+        self._silences: dict[int, np.ndarray] = {}  # encoded padding, by length in frames
         self._suppressed: dict[tuple[int, ...], list[int]] = {}
         self._lock = threading.Lock()
 
@@ -326,6 +329,62 @@ class WhisperRunner:
         """The most likely language of each item, as ``(code, probability)``."""
         detected = self.whisper.model.detect_language(encoder_output)
         return [(token[2:-2], float(probability)) for (token, probability), *_ in detected]
+
+    def detect_language_in(
+        self,
+        encoder_output: Any,
+        spans: Sequence[tuple[int, int, int]],
+        *,
+        tail_frames: int = 0,
+    ) -> list[dict[str, float]]:
+        """Every language's probability in each of ``spans``, ``(item, first, end)`` in
+        encoder frames of the batch's encoder output (two per feature frame, 50 a second).
+
+        The decoder's one-step language detection reads only the encoder frames it is given,
+        and each frame mostly holds its own stretch of sound: a slice of the batch's encoder
+        output tells the language of that stretch without encoding it again. Whisper was
+        trained on speech followed by padding, and a bare slice of a few seconds is read far
+        less surely (LJSpeech's English was read as Thai or Finnish in one stretch of five):
+        ``tail_frames`` of the encoded padding follow each slice, as they would follow a clip
+        of that length. Slices of one length are detected in one call.
+        """
+        if not spans:
+            return []
+        frames = _frames_of(encoder_output)
+        silence = self._silence(frames.shape[1]) if tail_frames else None
+        by_length: dict[int, list[int]] = {}
+        for n, (_, first, end) in enumerate(spans):
+            by_length.setdefault(end - first, []).append(n)
+        found: list[dict[str, float]] = [{} for _ in spans]
+        for length, numbers in by_length.items():
+            slices = [frames[spans[n][0], spans[n][1] : spans[n][2]] for n in numbers]
+            if silence is not None:
+                tail = silence[0, length : length + tail_frames]
+                slices = [np.concatenate([piece, tail]) for piece in slices]
+            detected = self.whisper.model.detect_language(_stack(slices))
+            for n, ranked in zip(numbers, detected, strict=True):
+                found[n] = {token[2:-2]: float(p) for token, p in ranked}
+        return found
+
+    def _silence(self, frames: int) -> np.ndarray:
+        """The encoder output of a window of padding ``frames`` encoder frames long, on the
+        host (cached per length, a few MB): what follows a short clip in the windows Whisper was
+        trained on."""
+        with self._lock:
+            cached = self._silences.get(frames)
+        if cached is None:
+            mels = self.whisper.model.n_mels
+            encoded = self.whisper.encode(np.zeros((1, mels, 2 * frames), dtype=np.float32))
+            cached = _frames_of(encoded)
+            with self._lock:
+                self._silences[frames] = cached
+        return cached
+
+    @staticmethod
+    def select(encoder_output: Any, items: Sequence[int]) -> Any:
+        """The encoder output of some items of a batch only, in the order given."""
+        frames = _frames_of(encoder_output)
+        return _stack([frames[i] for i in items])
 
     def suppressed_tokens(self, tokenizer: Tokenizer, wanted: tuple[int, ...]) -> list[int]:
         """Token ids to suppress; they do not depend on language or task, so one list per
@@ -498,6 +557,7 @@ class WhisperRunner:
                 words=[WhisperWord(**w) for w in s["words"]] if with_words else None,
                 temperature=temperature,
                 logprobs=s.get("logprobs"),
+                language=s.get("language"),
             )
             for n, s in enumerate(segments)
         ]
@@ -532,6 +592,23 @@ def _to_numpy(view: Any) -> np.ndarray:
     if view.device != "cpu":
         view = view.to_device(ctranslate2.Device.cpu)
     return np.asarray(view)
+
+
+def _frames_of(encoder_output: Any) -> np.ndarray:
+    """The encoder output as a host array to slice. On a GPU it is copied to the host (a few
+    MB for a batch) rather than viewed there through another library, which would open a
+    device context of its own outside the memory plan; CTranslate2 moves what it is given back
+    to the model's device and type."""
+    if encoder_output.dtype not in (ctranslate2.DataType.float32, ctranslate2.DataType.float16):
+        encoder_output = encoder_output.to(ctranslate2.DataType.float32)
+    if encoder_output.device != "cpu":
+        encoder_output = encoder_output.to_device(ctranslate2.Device.cpu)
+    return np.asarray(encoder_output)
+
+
+def _stack(slices: list[np.ndarray]) -> ctranslate2.StorageView:
+    """Slices of one length as one contiguous batch (on the host)."""
+    return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack(slices)))
 
 
 __all__ = [
