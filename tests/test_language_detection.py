@@ -13,9 +13,11 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -227,6 +229,33 @@ def test_json_and_the_stream_list_the_languages_in_order(
     assert done.type == "transcript.text.done"
     assert [lang.code for lang in done.languages or []] == order
     assert done.text == result.text
+
+
+def test_a_client_leaving_mid_switches_leaves_nothing_held(
+    server: LiveServer, data_dir: Path
+) -> None:
+    """A stream of the seven clips, left after its first event: the windows being decoded in
+    parts stop, and every reservation and queued window is given back."""
+    audio, _ = join_clips(data_dir, MIXED)
+    with httpx.stream(
+        "POST",
+        server.url + "/v1/audio/transcriptions",
+        files={"file": ("mixed.wav", wav_bytes(audio))},
+        data={"model": "whisper-1", "stream": "true"},
+        timeout=120,
+    ) as response:
+        assert response.status_code == 200
+        assert any(line.startswith("data:") for line in response.iter_lines())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        memory = httpx.get(server.url + "/v1/memory", timeout=10).json()
+        requests_ = memory["requests"]
+        settled = not memory["reservations"] and requests_["in_flight"] == 0
+        if settled and requests_["running"] == 0 and requests_["queued_windows"] == 0:
+            break
+        time.sleep(0.2)
+    assert settled, memory
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
 
 def test_diarized_segments_say_their_language(server: LiveServer, data_dir: Path) -> None:
