@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from server.api.origins import parse_origin
 from server.errors import APIError
-from server.languages import parse_language
+from server.languages import language_codes
 from server.memory.planner import DEFAULT_LADDER, Step, parse_ladder
 from server.memory.sizes import MemoryAmount
 
@@ -344,15 +344,10 @@ class Settings(BaseSettings):
     @field_validator("languages")
     @classmethod
     def _language_codes(cls, value: list[str]) -> list[str]:
-        codes: list[str] = []
-        for entry in value:
-            try:
-                tag = parse_language(entry)
-            except APIError as exc:
-                raise ValueError(exc.message) from None
-            if tag is not None and tag.code not in codes:
-                codes.append(tag.code)
-        return codes
+        try:
+            return list(language_codes(value))
+        except APIError as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("device_index", mode="before")
     @classmethod

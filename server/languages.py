@@ -4,6 +4,7 @@ Chinese, the script the client asked for)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -223,6 +224,21 @@ def parse_language(value: str | None) -> LanguageTag | None:
         param="language",
         code="invalid_language",
     )
+
+
+def language_codes(values: Iterable[str]) -> tuple[str, ...]:
+    """Whisper's codes of a list of languages (``languages[]``, WHISPER_LANGUAGES), each in any
+    form :func:`parse_language` takes, without repeats and blanks, in the order given.
+
+    Raises:
+        InvalidRequestError: a value names no language Whisper knows (``param="language"``).
+    """
+    codes: list[str] = []
+    for value in values:
+        tag = parse_language(value)
+        if tag is not None and tag.code not in codes:
+            codes.append(tag.code)
+    return tuple(codes)
 
 
 def normalize_language(value: str | None) -> str | None:

@@ -47,8 +47,9 @@ class Segment:
     logprobs: tuple[TokenLogprob, ...] | None = None
     #: Who said it (``diarized_json``): ``A``, ``B``, ... or a known speaker's name.
     speaker: str | None = None
-    #: The language it was spoken in (ISO code), when the file's languages were detected per
-    #: stretch of speech; None where one language held for the whole request.
+    #: The language it was spoken in (ISO code): the stretch's own when a file's languages are
+    #: detected per stretch, else the request's. The engine sets it on every segment it
+    #: returns; None elsewhere means the transcript's :attr:`Transcript.language`.
     language: str | None = None
 
 

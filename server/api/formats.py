@@ -172,16 +172,19 @@ def to_json(transcript: Transcript, *, logprobs: bool = False) -> dict[str, Any]
     (``[{"token", "logprob", "bytes"}]`` for every emitted token) when asked for.
     ``languages`` is OpenAI's ``[{"code"}]``, in order of first appearance (empty when nothing
     was said)."""
-    body: dict[str, Any] = {"text": transcript.text, "languages": languages_body(transcript)}
+    body: dict[str, Any] = {
+        "text": transcript.text,
+        "languages": languages_body(transcript.languages),
+    }
     if logprobs:
         body["logprobs"] = logprobs_body(transcript.logprobs)
     body["usage"] = _usage(transcript.duration)
     return body
 
 
-def languages_body(transcript: Transcript) -> list[dict[str, str]]:
+def languages_body(codes: tuple[str, ...]) -> list[dict[str, str]]:
     """OpenAI's ``languages`` list: ``[{"code": "en"}, ...]``."""
-    return [{"code": code} for code in transcript.languages]
+    return [{"code": code} for code in codes]
 
 
 def logprobs_body(logprobs: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
@@ -348,7 +351,7 @@ def text_done_event(
     """
     event: dict[str, Any] = {"type": "transcript.text.done", "text": text}
     if languages is not None:
-        event["languages"] = [{"code": code} for code in languages]
+        event["languages"] = languages_body(languages)
     if logprobs is not None:
         event["logprobs"] = logprobs_body(logprobs)
     event["usage"] = _usage(duration)

@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from server.api.formats import FormatSpec, ResponseFormat, format_spec, formats_where
 from server.audio.upload import Upload
 from server.errors import InvalidRequestError, quote
-from server.languages import LanguageTag, parse_language
+from server.languages import LanguageTag, language_codes, parse_language
 from server.request import hotwords_of
 
 Task = Literal["transcribe", "translate"]
@@ -60,8 +60,8 @@ class TranscriptionRequest:
     Mirrors OpenAI's fields (``file``, ``model``, ``language``, ``prompt``,
     ``response_format``, ``temperature``, ``timestamp_granularities[]``, ``stream``,
     ``chunking_strategy``, ``include[]``, ``keywords[]``, ``known_speaker_names[]``,
-    ``known_speaker_references[]``, ``languages[]``) plus faster-whisper extras (``hotwords``, ``vad_filter``,
-    ``beam_size``) and diarization extras (``min_speakers``, ``max_speakers``,
+    ``known_speaker_references[]``, ``languages[]``) plus faster-whisper extras (``hotwords``,
+    ``vad_filter``, ``beam_size``) and diarization extras (``min_speakers``, ``max_speakers``,
     ``diarize_by_channel``). ``keywords[]`` and ``hotwords`` are one mechanism: both end up in
     :attr:`hotwords`. ``known_speaker_references[]`` holds the bytes of each data URL, not yet
     decoded as audio.
@@ -237,19 +237,14 @@ def _choices(
 
 def _languages(form: Mapping[str, Sequence[Any]]) -> tuple[str, ...]:
     """``languages[]``: the languages detection may choose among, as Whisper's codes."""
-    codes: list[str] = []
-    for value in _list(form, "languages"):
-        try:
-            tag = parse_language(value)
-        except InvalidRequestError as exc:
-            raise InvalidRequestError(
-                exc.message.replace("'language'", "'languages[]'"),
-                param="languages",
-                code="invalid_language",
-            ) from None
-        if tag is not None and tag.code not in codes:
-            codes.append(tag.code)
-    return tuple(codes)
+    try:
+        return language_codes(_list(form, "languages"))
+    except InvalidRequestError as exc:
+        raise InvalidRequestError(
+            exc.message.replace("'language'", "'languages[]'"),
+            param="languages",
+            code="invalid_language",
+        ) from None
 
 
 def _keywords(

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from server.batching.detection import LanguageReader, prompt_of
+from server.batching.detection import LanguageReader, pauses, prompt_of
 from server.batching.options import BatchKey, WindowOptions
 from server.batching.windows import Attempt, Decoded, QueuedRequest, Ticket, Window
 from server.whisper.runner import SAMPLE_RATE, WhisperRunner
@@ -179,13 +179,7 @@ class WindowDecoder:
             window.duration,
             ", ".join(f"{r.language} {r.end - r.start:.1f} s" for r in window.runs),
         )
-        return Decoded(
-            [s for p in parts for s in p.segments],
-            max(p.temperature for p in parts),
-            parts[0].segment_size,
-            None,
-            parts=parts,
-        )
+        return Decoded.joined(parts, parts[0].segment_size)
 
     def _decode_part(
         self,
@@ -254,14 +248,7 @@ class WindowDecoder:
             cut,
             window.duration - cut,
         )
-        return Decoded(
-            [s for p in parts for s in p.segments],
-            max(p.temperature for p in parts),
-            decoded.segment_size,
-            None,
-            parts=parts,
-            tokenizer=decoded.tokenizer,
-        )
+        return Decoded.joined(parts, decoded.segment_size, decoded.tokenizer)
 
     def _pass(
         self, key: BatchKey, windows: list[Window], pause: Callable[[], None] | None = None
@@ -272,9 +259,10 @@ class WindowDecoder:
         encoder_output = runner.encode([w.features for w in windows], chunk_length=key.chunk_length)
 
         self._languages.read(windows, encoder_output, key.chunk_length)
-        split = [w for w in windows if w.runs and not w.part]
+        # A part never has runs of its own: only a whole window is split.
+        split = [w for w in windows if w.runs]
         if split:  # decoded in parts by the caller; the rest of the batch goes on without them
-            keep = [i for i, w in enumerate(windows) if not (w.runs and not w.part)]
+            keep = [i for i, w in enumerate(windows) if not w.runs]
             windows = [windows[i] for i in keep]
             if not windows:
                 return BatchOutcome([], [], split)
@@ -468,14 +456,8 @@ def _pause_near(window: Window, seconds: float) -> float | None:
     """The pause between two stretches of speech inside ``window`` nearest ``seconds`` into
     it (on the speech-only timeline), leaving at least a second on either side; None when the
     window is one stretch."""
-    start = 0
-    pauses = []
-    for clip in window.request.clips:
-        start += clip["end"] - clip["start"]
-        at = start / SAMPLE_RATE - window.offset
-        if 1.0 <= at <= window.duration - 1.0:
-            pauses.append(at)
-    return min(pauses, key=lambda at: abs(at - seconds), default=None)
+    inside = [at for at in pauses(window) if 1.0 <= at <= window.duration - 1.0]
+    return min(inside, key=lambda at: abs(at - seconds), default=None)
 
 
 def _tokenizer_or_none(window: Window) -> Tokenizer | None:

@@ -113,7 +113,8 @@ class Window:
 class Decoded:
     """A finished window: its segments (speech-only timeline) and, with word timestamps,
     its word alignment, applied when the window is released in order. A window decoded again
-    in parts (its text stopped early) holds the parts, each with its own alignment."""
+    in parts (its text stopped early, or it holds several languages) holds the parts, each
+    with its own alignment and language."""
 
     segments: list[dict[str, Any]]
     temperature: float
@@ -121,6 +122,21 @@ class Decoded:
     alignment: list[dict[str, Any]] | None
     parts: list[Decoded] = field(default_factory=list)
     tokenizer: Tokenizer | None = None  # the language it was decoded in
+
+    @classmethod
+    def joined(
+        cls, parts: list[Decoded], segment_size: int, tokenizer: Tokenizer | None = None
+    ) -> Decoded:
+        """A window decoded in ``parts`` (its text stopped early, or it holds several
+        languages): their segments in order, at the highest temperature any part needed."""
+        return cls(
+            [s for p in parts for s in p.segments],
+            max(p.temperature for p in parts),
+            segment_size,
+            None,
+            parts=parts,
+            tokenizer=tokenizer,
+        )
 
 
 class QueuedRequest:

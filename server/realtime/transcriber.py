@@ -222,7 +222,7 @@ class Transcriber:
                 item_id=item.id,
                 transcript=text,
                 usage={"type": "duration", "seconds": usage_seconds(seconds)},
-                languages=languages_body(transcript),
+                languages=languages_body(transcript.languages),
                 logprobs=logprobs_body(transcript.logprobs) if self._logprobs else None,
             )
         )

@@ -601,9 +601,7 @@ def _frames_of(encoder_output: Any) -> np.ndarray:
     to the model's device and type."""
     if encoder_output.dtype not in (ctranslate2.DataType.float32, ctranslate2.DataType.float16):
         encoder_output = encoder_output.to(ctranslate2.DataType.float32)
-    if encoder_output.device != "cpu":
-        encoder_output = encoder_output.to_device(ctranslate2.Device.cpu)
-    return np.asarray(encoder_output)
+    return _to_numpy(encoder_output)
 
 
 def _stack(slices: list[np.ndarray]) -> ctranslate2.StorageView:
