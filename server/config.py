@@ -303,6 +303,12 @@ class Settings(BaseSettings):
     8 on a GPU, 4 on the CPU, where a batch's memory grows with its size (the encoder's attention
     scores) while batching saves little time."""
 
+    batch_workers: int = Field(0, ge=0, le=16)
+    """Batches of one model decoded at the same time. 0: one on a GPU, where one bigger batch
+    uses it better; two on the CPU, where CTranslate2 runs two batches side by side faster than
+    one batch twice the size (`bench/long_file.py`). Each batch is planned and reserved on its
+    own."""
+
     max_piece_duration: float = Field(300.0, ge=30, le=3600)
     """Longest stretch of a long file decoded and transcribed at once, in seconds (cut at a pause
     near the limit). Host memory holds one piece at a time, so this bounds what a long file costs;
@@ -392,6 +398,19 @@ class Settings(BaseSettings):
                 f"({self.realtime_max_item_seconds:g}): a session must be able to hold one item"
             )
         return self
+
+    def batch_workers_on(self, kind: str) -> int:
+        """How many batches of one model run at the same time on a ``kind`` device ("cpu" or
+        "cuda"): WHISPER_BATCH_WORKERS, or its default there."""
+        return self.batch_workers or (1 if kind == "cuda" else 2)
+
+    def model_workers_on(self, kind: str) -> int:
+        """CTranslate2 workers (replicas) to load a model with on ``kind``: one per sequential
+        slot, plus one per batch worker on the CPU, where replicas share the weights (they cost
+        threads, not memory) and a batch then never waits inside CTranslate2 for a slot's
+        request, nor a live decode for a batch."""
+        extra = self.batch_workers_on(kind) if kind == "cpu" else 0
+        return self.max_concurrency + extra
 
     def key_values(self) -> list[str]:
         """The configured API keys as plain strings, admin keys included (never log these)."""

@@ -127,3 +127,64 @@ def test_batch_size_follows_the_planner(
         (stats,) = server.engine.models.scheduler_stats()
     assert [r.status_code for r in results] == [200] * 4, [r.text for r in results]
     assert stats.batches >= 4 and set(stats.batch_sizes) == {1}, stats
+
+
+def test_batches_side_by_side_share_what_their_requests_reserved(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Two workers' batches at once: each reserves its own working memory, and the memory the
+    queued requests already hold (one window each, under the batched key) counts once between
+    them, not once in each (which would leave the two batches under-reserved)."""
+    import threading
+
+    from server.batching.options import WindowOptions
+    from server.memory import Shape
+    from server.memory.batch_budget import BatchBudget
+    from server.memory.gate import batched_key
+    from tests.conftest import make_engine
+
+    engine = make_engine(tiny_model, tmp_path, batching="on")
+    try:
+        (model,) = engine.pool.loaded()
+        budget = BatchBudget(
+            engine.gate, model, largest=4, ladder=engine.settings.degrade_ladder, retry_after=1
+        )
+        key = WindowOptions(beam_size=5).batch_key()
+        needs = model.cost.estimate(Shape("cpu", model.compute_type, 2, 5, False, 30))
+        queued = engine.reservations.reserve(
+            batched_key("cpu"), needs.device_bytes // 2 * 3, "queued"
+        )
+        inside, leave, held = threading.Barrier(3), threading.Event(), []
+
+        def worker() -> None:
+            assert budget.max_batch(key, 2) >= 2
+            with budget.batch(key, 2):
+                inside.wait(timeout=30)
+                leave.wait(timeout=30)
+
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for t in threads:
+            t.start()
+        inside.wait(timeout=30)
+        held.append(engine.reservations.total("cpu"))
+        leave.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert held == [2 * needs.device_bytes - queued.nbytes]
+        assert engine.reservations.total("cpu") == 0  # both batches gave everything back
+        assert budget._credited == {} and budget._planned == {}
+        queued.release()
+        # The engine's own scheduler runs two batches at once on the CPU, each on a
+        # CTranslate2 replica of its own beside the sequential slots'.
+        assert len(engine.models.scheduler(model)._workers) == 2
+        assert model.runner.whisper.model.num_workers == engine.settings.max_concurrency + 2
+    finally:
+        engine.close()
+
+
+def test_the_cpu_runs_two_batches_at_once_and_a_gpu_one() -> None:
+    settings = Settings()
+    assert settings.batch_workers_on("cpu") == 2 and settings.batch_workers_on("cuda") == 1
+    assert settings.model_workers_on("cpu") == settings.max_concurrency + 2
+    assert settings.model_workers_on("cuda") == settings.max_concurrency
+    assert Settings(batch_workers=3).batch_workers_on("cuda") == 3

@@ -29,6 +29,7 @@ from server.batching.scheduler import (
     Scheduler,
     Ticket,
     WindowOptions,
+    balanced,
 )
 from server.engine.store import install_default_model
 from server.errors import RequestCancelledError
@@ -234,6 +235,50 @@ def test_max_batch_is_asked_before_each_batch_and_respected(
     assert set(stats.batch_sizes) <= {1, 2} and stats.batch_sizes.get(2), stats
     assert len(keys) == stats.batches
     assert set(keys) == {BatchKey(temperature=0.0, beam_size=1, best_of=1)}
+
+
+def test_balanced_batches_spread_the_ready_windows_over_the_workers() -> None:
+    # One worker, or nothing ready: the budget's size as it is.
+    assert balanced(4, 10, 1) == 4 and balanced(4, 0, 2) == 4
+    # 10 windows, batches of 4, two workers: 3, 4, 2, 1 as they are taken (5 each), not
+    # 4, 4, 2 (6 on one worker while the other idles).
+    taken, ready = [], 10
+    while ready:
+        taken.append(balanced(4, ready, 2))
+        ready -= taken[-1]
+    assert taken == [3, 4, 2, 1]
+    assert [balanced(4, n, 2) for n in (1, 2, 3, 4, 8, 9, 16, 17)] == [1, 1, 2, 2, 4, 3, 4, 3]
+    assert balanced(8, 6, 3) == 2
+
+
+def test_two_workers_decode_two_batches_at_once_with_the_same_text(
+    scheduler: Callable[..., Scheduler], audio: dict[str, np.ndarray]
+) -> None:
+    lock = threading.Lock()
+    running, most, sizes = [0], [0], []
+
+    @contextmanager
+    def around(key: BatchKey, size: int) -> Iterator[None]:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            sizes.append(size)
+        try:
+            yield
+        finally:
+            with lock:
+                running[0] -= 1
+
+    alone = text(scheduler(max_batch=lambda key: 4).submit(audio[LONG], GREEDY))
+    s = scheduler(max_batch=lambda key: 4, around_batch=around, workers=2)
+    ticket = s.submit(audio[LONG], GREEDY)
+    assert text(ticket) == alone  # windows finished out of order still come back in order
+    assert most[0] == 2  # two batches ran at the same time
+    assert sum(sizes) == ticket.windows == 9
+    assert max(sizes) == 3  # 9 ready windows over two workers: batches of 3, not 4, 4, 1
+    assert s.stats().queued_windows == 0 and s.stats().active_requests == 0
+    with pytest.raises(ValueError, match="workers"):
+        scheduler(workers=0)
 
 
 def test_long_upload_does_not_starve_a_short_one(

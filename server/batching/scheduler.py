@@ -1,11 +1,11 @@
-"""Cross-request batching: one worker thread decodes the 30 s windows of many requests at once.
+"""Cross-request batching: worker threads decode the 30 s windows of many requests in batches.
 
 A GPU that serves many clients sits idle when requests run one at a time, and running them in
 parallel threads multiplies the memory each one holds. The :class:`Scheduler` sits in front of
 one model instead. :meth:`Scheduler.submit` cuts a request's audio into windows exactly as
 faster-whisper's ``BatchedInferencePipeline.transcribe`` does (Silero VAD, then speech merged
 into windows of at most ``chunk_length`` seconds), computes their features in the caller's
-thread and queues them. One worker thread takes up to ``max_batch(key)`` windows from any number
+thread and queues them. A worker thread takes up to ``max_batch(key)`` windows from any number
 of requests, runs encode + generate (+ align, for windows that asked for word timestamps) as one
 batch, and routes each result to its request's :class:`Ticket`, which yields faster-whisper
 ``Segment`` objects in time order with times in seconds from the start of the submitted audio.
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import threading
 import time
 from collections import Counter, deque
@@ -151,7 +152,7 @@ class _Counters:
 
 
 class Scheduler:
-    """Batches the windows of concurrent requests through one model with one worker thread.
+    """Batches the windows of concurrent requests through one model with its worker threads.
 
     Args:
         model: A loaded ``faster_whisper.WhisperModel``, or the :class:`WhisperRunner` that
@@ -165,6 +166,10 @@ class Scheduler:
         max_queued_windows: :meth:`submit` raises :class:`QueueFullError` when more windows
             than this would be waiting.
         policy: Which request goes first (the defaults of :class:`SchedulingPolicy` if None).
+        workers: How many batches run at the same time, each on its own worker thread (and,
+            for them to overlap, its own CTranslate2 replica). On the CPU two batches side by
+            side finish sooner than one of twice the size; each is sized and reserved by the
+            budget on its own.
     """
 
     def __init__(
@@ -177,7 +182,10 @@ class Scheduler:
         max_queued_windows: int = 1024,
         around_batch: Callable[[BatchKey, int], AbstractContextManager[object]] | None = None,
         policy: SchedulingPolicy | None = None,
+        workers: int = 1,
     ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
         if max_wait_s < 0:
             raise ValueError("max_wait_s must not be negative")
         if max_queued_windows < 1:
@@ -201,8 +209,12 @@ class Scheduler:
         self._queued = 0
         self._closed = False
         self._decoder = WindowDecoder(self._runner, self._wake)
-        self._worker = threading.Thread(target=self._run, name="whisper-batch", daemon=True)
-        self._worker.start()
+        self._workers = [
+            threading.Thread(target=self._run, name=f"whisper-batch-{i}", daemon=True)
+            for i in range(workers)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     # ---- public ---------------------------------------------------------------------------
 
@@ -307,12 +319,14 @@ class Scheduler:
             return self._counts.snapshot(self._requests, self._queued, self._inline)
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop the worker after the batch it is running; unfinished requests get
+        """Stop the workers after the batches they are running; unfinished requests get
         :class:`SchedulerClosedError`. Idempotent."""
         with self._lock:
             self._closed = True
             self._wake.notify_all()
-        self._worker.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         with self._lock:
             while self._requests:
                 self._stop(self._requests[0], SchedulerClosedError("The scheduler was closed."))
@@ -341,8 +355,9 @@ class Scheduler:
             if lead is None:
                 return
             key, work_class = lead
+            ready = self.ready(key, work_class)
             try:
-                limit = max(1, int(self._budget.max_batch(key, self.ready(key, work_class))))
+                limit = max(1, int(self._budget.max_batch(key, ready)))
             except Exception as exc:
                 logger.warning("max_batch(%s) raised %r; failing the requests it held", key, exc)
                 with self._lock:
@@ -353,7 +368,7 @@ class Scheduler:
                 continue
             # Every batch max_batch sized runs under the budget's scope, even one that finds no
             # window left to take (size 0): that scope is where what max_batch reserved goes.
-            windows = self._fill(key, limit, work_class)
+            windows = self._fill(key, balanced(limit, ready, len(self._workers)), work_class)
             try:
                 with self._budget.batch(key, len(windows)):
                     if windows:
@@ -547,6 +562,17 @@ class Scheduler:
                     request.ticket._finish()
 
 
+def balanced(limit: int, ready: int, workers: int) -> int:
+    """The size of the next batch, so that ``ready`` windows spread evenly over ``workers``
+    workers in as few rounds as batches of ``limit`` allow: with 10 ready, batches of at most 4
+    and two workers, 3, 4, 2, 1 (each worker decodes 5) rather than 4, 4, 2 (6 on one of them,
+    the other idle meanwhile). One worker, or nothing ready yet: ``limit``."""
+    if workers < 2 or ready < 1:
+        return limit
+    batches = workers * math.ceil(ready / (workers * limit))
+    return max(1, min(limit, math.ceil(ready / batches)))
+
+
 def _round_robin(groups: list[list[QueuedRequest]], key: BatchKey, limit: int) -> list[Window]:
     """Up to ``limit`` eligible windows with ``key``, group after group; within a group one
     window from each request in turn, in the group's order."""
@@ -582,4 +608,5 @@ __all__ = [
     "Ticket",
     "WindowOptions",
     "WorkClass",
+    "balanced",
 ]

@@ -237,7 +237,7 @@ class ModelPool:
                     device_index=device_ordinal(device),
                     compute_type=compute_type,
                     cpu_threads=settings.cpu_threads,
-                    num_workers=settings.max_concurrency,
+                    num_workers=settings.model_workers_on(kind),
                 )
             except Exception as exc:  # CTranslate2 raises many kinds
                 raise ModelNotReadyError(

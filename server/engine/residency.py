@@ -30,6 +30,7 @@ from server.memory import format_bytes
 from server.memory.batch_budget import BatchBudget
 from server.memory.gate import MemoryGate, Resident
 from server.memory.host_heap import release_freed_memory
+from server.memory.probes import device_kind
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ class Residency:
                 scheduler = Scheduler(
                     model.runner,
                     budget=budget,
+                    workers=settings.batch_workers_on(device_kind(model.device)),
                     max_wait_s=settings.batch_max_wait_ms / 1000,
                     max_queued_windows=settings.max_queue * 64,
                     policy=SchedulingPolicy(

@@ -1,18 +1,21 @@
 """What one model's scheduler may batch: the memory gate, as a scheduler asks it.
 
-A scheduler runs one batch at a time per model. Before each batch it asks
-:meth:`BatchBudget.max_batch` how many windows it may take, and it holds
-:meth:`BatchBudget.batch` around the batch it then runs. The budget plans through the
+A scheduler's worker asks :meth:`BatchBudget.max_batch` before each batch how many windows it
+may take, and holds :meth:`BatchBudget.batch` around the batch it then runs, on the same
+thread; a scheduler with several workers runs several batches at once, each planned and
+reserved on its own. The budget plans through the
 :class:`~server.memory.gate.MemoryGate` like any other work, and reserves only what the batch
 needs beyond the working memory its requests reserved when they were planned (each request
 headed for the scheduler holds one window's worth under the batched key): requests waiting in
-the scheduler never each hold a whole batch's worth. The scheduler is handed this object and
+the scheduler never each hold a whole batch's worth, and batches running at once share that
+credit rather than each counting all of it. The scheduler is handed this object and
 never calls the engine.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Protocol
@@ -71,7 +74,11 @@ class BatchBudget:
         self.largest = largest
         self.steps = tuple(s for s in ladder if s in _BATCH_STEPS) or (Step.REJECT,)
         self.retry_after = retry_after
-        self._planned: Reservation | None = None  # one batch is planned at a time
+        self._lock = threading.Lock()
+        # Per worker thread: what max_batch reserved, until that worker's batch scope takes it.
+        self._planned: dict[int, Reservation] = {}
+        # Per worker thread: the requests' queued memory its batch counts as its own.
+        self._credited: dict[int, int] = {}
 
     def max_batch(self, key: BatchShaped, ready: int) -> int:
         """The planner's batch size for the next batch of ``key``'s windows, reserving for it.
@@ -88,29 +95,39 @@ class BatchBudget:
         """
         model = self.model
         place = model.device
+        me = threading.get_ident()
 
         def reserve(plan: Plan) -> None:
             size = max(1, min(plan.shape.batch_size, ready))
-            stale, self._planned = (
-                self._planned,
-                self.gate.reservations.reserve(place, self._beyond_queued(key, size), "batch"),
+            reservation = self.gate.reservations.reserve(
+                place, self._beyond_queued(key, size), "batch"
             )
+            with self._lock:
+                stale = self._planned.pop(me, None)
+                self._planned[me] = reservation
             if stale is not None:  # never, as long as the scheduler pairs the two calls
                 logger.error("a batch's reservation was never closed: %r; released it", stale)
                 stale.release()
 
-        plan, _ = self.gate.plan(
-            place,
-            model.cost,
-            # The requests hold their pieces' host memory: the batch plans its working memory.
-            PlanRequest(shape=self._shape(key, self.largest), audio_seconds=30.0, host_held=True),
-            self.steps,
-            reserved_keys=(place,),
-            cpu_load_bytes=0,
-            on_run=reserve,
-            keep=model,
-        )
+        try:
+            plan, _ = self.gate.plan(
+                place,
+                model.cost,
+                # The requests hold their pieces' host memory: the batch plans its working memory.
+                PlanRequest(
+                    shape=self._shape(key, self.largest), audio_seconds=30.0, host_held=True
+                ),
+                self.steps,
+                reserved_keys=(place,),
+                cpu_load_bytes=0,
+                on_run=reserve,
+                keep=model,
+            )
+        except BaseException:
+            self._end(me)
+            raise
         if plan.action == "reject":
+            self._end(me)
             raise InsufficientMemoryError(
                 f"Not enough memory for a batch ({plan.reason}); retry later.",
                 retry_after=plan.retry_after or self.retry_after,
@@ -124,8 +141,11 @@ class BatchBudget:
         ends, and an out-of-memory error raises the batch shape's estimate. A batch that found
         no window left to take (``size`` 0: its requests were cancelled meanwhile, or the
         scheduler closed) only gives back what was reserved for it."""
-        planned, self._planned = self._planned, None
+        me = threading.get_ident()
+        with self._lock:
+            planned = self._planned.pop(me, None)
         with ExitStack() as held:
+            held.callback(self._end, me)
             if planned is not None:
                 held.enter_context(planned)
             if size == 0:
@@ -153,10 +173,24 @@ class BatchBudget:
         return key.memory_shape(device_kind(model.device), model.compute_type, size)
 
     def _beyond_queued(self, key: BatchShaped, size: int) -> int:
-        """What a batch of ``size`` windows needs beyond the working memory its requests hold."""
-        needs = self.model.cost.estimate(self._shape(key, size))
+        """What a batch of ``size`` windows (this thread's) needs beyond the working memory its
+        requests hold: of that memory, only what other batches running now do not count."""
+        needs = self.model.cost.estimate(self._shape(key, size)).device_bytes
         queued = self.gate.reservations.total(batched_key(self.model.device))
-        return max(0, needs.device_bytes - queued)
+        me = threading.get_ident()
+        with self._lock:
+            others = sum(n for thread, n in self._credited.items() if thread != me)
+            credit = min(needs, max(0, queued - others))
+            self._credited[me] = credit
+        return needs - credit
+
+    def _end(self, me: int) -> None:
+        """This thread's batch is over (or was never planned): its credit goes back."""
+        with self._lock:
+            self._credited.pop(me, None)
+            stale = self._planned.pop(me, None)
+        if stale is not None:
+            stale.release()
 
 
 __all__ = ["BatchBudget", "BatchShaped", "CostedModel"]
