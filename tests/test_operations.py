@@ -71,6 +71,7 @@ def test_metrics(tiny_server: LiveServer, data_dir: Path) -> None:
     order = ["live_final", "live_interim", "short", "long"]
     assert memory["scheduling"]["order"] == order
     assert set(memory["scheduling"]["classes"]) == set(order)
+    assert memory["scheduling"]["batch_workers"] == 2  # two batches side by side on the CPU
     for label in order:
         assert _metric(text, "whisper_scheduler_class_queued_windows", **{"class": label}) == 0
         wait = _metric(text, "whisper_scheduler_class_wait_seconds_count", **{"class": label})

@@ -85,8 +85,8 @@ class SchedulerStats:
         cancelled_windows: Queued windows dropped because their request was cancelled.
         rejected: Submissions refused because the queue was full.
         classes: Per class of work (:class:`WorkClass`'s label): its queue and waits.
-        held_seconds: How long the worker held back its batches for live decodes running
-            outside the queue.
+        held_seconds: How long the workers held back their batches for live decodes running
+            outside the queue (summed over the workers).
     """
 
     queued_windows: int

@@ -199,6 +199,7 @@ def memory_report(engine: Engine, in_flight: int) -> dict[str, Any]:
             "order": [c.label for c in WorkClass],
             "starvation_s": s.batch_starvation_s,
             "starvation_batches": s.batch_starvation_batches,
+            "batch_workers": s.batch_workers_on(engine.device),
             "held_for_live_s": round(sum(st.held_seconds for st in schedulers), 3),
             "classes": _classes(schedulers),
         },
