@@ -179,3 +179,89 @@ def test_a_batch_reserves_for_the_windows_it_takes(
     batches = [nbytes for _, nbytes, owner in reserved if owner == "batch"]
     assert batches and set(batches) == {0}, reserved
     assert engine.reservations.snapshot() == []
+
+
+@pytest.fixture(scope="module")
+def batched(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    settings = Settings(
+        model=str(tiny_model),
+        models_dir=tmp_path_factory.mktemp("m"),
+        max_piece_duration=60,
+        batching="on",
+    )
+    engine = Engine(settings)
+    pin_footprint_to_weights(engine)
+    engine.start()
+    assert engine.ready, engine.load_error
+    return engine
+
+
+def test_the_next_piece_is_queued_while_the_last_batches_run(
+    batched: Engine, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once every window of a piece has been taken by a batch, the next piece is planned, read
+    and queued, so a worker that finishes first finds work: the same segments as piece after
+    piece, at most two pieces held at once, and everything given back at the end."""
+    engine = batched
+    data = (data_dir / LONG).read_bytes()
+    host_peak, done = [0], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.002):
+            host_peak[0] = max(host_peak[0], engine.reservations.total(HOST))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    before = engine.stats.pieces_ahead
+    try:
+        stream = AudioStream(data, max_duration=3600)
+        ahead = engine.run(Job(request_id="ahead", audio=stream, source=engine.served))
+    finally:
+        done.set()
+        watcher.join()
+    assert engine.stats.pieces_ahead - before >= 2  # 4 pieces: all but the first, mostly
+    assert engine.reservations.snapshot() == []
+
+    monkeypatch.setattr(type(engine.pipeline), "_queue_ahead", lambda *a, **k: [])
+    stream = AudioStream(data, max_duration=3600)
+    one_by_one = engine.run(Job(request_id="in-turn", audio=stream, source=engine.served))
+    assert engine.stats.pieces_ahead - before >= 2
+    assert [(s.text, s.start, s.end) for s in ahead.segments] == [
+        (s.text, s.start, s.end) for s in one_by_one.segments
+    ]
+    assert [s.id for s in ahead.segments] == list(range(len(ahead.segments)))
+    (model,) = engine.pool.loaded()
+    shape = engine.planner.requested_shape(
+        model, Job(request_id="x", audio=np.zeros(16000 * 60), source=engine.served)
+    )
+    per_piece = model.cost.estimate(shape).host_bytes(61)
+    assert per_piece < host_peak[0] <= 2 * per_piece  # two pieces at once, never three
+
+
+def test_a_request_cancelled_with_a_piece_queued_ahead_gives_it_all_back(
+    batched: Engine, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server.errors import RequestCancelledError
+
+    engine = batched
+    cancelled = threading.Event()
+    queue_ahead = type(engine.pipeline)._queue_ahead
+
+    def then_leave(*args: Any, **kwargs: Any) -> Any:
+        queued = queue_ahead(*args, **kwargs)
+        if queued:
+            cancelled.set()  # the client goes while the next piece waits in the queue
+        return queued
+
+    monkeypatch.setattr(type(engine.pipeline), "_queue_ahead", then_leave)
+    stream = AudioStream((data_dir / LONG).read_bytes(), max_duration=3600)
+    with pytest.raises(RequestCancelledError):
+        engine.run(Job(request_id="gone", audio=stream, source=engine.served), cancelled=cancelled)
+    assert cancelled.is_set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (
+        engine.reservations.snapshot() or engine.memory_report()["requests"]["queued_windows"]
+    ):
+        time.sleep(0.05)
+    assert engine.reservations.snapshot() == []
+    assert engine.memory_report()["requests"]["queued_windows"] == 0

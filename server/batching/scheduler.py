@@ -204,6 +204,7 @@ class Scheduler:
         self._max_queued = max_queued_windows
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
+        self._choosing = threading.Lock()  # held by the worker choosing its next batch
         # Round-robin order: the least recently served first.
         self._requests: deque[QueuedRequest] = deque()
         self._queued = 0
@@ -351,24 +352,31 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
-            lead = self._next_key()
-            if lead is None:
-                return
-            key, work_class = lead
-            ready = self.ready(key, work_class)
-            try:
-                limit = max(1, int(self._budget.max_batch(key, ready)))
-            except Exception as exc:
-                logger.warning("max_batch(%s) raised %r; failing the requests it held", key, exc)
-                with self._lock:
-                    for request in [
-                        r for r in self._requests if any(w.key == key for w in r.eligible())
-                    ]:
-                        self._stop(request, _batch_failed(exc, 0))
-                continue
-            # Every batch max_batch sized runs under the budget's scope, even one that finds no
-            # window left to take (size 0): that scope is where what max_batch reserved goes.
-            windows = self._fill(key, balanced(limit, ready, len(self._workers)), work_class)
+            # One worker at a time chooses, sizes and takes its batch (the decoding runs side
+            # by side): a second worker then sizes its batch for the windows left, and never
+            # plans (and reserves) for windows the first one takes.
+            with self._choosing:
+                lead = self._next_key()
+                if lead is None:
+                    return
+                key, work_class = lead
+                ready = self.ready(key, work_class)
+                try:
+                    limit = max(1, int(self._budget.max_batch(key, ready)))
+                except Exception as exc:
+                    logger.warning(
+                        "max_batch(%s) raised %r; failing the requests it held", key, exc
+                    )
+                    with self._lock:
+                        for request in [
+                            r for r in self._requests if any(w.key == key for w in r.eligible())
+                        ]:
+                            self._stop(request, _batch_failed(exc, 0))
+                    continue
+                # Every batch max_batch sized runs under the budget's scope, even one that
+                # finds no window left to take (size 0): that scope is where what max_batch
+                # reserved goes.
+                windows = self._fill(key, balanced(limit, ready, len(self._workers)), work_class)
             try:
                 with self._budget.batch(key, len(windows)):
                     if windows:
@@ -466,6 +474,8 @@ class Scheduler:
             window.request.pending.remove(window)
             window.request.in_flight += 1
             self._counts.waits.record(window.request.work_class, now - window.queued_at)
+            if not window.request.pending:
+                window.request.ticket._drain()
         for request in self._requests:
             if any(request is r for r in served):
                 request.skipped, request.waiting_since = 0, now

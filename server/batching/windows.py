@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -189,6 +189,9 @@ class QueuedRequest:
 
 # ---- the ticket ----------------------------------------------------------------------------
 
+#: What :meth:`Ticket.next_or_drained` returns once every window has been taken by a batch.
+DRAINED = object()
+
 
 class Ticket(Iterator["Segment"]):
     """A submitted request: iterate it (blocking) for its segments in time order.
@@ -222,6 +225,8 @@ class Ticket(Iterator["Segment"]):
         self._language_probability = 1.0 if language is not None else 0.0
         self._drive: Callable[[], None] | None = None
         self._withdrawn = False
+        self._drained = False  # every window has been taken by a batch
+        self._drained_told = False
         self.cancelled = cancelled
         self.duration = duration
         self.windows = windows
@@ -263,10 +268,22 @@ class Ticket(Iterator["Segment"]):
         return self
 
     def __next__(self) -> Segment:
+        return cast("Segment", self.next_or_drained(tell=False))
+
+    def next_or_drained(self, *, tell: bool = True) -> Segment | object:
+        """The next segment, as ``next`` gives it; but once, when every window of the request
+        has been taken by a batch while no segment is ready yet, :data:`DRAINED` instead: the
+        caller may prepare its next request meanwhile (the workers go on with these windows,
+        and their segments wait here). A window sent back for a fallback is queued again, so
+        the news is a hint, not a promise."""
         while True:
             with self._cond:
                 if self._segments:
                     return self._segments.popleft()
+                told = self._drained_told or self._finished or self._error is not None
+                if tell and self._drained and not told:
+                    self._drained_told = True
+                    return DRAINED
                 if self._error is not None:
                     raise self._error
                 if self._finished:
@@ -280,6 +297,10 @@ class Ticket(Iterator["Segment"]):
             self._drive()  # decoded in this thread (Scheduler.decode), outside the lock
 
     # Called by the scheduler with the lock held.
+    def _drain(self) -> None:
+        self._drained = True
+        self._cond.notify_all()
+
     def _push(self, segments: list[Segment]) -> None:
         self._segments.extend(segments)
         self._cond.notify_all()
@@ -299,6 +320,7 @@ class Ticket(Iterator["Segment"]):
 
 
 __all__ = [
+    "DRAINED",
     "Attempt",
     "BatchFailedError",
     "Decoded",

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, cast
 
 import numpy as np
 
-from server.batching.scheduler import BatchFailedError, QueueFullError
+from server.batching.scheduler import BatchFailedError, QueueFullError, Ticket
+from server.batching.windows import DRAINED
 from server.config import Settings
 from server.engine.pool import LoadedModel
 from server.engine.residency import Residency
@@ -162,27 +163,67 @@ class Windowed:
     ) -> Iterator[tuple[Segment, str]]:
         if len(audio) < MIN_PIECE_SAMPLES:
             return
+        yield from self.segments(
+            self.submit(model, job, plan, audio, language, cancelled), offset, first_id
+        )
+
+    def submit(
+        self,
+        model: LoadedModel,
+        job: Job,
+        plan: Plan,
+        audio: np.ndarray,
+        language: str | None,
+        cancelled: threading.Event | None,
+    ) -> Ticket:
+        """Cut the piece into windows and queue them (or set them up to be decoded in the
+        thread that reads the ticket), now.
+
+        Raises:
+            RateLimitError: the batch queue is full.
+        """
         options = job.window_options(plan.shape, language=language)
         scheduler = self.models.scheduler(model)
         try:
-            ticket = (scheduler.submit if self.queued else scheduler.decode)(
+            return (scheduler.submit if self.queued else scheduler.decode)(
                 audio, options, cancelled=cancelled
             )
-            try:
-                for n, s in enumerate(ticket):
-                    yield to_segment(s, offset, first_id + n), ticket.language or "en"
-            finally:
-                if not ticket.done:  # stopped early (an error, the caller gone): drop the rest
-                    ticket.withdraw()
         except QueueFullError as exc:
             raise RateLimitError(
                 f"The batch queue is full ({exc}); retry after the delay in Retry-After.",
                 retry_after=self.settings.retry_after,
             ) from exc
+
+    @staticmethod
+    def segments(
+        ticket: Ticket,
+        offset: float,
+        first_id: int,
+        on_drained: Callable[[], None] | None = None,
+    ) -> Iterator[tuple[Segment, str]]:
+        """A submitted piece's segments, with the language given or detected. ``on_drained``
+        is called (in this thread) once every window of the piece has been taken by a batch,
+        while the workers decode them: the caller's chance to queue its next piece."""
+        try:
+            n = 0
+            while True:
+                try:
+                    item = ticket.next_or_drained(tell=on_drained is not None)
+                except StopIteration:
+                    return
+                if item is DRAINED:
+                    assert on_drained is not None
+                    on_drained()
+                    continue
+                yield to_segment(cast(Any, item), offset, first_id + n), ticket.language or "en"
+                n += 1
         except BatchFailedError as exc:
             if isinstance(exc.__cause__, APIError):
                 raise exc.__cause__ from exc
             raise
+        finally:
+            if not ticket.done:  # stopped early (an error, the caller gone): drop the rest
+                ticket.withdraw()
 
 
 __all__ = ["MIN_PIECE_SAMPLES", "Backend", "Sequential", "Windowed"]

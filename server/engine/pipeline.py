@@ -7,26 +7,37 @@ out-of-memory error raises the cost estimate for that shape, steps the plan one 
 ladder and resumes from the last finished segment. The text of each piece conditions the next,
 as sequential decoding does across windows. Diarization hears each piece as it is transcribed.
 A call recorded with a side per channel is transcribed channel by channel.
+
+A piece headed for the scheduler's shared batches does not wait for the one before it to end:
+once every window of a piece has been taken by a batch, the next piece is planned, read and
+queued (when the memory free then runs it as planned), so a batch worker that finishes first
+finds its windows; the segments still come out in order.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 
 from server.audio.pieces import Piece, PieceReader
+from server.batching.windows import Ticket
 from server.config import Settings
 from server.diarization import Diarizer, speaker_shortfall
-from server.engine.backends import Backend, Sequential, Windowed
+from server.engine.backends import MIN_PIECE_SAMPLES, Backend, Sequential, Windowed
 from server.engine.placement import Placement
 from server.engine.planning import RequestPlanner
 from server.engine.pool import LoadedModel
 from server.engine.report import Decisions, EngineStats
 from server.engine.residency import Residency
-from server.errors import APIError, InsufficientMemoryError, RequestCancelledError
+from server.errors import (
+    APIError,
+    InsufficientMemoryError,
+    RateLimitError,
+    RequestCancelledError,
+)
 from server.memory import Plan, Shape, device_kind, step_down
 from server.memory.gate import MemoryGate
 from server.memory.host_heap import release_freed_memory
@@ -178,16 +189,23 @@ class PiecePipeline:
     ) -> None:
         """Transcribe one source (the audio, or one channel of it) piece by piece."""
         shape: Shape | None = None  # known once the first piece shows how long the audio is
-        while not reader.finished:
-            shape = self._run_piece(model, job, reader, shape, run, on_segment, cancelled)
-            if shape is None or reader.finished:
-                break  # the caller's ``finally`` gives the last piece's memory back
-            # The piece's samples, features and working memory are free now: give them back
-            # to the kernel, so that RSS (and the planner's next reading) shows it.
-            release_freed_memory()
-            if run.segments and job.temperature == 0:
-                # Carry the text across pieces, as sequential decoding does across windows.
-                run.prompt = _context(run.segments)
+        ahead: list[_Ahead] = []  # the next piece, queued while this one's last batches ran
+        try:
+            while ahead or not reader.finished:
+                shape = self._run_piece(
+                    model, job, reader, shape, run, on_segment, cancelled, ahead
+                )
+                if shape is None or (not ahead and reader.finished):
+                    break  # the caller's ``finally`` gives the last piece's memory back
+                # The piece's samples, features and working memory are free now: give them
+                # back to the kernel, so that RSS (and the planner's next reading) shows it.
+                release_freed_memory()
+                if run.segments and job.temperature == 0:
+                    # Carry the text across pieces, as sequential decoding does across windows.
+                    run.prompt = _context(run.segments)
+        finally:
+            for queued in ahead:  # the request failed or was cancelled: drop it, give it back
+                queued.held.close()
         if run.pieces > 1:
             reader.log_cuts()
             logger.info(
@@ -206,120 +224,213 @@ class PiecePipeline:
         run: _Progress,
         on_segment: OnSegment | None,
         cancelled: threading.Event | None,
+        ahead: list[_Ahead],
     ) -> Shape | None:
         """Plan, read and transcribe the next piece, retrying down the ladder after an
         out-of-memory error from the last finished segment.
 
+        ``ahead`` holds the next piece when it was planned, read and queued while the last
+        batches of the one before ran (see :meth:`_queue_ahead`): this piece is that one, and
+        the piece after it is put there the same way.
+
         Returns:
             The shape for the pieces after this one; None when the audio was used up.
         """
-        piece: Piece | None = None
+        queued = ahead.pop() if ahead else None
+        piece: Piece | None = queued.piece if queued is not None else None
         resume = 0  # samples of the piece already transcribed
         attempts = 0
         first = len(run.segments)  # the piece's first segment
-        while True:
-            if cancelled is not None and cancelled.is_set():
-                raise RequestCancelledError("The client closed the request.")
-            if piece is None and run.pieces and len(self.placement.places) > 1:
-                # Each piece of a long file goes where memory is free now.
-                place = self.placement.place_for(job, self._next_piece_seconds(job, reader))
-                if place != model.device:
-                    model = run.models.enter_context(self.models.use_model(job.source, place))
-            planned = shape or self.planner.requested_shape(model, job)
-            if piece is not None:
-                seconds = (len(piece.samples) - resume) / SAMPLE_RATE
-            else:
-                seconds = self._next_piece_seconds(job, reader)
-            slot = self.planner.sequential_slot(planned, job)
-            scheduled = slot is None
-            # The piece's scope: its slot, its reservations, the samples read under them and
-            # a CPU copy of the model, all released when the block ends, however it ends.
-            with ExitStack() as held:
-                if slot is not None:
-                    held.enter_context(slot)
-                plan = self.planner.plan_piece(
-                    model, planned, seconds, job, held, scheduled=scheduled
-                )
-                if piece is None:
-                    # Decoded under the plan's host reservation: the piece is what it paid for.
-                    piece = reader.next(plan.host_chunk_seconds, slack_s=_PIECE_SLACK_S)
+
+        def on_drained() -> None:
+            if not ahead and shape is not None:
+                ahead.extend(self._queue_ahead(model, job, reader, shape, run, cancelled))
+
+        try:
+            while True:
+                if cancelled is not None and cancelled.is_set():
+                    raise RequestCancelledError("The client closed the request.")
+                if queued is not None:
+                    # The scope the piece was planned and read under, and its queued windows.
+                    scope, plan, ticket, scheduled = queued.held, queued.plan, queued.ticket, True
+                    fresh, queued = False, None
+                else:
+                    if piece is None and run.pieces and len(self.placement.places) > 1:
+                        # Each piece of a long file goes where memory is free now.
+                        place = self.placement.place_for(job, self._next_piece_seconds(job, reader))
+                        if place != model.device:
+                            model = run.models.enter_context(
+                                self.models.use_model(job.source, place)
+                            )
+                    planned = shape or self.planner.requested_shape(model, job)
+                    if piece is not None:
+                        seconds = (len(piece.samples) - resume) / SAMPLE_RATE
+                    else:
+                        seconds = self._next_piece_seconds(job, reader)
+                    slot = self.planner.sequential_slot(planned, job)
+                    scheduled = slot is None
+                    scope, ticket, fresh = ExitStack(), None, True
+                # The piece's scope: its slot, its reservations, the samples read under them and
+                # a CPU copy of the model, all released when the block ends, however it ends.
+                with scope as held:
+                    if fresh:
+                        if slot is not None:
+                            held.enter_context(slot)
+                        plan = self.planner.plan_piece(
+                            model, planned, seconds, job, held, scheduled=scheduled
+                        )
                     if piece is None:
-                        return None
-                    run.pieces += 1
-                    if run.on_decoded is not None:
-                        run.on_decoded()
-                        run.on_decoded = None
-                    if shape is None:
-                        known = piece.duration_s if piece.last else None
-                        shape = self.planner.requested_shape(model, job, known)
-                        if shape != planned:
-                            # The audio turned out short (or long): plan it as such.
-                            self.decisions.finish(job.request_id, "replanned")
-                            continue
-                self._note(run.degraded, plan, job)
-                if plan.device == device_kind(model.device):
-                    runner = model
-                else:  # the CPU fallback: its copy is held for the piece, like the request's
-                    runner = held.enter_context(
-                        self.models.use_model(job.source, plan.device, planned=True)
-                    )
-                try:
-                    produced = self._backend(plan, scheduled).decode(
-                        runner,
-                        job,
-                        plan,
-                        piece.samples[resume:],
+                        # Decoded under the plan's host reservation: the piece is what it paid for.
+                        piece = reader.next(plan.host_chunk_seconds, slack_s=_PIECE_SLACK_S)
+                        if piece is None:
+                            return None
+                        run.pieces += 1
+                        if run.on_decoded is not None:
+                            run.on_decoded()
+                            run.on_decoded = None
+                        if shape is None:
+                            known = piece.duration_s if piece.last else None
+                            shape = self.planner.requested_shape(model, job, known)
+                            if shape != planned:
+                                # The audio turned out short (or long): plan it as such.
+                                self.decisions.finish(job.request_id, "replanned")
+                                continue
+                    self._note(run.degraded, plan, job)
+                    if plan.device == device_kind(model.device):
+                        runner = model
+                    else:  # the CPU fallback: its copy is held for the piece, like the request's
+                        runner = held.enter_context(
+                            self.models.use_model(job.source, plan.device, planned=True)
+                        )
+                    try:
+                        offset = (piece.start + resume) / SAMPLE_RATE
                         # Detected per stretch, every piece detects its own; else the first
                         # piece's language holds for the request.
-                        job.language if job.per_region else run.language,
-                        run.prompt,
-                        offset=(piece.start + resume) / SAMPLE_RATE,
-                        first_id=len(run.segments),
-                        cancelled=cancelled,
-                    )
-                    for segment, detected in produced:
-                        run.language = run.language or detected
-                        if segment.language is None:
-                            segment = replace(segment, language=detected)
-                        run.segments.append(segment)
-                        run.channels.append(run.channel or 0)
-                        if on_segment is not None and run.diarizer is None:
-                            on_segment(segment, run.language)
-                        resume = min(
-                            len(piece.samples), round(segment.end * SAMPLE_RATE) - piece.start
-                        )
-                    if run.diarizer is not None:
-                        # Under the piece's reservation, which counted the diarization's memory.
-                        self._diarize_piece(run, piece, first, on_segment)
-                    return shape
-                except Exception as exc:
-                    if not is_out_of_memory(exc):
-                        raise
-                    error = exc
-            # Out of memory: the piece's memory is given back (above); retry one rung down.
-            attempts += 1
-            self.stats.oom_recoveries += 1
-            failed = plan.shape
-            runner.cost = runner.cost.with_correction(failed, 1.5)
-            shape = step_down(failed, self.settings.degrade_ladder)
-            logger.warning(
-                "request %s: out of memory on %s with %s (%s); estimate raised, "
-                "retrying from %.1f s with %s",
-                job.request_id,
-                plan.device,
-                failed,
-                error,
-                (piece.start + resume) / SAMPLE_RATE,
-                shape,
+                        language = job.language if job.per_region else run.language
+                        produced: Iterator[tuple[Segment, str]]
+                        if scheduled and len(piece.samples) - resume >= MIN_PIECE_SAMPLES:
+                            if ticket is None:
+                                ticket = self.batched.submit(
+                                    runner, job, plan, piece.samples[resume:], language, cancelled
+                                )
+                            produced = self.batched.segments(
+                                ticket, offset, len(run.segments), on_drained
+                            )
+                        else:
+                            produced = self._backend(plan, scheduled).decode(
+                                runner,
+                                job,
+                                plan,
+                                piece.samples[resume:],
+                                language,
+                                run.prompt,
+                                offset=offset,
+                                first_id=len(run.segments),
+                                cancelled=cancelled,
+                            )
+                        for segment, detected in produced:
+                            run.language = run.language or detected
+                            if segment.language is None:
+                                segment = replace(segment, language=detected)
+                            run.segments.append(segment)
+                            run.channels.append(run.channel or 0)
+                            if on_segment is not None and run.diarizer is None:
+                                on_segment(segment, run.language)
+                            resume = min(
+                                len(piece.samples), round(segment.end * SAMPLE_RATE) - piece.start
+                            )
+                        if run.diarizer is not None:
+                            # Under the piece's reservation, which counted the diarization's memory.
+                            self._diarize_piece(run, piece, first, on_segment)
+                        return shape
+                    except Exception as exc:
+                        if not is_out_of_memory(exc):
+                            raise
+                        error = exc
+                # Out of memory: the piece's memory is given back (above); retry one rung down.
+                attempts += 1
+                self.stats.oom_recoveries += 1
+                failed = plan.shape
+                runner.cost = runner.cost.with_correction(failed, 1.5)
+                shape = step_down(failed, self.settings.degrade_ladder)
+                logger.warning(
+                    "request %s: out of memory on %s with %s (%s); estimate raised, "
+                    "retrying from %.1f s with %s",
+                    job.request_id,
+                    plan.device,
+                    failed,
+                    error,
+                    (piece.start + resume) / SAMPLE_RATE,
+                    shape,
+                )
+                run.degraded.setdefault("oom_retry", f"out of memory with {failed}; retried")
+                if run.segments and job.temperature == 0:
+                    run.prompt = _context(run.segments)
+                if attempts > _MAX_OOM_RETRIES:
+                    raise InsufficientMemoryError(
+                        "The device ran out of memory repeatedly; retry later.",
+                        retry_after=self.settings.retry_after,
+                    ) from error
+        finally:
+            if queued is not None:  # taken from ``ahead`` but never run: give it back
+                queued.held.close()
+
+    def _queue_ahead(
+        self,
+        model: LoadedModel,
+        job: Job,
+        reader: PieceReader,
+        shape: Shape,
+        run: _Progress,
+        cancelled: threading.Event | None,
+    ) -> list[_Ahead]:
+        """Every window of the current piece has been taken by a batch: plan, read and queue
+        the next piece now, so that a worker that finishes first finds its windows instead of
+        waiting for the current piece's last batch and the next piece's cutting. Only where it
+        changes nothing but the timing: the scheduler's windows hold no text of the piece
+        before them, each piece detects its own languages (or the request's is known), one
+        device, and the memory free now runs the piece as planned with no wait, degradation
+        or eviction (:meth:`RequestPlanner.plan_ahead`). Otherwise nothing is queued, and the
+        piece is planned as usual once this one has given its memory back.
+
+        Returns:
+            The queued piece (its scope holds its reservations, samples and windows: closing
+            it withdraws the windows), or nothing.
+        """
+        language = job.language if job.per_region else run.language
+        if reader.finished or len(self.placement.places) > 1:
+            return []
+        if not job.per_region and language is None:
+            return []
+        held = ExitStack()
+        try:
+            plan = self.planner.plan_ahead(
+                model, shape, self._next_piece_seconds(job, reader), job, held
             )
-            run.degraded.setdefault("oom_retry", f"out of memory with {failed}; retried")
-            if run.segments and job.temperature == 0:
-                run.prompt = _context(run.segments)
-            if attempts > _MAX_OOM_RETRIES:
-                raise InsufficientMemoryError(
-                    "The device ran out of memory repeatedly; retry later.",
-                    retry_after=self.settings.retry_after,
-                ) from error
+            if plan is None:
+                held.close()
+                return []
+            piece = reader.next(plan.host_chunk_seconds, slack_s=_PIECE_SLACK_S)
+            if piece is None:
+                held.close()
+                return []
+            run.pieces += 1
+            ticket = None
+            if len(piece.samples) >= MIN_PIECE_SAMPLES:
+                try:
+                    ticket = self.batched.submit(
+                        model, job, plan, piece.samples, language, cancelled
+                    )
+                except RateLimitError:
+                    pass  # the queue is full: the piece is queued when its turn comes
+                else:
+                    held.callback(_withdraw, ticket)
+        except BaseException:
+            held.close()
+            raise
+        self.stats.pieces_ahead += 1
+        logger.debug("request %s: piece %d queued ahead", job.request_id, run.pieces)
+        return [_Ahead(held, plan, piece, ticket)]
 
     def _backend(self, plan: Plan, scheduled: bool) -> Backend:
         """The scheduler's shared batches; or, holding a sequential slot, the same windowed
@@ -361,6 +472,21 @@ class PiecePipeline:
                 degraded[d.kind] = d.reason
                 self.stats.degradations[d.kind] += 1
                 logger.warning("request %s degraded (%s): %s", job.request_id, d.kind, d.reason)
+
+
+@dataclass
+class _Ahead:
+    """The next piece of a request, planned, read and queued before the current one ended."""
+
+    held: ExitStack  # its reservations and samples; closing it withdraws its windows
+    plan: Plan
+    piece: Piece
+    ticket: Ticket | None  # None: not queued yet (the queue was full)
+
+
+def _withdraw(ticket: Ticket) -> None:
+    if not ticket.done:
+        ticket.withdraw()
 
 
 def _context(segments: list[Segment]) -> list[int]:

@@ -129,26 +129,13 @@ class RequestPlanner:
         Raises:
             InsufficientMemoryError: the planner rejected the request.
         """
-        ledger = self.gate.reservations
-
-        def reserve(plan: Plan) -> None:
-            # The plan names the kind of device; the reservation is on the model's own GPU.
-            place = model.device if plan.device == device_kind(model.device) else plan.device
-            key, working = place, plan.reserve_bytes
-            if scheduled:
-                one = replace(plan.shape, batch_size=1)
-                key, working = batched_key(place), model.cost.estimate(one).device_bytes
-            owner = job.request_id
-            held.enter_context(ledger.reserve(key, working, owner, job.api_key))
-            held.enter_context(ledger.reserve(HOST, plan.host_bytes, owner, job.api_key))
-
         plan, waited = self.gate.plan(
             model.device,
             model.cost,
             PlanRequest(shape=shape, audio_seconds=audio_seconds),
             self.settings.degrade_ladder,
             **self._terms(model, job),
-            on_run=reserve,
+            on_run=lambda plan: self._reserve(model, job, plan, held, scheduled=scheduled),
             keep=model,
         )
         self.decisions.record(job, plan, waited, model.device, audio_seconds)
@@ -159,6 +146,48 @@ class RequestPlanner:
                 retry_after=plan.retry_after or self.settings.retry_after,
             )
         return plan
+
+    def plan_ahead(
+        self, model: LoadedModel, shape: Shape, audio_seconds: float, job: Job, held: ExitStack
+    ) -> Plan | None:
+        """Plan and reserve the next piece of a request headed for the scheduler while its
+        current piece still holds its own memory, only if the memory free now runs it as it
+        is, on its model's device: no wait, no degradation, no eviction. None otherwise (the
+        piece is then planned as usual once the current one has given its memory back)."""
+        request = PlanRequest(shape=shape, audio_seconds=audio_seconds)
+        with self.gate.reservations.planning():
+            plan = self.gate.plan_now(
+                model.device,
+                model.cost,
+                request,
+                self.settings.degrade_ladder,
+                **self._terms(model, job),
+            )
+            if (
+                plan.action != "run"
+                or plan.degradations
+                or plan.shape != shape
+                or plan.device != device_kind(model.device)
+            ):
+                return None
+            self._reserve(model, job, plan, held, scheduled=True)
+        self.decisions.record(job, plan, 0.0, model.device, audio_seconds)
+        return plan
+
+    def _reserve(
+        self, model: LoadedModel, job: Job, plan: Plan, held: ExitStack, *, scheduled: bool
+    ) -> None:
+        """Reserve what ``plan`` needs into ``held`` (under the ledger's planning lock)."""
+        ledger = self.gate.reservations
+        # The plan names the kind of device; the reservation is on the model's own GPU.
+        place = model.device if plan.device == device_kind(model.device) else plan.device
+        key, working = place, plan.reserve_bytes
+        if scheduled:
+            one = replace(plan.shape, batch_size=1)
+            key, working = batched_key(place), model.cost.estimate(one).device_bytes
+        owner = job.request_id
+        held.enter_context(ledger.reserve(key, working, owner, job.api_key))
+        held.enter_context(ledger.reserve(HOST, plan.host_bytes, owner, job.api_key))
 
     def check(self, model: LoadedModel, job: Job, seconds: float) -> Plan | None:
         """What the gate would decide now for ``seconds`` of ``job``'s audio on ``model``,

@@ -40,6 +40,8 @@ class EngineStats:
     unloaded: Callable[[], int] = lambda: 0
     degradations: Counter[str] = field(default_factory=Counter)
     oom_recoveries: int = 0
+    pieces_ahead: int = 0
+    """Pieces of long files planned, read and queued while the piece before them still ran."""
     recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=50))
     running: int = 0
     """Requests inside :meth:`Engine.run` now (planned, decoding or waiting for memory)."""
