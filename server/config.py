@@ -311,8 +311,10 @@ class Settings(BaseSettings):
 
     max_piece_duration: float = Field(300.0, ge=30, le=3600)
     """Longest stretch of a long file decoded and transcribed at once, in seconds (cut at a pause
-    near the limit). Host memory holds one piece at a time, so this bounds what a long file costs;
-    the planner cuts shorter pieces when host memory is short."""
+    near the limit). Host memory holds one piece at a time (two when the next one is queued for
+    the scheduler's batches while the last batches of the one before run, and the memory is
+    free), so this bounds what a long file costs; the planner cuts shorter pieces when host
+    memory is short."""
 
     chunk_length: int = Field(30, ge=5, le=30)
     """Seconds of audio per window given to the encoder; the planner may shorten it when memory is
