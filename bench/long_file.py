@@ -25,9 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import requests
-from harness import RATE, ROOT, encode_opus, served, wer
+from harness import RATE, ROOT, encode_opus, join_clips, served, wer
 
 DATA = ROOT / "tests" / "data"
 CLIPS = (
@@ -59,17 +58,10 @@ class Way:
 
 def build(folder: Path) -> tuple[Path, str, float]:
     """The joined file (Opus), its reference and its seconds."""
-    from faster_whisper import decode_audio
-
-    gap = np.zeros(RATE // 2, np.float32)
-    pieces, texts = [], []
-    for name in CLIPS:
-        pieces += [decode_audio(str(DATA / name)), gap]
-        texts.append((DATA / name).with_suffix(".txt").read_text().strip())
-    samples = np.concatenate(pieces)
+    samples, clips = join_clips(DATA, tuple((name, "en") for name in CLIPS), pause=0.5)
     path = folder / "long.ogg"
     encode_opus(samples, path)
-    return path, " ".join(texts), len(samples) / RATE
+    return path, " ".join(c.reference for c in clips), len(samples) / RATE
 
 
 def main() -> None:

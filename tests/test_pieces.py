@@ -28,19 +28,21 @@ from tests.conftest import pin_footprint_to_weights, wer, within
 LONG = "en_ljspeech_LJ001-0001_to_0032_concat.flac"
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+def piece_engine(tiny_model: Path, models_dir: Path, batching: str) -> Engine:
+    """A started engine on tiny.en that reads long files in pieces of 60 s."""
     settings = Settings(
-        model=str(tiny_model),
-        models_dir=tmp_path_factory.mktemp("m"),
-        max_piece_duration=60,
-        batching="off",
+        model=str(tiny_model), models_dir=models_dir, max_piece_duration=60, batching=batching
     )
     engine = Engine(settings)
     pin_footprint_to_weights(engine)
     engine.start()
     assert engine.ready, engine.load_error
     return engine
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    return piece_engine(tiny_model, tmp_path_factory.mktemp("m"), "off")
 
 
 def test_streamed_pieces_are_cut_where_the_whole_file_would_be(data_dir: Path) -> None:
@@ -183,17 +185,7 @@ def test_a_batch_reserves_for_the_windows_it_takes(
 
 @pytest.fixture(scope="module")
 def batched(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    settings = Settings(
-        model=str(tiny_model),
-        models_dir=tmp_path_factory.mktemp("m"),
-        max_piece_duration=60,
-        batching="on",
-    )
-    engine = Engine(settings)
-    pin_footprint_to_weights(engine)
-    engine.start()
-    assert engine.ready, engine.load_error
-    return engine
+    return piece_engine(tiny_model, tmp_path_factory.mktemp("m"), "on")
 
 
 def test_the_next_piece_is_queued_while_the_last_batches_run(
@@ -222,7 +214,7 @@ def test_the_next_piece_is_queued_while_the_last_batches_run(
     assert engine.stats.pieces_ahead - before >= 2  # 4 pieces: all but the first, mostly
     assert engine.reservations.snapshot() == []
 
-    monkeypatch.setattr(type(engine.pipeline), "_queue_ahead", lambda *a, **k: [])
+    monkeypatch.setattr(type(engine.pipeline), "_queue_ahead", lambda *a, **k: None)
     stream = AudioStream(data, max_duration=3600)
     one_by_one = engine.run(Job(request_id="in-turn", audio=stream, source=engine.served))
     assert engine.stats.pieces_ahead - before >= 2
@@ -249,7 +241,7 @@ def test_a_request_cancelled_with_a_piece_queued_ahead_gives_it_all_back(
 
     def then_leave(*args: Any, **kwargs: Any) -> Any:
         queued = queue_ahead(*args, **kwargs)
-        if queued:
+        if queued is not None:
             cancelled.set()  # the client goes while the next piece waits in the queue
         return queued
 

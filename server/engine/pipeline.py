@@ -244,7 +244,9 @@ class PiecePipeline:
 
         def on_drained() -> None:
             if not ahead and shape is not None:
-                ahead.extend(self._queue_ahead(model, job, reader, shape, run, cancelled))
+                following = self._queue_ahead(model, job, reader, shape, run, cancelled)
+                if following is not None:
+                    ahead.append(following)
 
         try:
             while True:
@@ -304,9 +306,7 @@ class PiecePipeline:
                         )
                     try:
                         offset = (piece.start + resume) / SAMPLE_RATE
-                        # Detected per stretch, every piece detects its own; else the first
-                        # piece's language holds for the request.
-                        language = job.language if job.per_region else run.language
+                        language = _piece_language(job, run)
                         produced: Iterator[tuple[Segment, str]]
                         if scheduled and len(piece.samples) - resume >= MIN_PIECE_SAMPLES:
                             if ticket is None:
@@ -383,7 +383,7 @@ class PiecePipeline:
         shape: Shape,
         run: _Progress,
         cancelled: threading.Event | None,
-    ) -> list[_Ahead]:
+    ) -> _Ahead | None:
         """Every window of the current piece has been taken by a batch: plan, read and queue
         the next piece now, so that a worker that finishes first finds its windows instead of
         waiting for the current piece's last batch and the next piece's cutting. Only where it
@@ -395,13 +395,13 @@ class PiecePipeline:
 
         Returns:
             The queued piece (its scope holds its reservations, samples and windows: closing
-            it withdraws the windows), or nothing.
+            it withdraws the windows), or None.
         """
-        language = job.language if job.per_region else run.language
+        language = _piece_language(job, run)
         if reader.finished or len(self.placement.places) > 1:
-            return []
+            return None
         if not job.per_region and language is None:
-            return []
+            return None
         held = ExitStack()
         try:
             plan = self.planner.plan_ahead(
@@ -409,11 +409,11 @@ class PiecePipeline:
             )
             if plan is None:
                 held.close()
-                return []
+                return None
             piece = reader.next(plan.host_chunk_seconds, slack_s=_PIECE_SLACK_S)
             if piece is None:
                 held.close()
-                return []
+                return None
             run.pieces += 1
             ticket = None
             if len(piece.samples) >= MIN_PIECE_SAMPLES:
@@ -430,7 +430,7 @@ class PiecePipeline:
             raise
         self.stats.pieces_ahead += 1
         logger.debug("request %s: piece %d queued ahead", job.request_id, run.pieces)
-        return [_Ahead(held, plan, piece, ticket)]
+        return _Ahead(held, plan, piece, ticket)
 
     def _backend(self, plan: Plan, scheduled: bool) -> Backend:
         """The scheduler's shared batches; or, holding a sequential slot, the same windowed
@@ -482,6 +482,12 @@ class _Ahead:
     plan: Plan
     piece: Piece
     ticket: Ticket | None  # None: not queued yet (the queue was full)
+
+
+def _piece_language(job: Job, run: _Progress) -> str | None:
+    """The language a piece is decoded in: detected per stretch, every piece detects its own
+    (None, unless given); else the first piece's holds for the request."""
+    return job.language if job.per_region else run.language
 
 
 def _withdraw(ticket: Ticket) -> None:

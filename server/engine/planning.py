@@ -154,15 +154,8 @@ class RequestPlanner:
         current piece still holds its own memory, only if the memory free now runs it as it
         is, on its model's device: no wait, no degradation, no eviction. None otherwise (the
         piece is then planned as usual once the current one has given its memory back)."""
-        request = PlanRequest(shape=shape, audio_seconds=audio_seconds)
         with self.gate.reservations.planning():
-            plan = self.gate.plan_now(
-                model.device,
-                model.cost,
-                request,
-                self.settings.degrade_ladder,
-                **self._terms(model, job),
-            )
+            plan = self._plan_now(model, job, PlanRequest(shape, audio_seconds))
             if (
                 plan.action != "run"
                 or plan.degradations
@@ -199,16 +192,21 @@ class RequestPlanner:
         """
         request = PlanRequest(self.requested_shape(model, job, seconds), seconds)
         with self.gate.reservations.planning():
-            plan = self.gate.plan_now(
-                model.device,
-                model.cost,
-                request,
-                self.settings.degrade_ladder,
-                **self._terms(model, job),
-            )
+            plan = self._plan_now(model, job, request)
         if plan.action == "reject" and self.gate.could_evict(model.device, keep=model):
             return None
         return plan
+
+    def _plan_now(self, model: LoadedModel, job: Job, request: PlanRequest) -> Plan:
+        """The gate's decision for ``request`` now, without waiting or reserving (call under
+        the ledger's planning lock)."""
+        return self.gate.plan_now(
+            model.device,
+            model.cost,
+            request,
+            self.settings.degrade_ladder,
+            **self._terms(model, job),
+        )
 
     def _terms(self, model: LoadedModel, job: Job) -> dict[str, Any]:
         """How a request's plan on ``model`` counts memory: what is reserved on its device
