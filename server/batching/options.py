@@ -163,8 +163,8 @@ class WindowOptions:
             result fails the thresholds below. ``(0.0,)`` turns fallback off.
         vad_filter: Cut windows at speech found by Silero VAD, as ``BatchedInferencePipeline``
             does. Without it, audio is cut every ``chunk_length`` seconds.
-        vad_parameters: Silero VAD options; ``max_speech_duration_s`` is set from
-            ``chunk_length`` when a mapping is given.
+        vad_parameters: Silero VAD options; ``max_speech_duration_s`` has no effect (a
+            stretch longer than ``chunk_length`` is cut by :mod:`server.whisper.cutting`).
         chunk_length: The longest window, in seconds (at most 30); windows are padded to it.
         logprobs: Score each window's tokens for their log-probabilities (``include[]``).
         work_class: Which class of work the request is, for the order the scheduler serves
