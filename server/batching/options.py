@@ -161,8 +161,8 @@ class WindowOptions:
         hotwords: Words to favour, prompted on every window.
         temperatures: The fallback schedule; a window moves to the next temperature when its
             result fails the thresholds below. ``(0.0,)`` turns fallback off.
-        vad_filter: Cut windows at speech found by Silero VAD, as ``BatchedInferencePipeline``
-            does. Without it, audio is cut every ``chunk_length`` seconds.
+        vad_filter: Cut windows at speech found by Silero VAD (:mod:`server.whisper.cutting`).
+            Without it, audio is cut every ``chunk_length`` seconds.
         vad_parameters: Silero VAD options; ``max_speech_duration_s`` has no effect (a
             stretch longer than ``chunk_length`` is cut by :mod:`server.whisper.cutting`).
         chunk_length: The longest window, in seconds (at most 30); windows are padded to it.

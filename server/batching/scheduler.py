@@ -2,9 +2,10 @@
 
 A GPU that serves many clients sits idle when requests run one at a time, and running them in
 parallel threads multiplies the memory each one holds. The :class:`Scheduler` sits in front of
-one model instead. :meth:`Scheduler.submit` cuts a request's audio into windows exactly as
-faster-whisper's ``BatchedInferencePipeline.transcribe`` does (Silero VAD, then speech merged
-into windows of at most ``chunk_length`` seconds), computes their features in the caller's
+one model instead. :meth:`Scheduler.submit` cuts a request's audio into windows much as
+faster-whisper's ``BatchedInferencePipeline.transcribe`` does (Silero VAD, then speech packed
+into windows of at most ``chunk_length`` seconds; :mod:`server.whisper.cutting` says where they
+differ), computes their features in the caller's
 thread and queues them. A worker thread takes up to ``max_batch(key)`` windows from any number
 of requests, runs encode + generate (+ align, for windows that asked for word timestamps) as one
 batch, and routes each result to its request's :class:`Ticket`, which yields faster-whisper

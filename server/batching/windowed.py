@@ -17,7 +17,11 @@ Trade-offs, and where they differ from ``BatchedInferencePipeline``:
   ``log_prob_threshold``, unless it is silence) goes back to the queue at the next temperature
   and joins a later batch of windows at that temperature. It is encoded again there, which is
   cheaper than keeping encoder outputs alive between batches. With ``temperatures=(0.0,)`` the
-  output matches ``BatchedInferencePipeline`` exactly.
+  output matches ``BatchedInferencePipeline`` exactly wherever the windows are the same.
+- Where windows are cut (:mod:`server.whisper.cutting`): pauses VAD half hears are decoded with
+  the speech around them, a window may end at a long pause before it is full, and a stretch too
+  long for one window is cut where VAD is least sure. Ordinary speech, with pauses of similar
+  length, gets the pipeline's windows.
 - A temperature above 0 samples ``best_of`` candidates, as ``WhisperModel.transcribe`` does;
   ``BatchedInferencePipeline`` would run beam search at that temperature instead.
 """
@@ -88,8 +92,8 @@ class WindowDecoder:
         lock: threading.Lock,
         notify: Callable[[], None],
     ) -> QueuedRequest:
-        """A request with its windows cut (Silero VAD, speech merged into windows of at most
-        ``chunk_length`` seconds, as ``BatchedInferencePipeline`` does) and their features
+        """A request with its windows cut (Silero VAD, speech packed into windows of at most
+        ``chunk_length`` seconds: :mod:`server.whisper.cutting`) and their features
         computed, not yet queued; its ticket waits under the scheduler's ``lock`` and calls
         ``notify`` to wake the worker.
 
