@@ -592,12 +592,13 @@ def test_a_final_live_decode_beside_the_queue_holds_back_a_long_file_for_the_bou
     )
     for running, held in [(WorkClass.LIVE_INTERIM, False), (WorkClass.LIVE_FINAL, True)]:
         with s._lock:
-            s._inline[running] += 1  # as Scheduler.decode counts a decode in its caller's thread
+            # As Scheduler.decode counts a decode in its caller's thread.
+            s._queue.inline[running] += 1
         began = time.monotonic()
         ticket = s.submit(audio["jfk.flac"], as_class(WorkClass.LONG))
         assert "ask not what your country" in text(ticket)
         with s._lock:
-            s._inline[running] -= 1
+            s._queue.inline[running] -= 1
         waited = started[-1] - began
         assert (waited >= 1.4) if held else (waited < 1.4), (running, waited)
     assert s.stats().held_seconds >= 1.4

@@ -30,22 +30,21 @@ A request may also be decoded outside the queue, in the thread that iterates its
 same steps, a batch of one. On the CPUs measured a window's result does not depend on the batch
 it is in, so the text does not depend on the path.
 
-The windows of one batch are decoded by :class:`server.batching.windowed.WindowDecoder`;
-a request's windows and its ticket are in :mod:`server.batching.windows`, the options in
-:mod:`server.batching.options`, what sizes each batch in :mod:`server.batching.budget`.
+The windows of one batch are decoded by :class:`server.batching.windowed.WindowDecoder`; the
+requests waiting, which leads the next batch and which windows it takes are
+:class:`server.batching.queue.WindowQueue`'s; a request's windows and its ticket are in
+:mod:`server.batching.windows`, the options in :mod:`server.batching.options`, what sizes each
+batch in :mod:`server.batching.budget`.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
 import math
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -53,7 +52,8 @@ import numpy as np
 
 from server.batching.budget import BatchBudget, CallableBudget
 from server.batching.options import BatchKey, WindowOptions
-from server.batching.policy import ClassStats, SchedulingPolicy, Waits, WorkClass
+from server.batching.policy import SchedulingPolicy, WorkClass
+from server.batching.queue import Counters, SchedulerStats, WindowQueue
 from server.batching.windowed import WindowDecoder
 from server.batching.windows import (
     BatchFailedError,
@@ -64,92 +64,9 @@ from server.batching.windows import (
     Ticket,
     Window,
 )
-from server.errors import RequestCancelledError
 from server.whisper.runner import TEMPERATURES, WhisperRunner
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SchedulerStats:
-    """Counters for /metrics. Batch sizes count windows, fallback re-runs included.
-
-    Attributes:
-        queued_windows: Windows waiting for a batch now.
-        active_requests: Requests submitted and not yet finished, failed or cancelled.
-        batches: Batches run (failed ones included).
-        windows: Windows decoded.
-        mixed_batches: Batches that held windows of more than one request.
-        batch_sizes: How many batches had each size.
-        fallbacks: Windows sent back to the queue at a higher temperature.
-        failed_batches: Batches that raised.
-        cancelled_windows: Queued windows dropped because their request was cancelled.
-        rejected: Submissions refused because the queue was full.
-        classes: Per class of work (:class:`WorkClass`'s label): its queue and waits.
-        held_seconds: How long the workers held back their batches for live decodes running
-            outside the queue (summed over the workers).
-    """
-
-    queued_windows: int
-    active_requests: int
-    batches: int
-    windows: int
-    mixed_batches: int
-    batch_sizes: Mapping[int, int]
-    fallbacks: int
-    failed_batches: int
-    cancelled_windows: int
-    rejected: int
-    classes: Mapping[str, ClassStats]
-    held_seconds: float
-
-    @property
-    def mean_batch_size(self) -> float:
-        return self.windows / self.batches if self.batches else 0.0
-
-
-@dataclass
-class _Counters:
-    """The worker's running counts (under the scheduler's lock); see :class:`SchedulerStats`."""
-
-    batches: int = 0
-    windows: int = 0
-    mixed: int = 0
-    sizes: Counter[int] = field(default_factory=Counter)
-    fallbacks: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    rejected: int = 0
-    held: float = 0.0
-    waits: Waits = field(default_factory=Waits)
-
-    def batch(self, windows: list[Window]) -> None:
-        self.batches += 1
-        self.windows += len(windows)
-        self.sizes[len(windows)] += 1
-        if len({id(w.request) for w in windows}) > 1:
-            self.mixed += 1
-
-    def snapshot(
-        self, requests: deque[QueuedRequest], queued: int, inline: Counter[WorkClass]
-    ) -> SchedulerStats:
-        by_class: Counter[WorkClass] = Counter()
-        for r in requests:
-            by_class[r.work_class] += len(r.pending)
-        return SchedulerStats(
-            queued_windows=queued,
-            active_requests=len(requests),
-            batches=self.batches,
-            windows=self.windows,
-            mixed_batches=self.mixed,
-            batch_sizes=dict(sorted(self.sizes.items())),
-            fallbacks=self.fallbacks,
-            failed_batches=self.failed,
-            cancelled_windows=self.cancelled,
-            rejected=self.rejected,
-            classes={c.label: self.waits.stats(c, by_class[c], inline[c]) for c in WorkClass},
-            held_seconds=self.held,
-        )
 
 
 class Scheduler:
@@ -198,19 +115,16 @@ class Scheduler:
             assert max_batch is not None
             budget = CallableBudget(max_batch, around_batch)
         self._budget = budget
-        self._policy = policy or SchedulingPolicy()
-        self._inline: Counter[WorkClass] = Counter()  # decodes running in callers' threads
-        self._counts = _Counters()
-        self._max_wait = max_wait_s
-        self._max_queued = max_queued_windows
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._queue = WindowQueue(
+            policy or SchedulingPolicy(),
+            Counters(),
+            max_wait_s=max_wait_s,
+            max_queued_windows=max_queued_windows,
+        )
+        # The queue's lock, which the requests' tickets and the decoder's language reader share.
+        self._lock = self._queue.lock
         self._choosing = threading.Lock()  # held by the worker choosing its next batch
-        # Round-robin order: the least recently served first.
-        self._requests: deque[QueuedRequest] = deque()
-        self._queued = 0
-        self._closed = False
-        self._decoder = WindowDecoder(self._runner, self._wake)
+        self._decoder = WindowDecoder(self._runner, self._queue.wake)
         self._workers = [
             threading.Thread(target=self._run, name=f"whisper-batch-{i}", daemon=True)
             for i in range(workers)
@@ -243,25 +157,11 @@ class Scheduler:
             SchedulerClosedError: :meth:`close` was called.
             ValueError: an unknown language, or a prompt that leaves no room to decode.
         """
-        with self._lock:
-            self._check_open()
-            if self._queued >= self._max_queued:  # refuse before spending time on VAD
-                self._counts.rejected += 1
-                raise QueueFullError(self._queued, None, self._max_queued)
+        self._queue.check_room()
         request = self._decoder.cut(
-            audio, options or WindowOptions(), cancelled, self._lock, self._notify
+            audio, options or WindowOptions(), cancelled, self._lock, self._queue.notify
         )
-        with self._lock:
-            self._check_open()
-            if self._queued + request.total > self._max_queued:
-                self._counts.rejected += 1
-                raise QueueFullError(self._queued, request.total, self._max_queued)
-            if not request.total:
-                request.ticket._finish()
-                return request.ticket
-            self._queued += request.total
-            self._requests.append(request)
-            self._wake.notify_all()
+        self._queue.admit(request)
         return request.ticket
 
     def decode(
@@ -281,7 +181,7 @@ class Scheduler:
         whichever path it took. Errors from the model are raised as they are.
         """
         request = self._decoder.cut(
-            audio, options or WindowOptions(), cancelled, self._lock, self._notify
+            audio, options or WindowOptions(), cancelled, self._lock, self._queue.notify
         )
         request.inline = True
         ticket = request.ticket
@@ -290,22 +190,24 @@ class Scheduler:
                 ticket._finish()
             return ticket
 
+        queue = self._queue
+
         def drive() -> None:
-            self._pause(request.work_class)  # a final live decode beside it goes first
+            queue.pause(request.work_class)  # a final live decode beside it goes first
             with self._lock:
-                self._check_open()
+                queue.check_open()
                 window = request.pending.pop(0) if request.pending else None
                 if window is not None:
                     request.in_flight += 1
-                    self._inline[request.work_class] += 1
+                    queue.inline[request.work_class] += 1
             if window is None:
                 raise RuntimeError("no window left to decode for an unfinished request")
             try:
-                self._decode(window.key, [window], partial(self._pause, request.work_class))
+                self._decode(window.key, [window], partial(queue.pause, request.work_class))
             finally:
                 with self._lock:
-                    self._inline[request.work_class] -= 1
-                    self._wake.notify_all()  # a batch held back for it may go now
+                    queue.inline[request.work_class] -= 1
+                    queue.wake.notify_all()  # a batch held back for it may go now
 
         ticket._drive = drive
         return ticket
@@ -313,41 +215,28 @@ class Scheduler:
     def ready(self, key: BatchKey, lead: WorkClass = WorkClass.LONG) -> int:
         """How many queued windows with ``key`` could join a batch led by class ``lead`` now."""
         with self._lock:
-            return len(self._ready(key, lead))
+            return len(self._queue.ready(key, lead))
 
     def stats(self) -> SchedulerStats:
         """A snapshot of the counters."""
+        queue = self._queue
         with self._lock:
-            return self._counts.snapshot(self._requests, self._queued, self._inline)
+            return queue.counts.snapshot(queue.requests, queue.queued, queue.inline)
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the workers after the batches they are running; unfinished requests get
         :class:`SchedulerClosedError`. Idempotent."""
-        with self._lock:
-            self._closed = True
-            self._wake.notify_all()
+        self._queue.close()
         deadline = None if timeout is None else time.monotonic() + timeout
         for worker in self._workers:
             worker.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            while self._requests:
-                self._stop(self._requests[0], SchedulerClosedError("The scheduler was closed."))
+        self._queue.close(SchedulerClosedError("The scheduler was closed."))
 
     def __enter__(self) -> Scheduler:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ---- submitting -----------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise SchedulerClosedError("The scheduler is closed; it takes no more requests.")
-
-    def _notify(self) -> None:
-        with self._lock:
-            self._wake.notify_all()
 
     # ---- the worker -----------------------------------------------------------------------
 
@@ -357,7 +246,7 @@ class Scheduler:
             # by side): a second worker then sizes its batch for the windows left, and never
             # plans (and reserves) for windows the first one takes.
             with self._choosing:
-                lead = self._next_key()
+                lead = self._queue.next_lead()
                 if lead is None:
                     return
                 key, work_class = lead
@@ -368,145 +257,23 @@ class Scheduler:
                     logger.warning(
                         "max_batch(%s) raised %r; failing the requests it held", key, exc
                     )
-                    with self._lock:
-                        for request in [
-                            r for r in self._requests if any(w.key == key for w in r.eligible())
-                        ]:
-                            self._stop(request, _batch_failed(exc, 0))
+                    self._queue.stop_key(key, _batch_failed(exc, 0))
                     continue
                 # Every batch max_batch sized runs under the budget's scope, even one that
                 # finds no window left to take (size 0): that scope is where what max_batch
                 # reserved goes.
-                windows = self._fill(key, balanced(limit, ready, len(self._workers)), work_class)
+                size = balanced(limit, ready, len(self._workers))
+                windows = self._queue.fill(key, size, work_class)
             try:
                 with self._budget.batch(key, len(windows)):
                     if windows:
                         batch_class = min(w.request.work_class for w in windows)
-                        self._decode(key, windows, pause=partial(self._pause, batch_class))
+                        self._decode(key, windows, pause=partial(self._queue.pause, batch_class))
             except Exception as exc:  # the worker must survive anything a batch raises
                 if windows:
                     self._fail_batch(windows, exc)
                 else:
                     logger.warning("closing an empty batch raised %r", exc)
-
-    def _next_key(self) -> tuple[BatchKey, WorkClass] | None:
-        """Wait for a window that may lead a batch (the policy's choice) and for no live decode
-        outside the queue to hold it back; the key and class of the batch to size next (None
-        once the scheduler is closed)."""
-        with self._lock:
-            while True:
-                if self._closed:
-                    return None
-                self._drop_cancelled()
-                now = time.monotonic()
-                lead = self._policy.lead([r for r in self._requests if r.eligible()], now)
-                if lead is None:
-                    self._wake.wait()
-                    continue
-                if not self._holding(lead.work_class) or self._policy.overdue(lead, now):
-                    return lead.eligible()[0].key, lead.work_class
-                self._wake.wait(self._policy.until_overdue(lead, now))
-                self._counts.held += time.monotonic() - now
-
-    def _holding(self, work_class: WorkClass) -> bool:
-        """Whether a decode running outside the queue holds back batches of ``work_class``."""
-        return any(n and self._policy.holds(c, work_class) for c, n in self._inline.items())
-
-    def _pause(self, work_class: WorkClass) -> None:
-        """Before or between the steps of a decode of ``work_class`` (a batch, or a window
-        decoded inline): wait while a live decode outside the queue holds it back, at most the
-        policy's starvation bound."""
-        with self._lock:
-            began = time.monotonic()
-            deadline = began + self._policy.starvation_s
-            while not self._closed and self._holding(work_class):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._wake.wait(left)
-            self._counts.held += time.monotonic() - began
-
-    def _ready(self, key: BatchKey, lead: WorkClass) -> list[Window]:
-        """Queued windows with ``key`` that may join a batch led by class ``lead`` now."""
-        joins = self._policy.joins
-        return [
-            w
-            for r in self._requests
-            if joins(lead, r.work_class)
-            for w in r.eligible()
-            if w.key == key
-        ]
-
-    def _fill(self, key: BatchKey, limit: int, lead: WorkClass) -> list[Window]:
-        """Wait (at most ``max_wait_s`` after the oldest window) for ``limit`` windows with
-        ``key``, and take them, round-robin over requests. Empty when none is left by then:
-        their requests were cancelled, or the scheduler closed."""
-        with self._lock:
-            while not self._closed:
-                self._drop_cancelled()
-                ready = self._ready(key, lead)
-                if not ready:
-                    break
-                wait = min(w.queued_at for w in ready) + self._max_wait - time.monotonic()
-                if len(ready) >= limit or wait <= 0:
-                    break
-                self._wake.wait(wait)
-            if self._closed:
-                return []
-            windows = self._take(key, limit, lead)
-            if windows:
-                self._counts.batch(windows)
-            return windows
-
-    def _take(self, key: BatchKey, limit: int, lead: WorkClass) -> list[Window]:
-        """Up to ``limit`` windows with ``key`` that may join a batch led by ``lead``, group by
-        group in the policy's order (the overdue, then each class); within a group one window
-        from each request in turn, the least recently served first, so one long upload does
-        not starve short ones."""
-        now = time.monotonic()
-        joining = [
-            r
-            for r in self._requests
-            if self._policy.joins(lead, r.work_class) and any(w.key == key for w in r.eligible())
-        ]
-        taken = _round_robin(self._policy.order(joining, now), key, limit)
-        served = list({id(w.request): w.request for w in taken}.values())
-        for window in taken:
-            window.request.pending.remove(window)
-            window.request.in_flight += 1
-            self._counts.waits.record(window.request.work_class, now - window.queued_at)
-            if not window.request.pending:
-                window.request.ticket._drain()
-        for request in self._requests:
-            if any(request is r for r in served):
-                request.skipped, request.waiting_since = 0, now
-            elif request.eligible():
-                request.skipped += 1
-        for request in served:
-            self._requests.remove(request)
-            self._requests.append(request)
-        self._queued -= len(taken)
-        return taken
-
-    def _drop_cancelled(self) -> None:
-        gone = [r for r in self._requests if r.ticket.cancelled.is_set() or r.ticket._withdrawn]
-        for request in gone:
-            self._counts.cancelled += len(request.pending)
-            logger.info(
-                "request cancelled; dropped %d queued windows of %d",
-                len(request.pending),
-                request.total,
-            )
-            self._stop(request, RequestCancelledError("The request was cancelled."))
-
-    def _stop(self, request: QueuedRequest, error: BaseException) -> None:
-        """End ``request`` with ``error`` (lock held): drop its queued windows."""
-        self._queued -= len(request.pending)
-        request.pending.clear()
-        request.closed = True
-        if request in self._requests:
-            self._requests.remove(request)
-        request.ticket._fail(error)
 
     def _fail_batch(self, windows: list[Window], exc: Exception) -> None:
         requests = list({id(w.request): w.request for w in windows}.values())
@@ -518,11 +285,11 @@ class Scheduler:
             exc,
         )
         with self._lock:
-            self._counts.failed += 1
+            self._queue.counts.failed += 1
             for request in requests:
                 request.in_flight = 0
                 if not request.closed:
-                    self._stop(request, _batch_failed(exc, len(windows)))
+                    self._queue.stop(request, _batch_failed(exc, len(windows)))
 
     # ---- decoding -------------------------------------------------------------------------
 
@@ -535,13 +302,7 @@ class Scheduler:
         outcome = self._decoder.run(key, windows, pause)
         with self._lock:
             for w in outcome.retry:
-                w.fall_back()
-                w.queued_at = time.monotonic()
-                w.request.in_flight -= 1
-                if not w.request.closed:
-                    bisect.insort(w.request.pending, w, key=lambda x: x.index)
-                    self._queued += 0 if w.request.inline else 1
-                    self._counts.fallbacks += 1
+                self._queue.requeue(w)
             for w, decoded in outcome.finished:
                 w.request.in_flight -= 1
                 w.features = np.empty((0, 0), dtype=np.float32)  # free it; the result stays
@@ -567,10 +328,7 @@ class Scheduler:
                 request.released += 1
                 request.ticket._push(segments)
                 if request.released == request.total:
-                    request.closed = True
-                    if request in self._requests:
-                        self._requests.remove(request)
-                    request.ticket._finish()
+                    self._queue.finish(request)
 
 
 def balanced(limit: int, ready: int, workers: int) -> int:
@@ -582,19 +340,6 @@ def balanced(limit: int, ready: int, workers: int) -> int:
         return limit
     batches = workers * math.ceil(ready / (workers * limit))
     return max(1, min(limit, math.ceil(ready / batches)))
-
-
-def _round_robin(groups: list[list[QueuedRequest]], key: BatchKey, limit: int) -> list[Window]:
-    """Up to ``limit`` eligible windows with ``key``, group after group; within a group one
-    window from each request in turn, in the group's order."""
-    taken: list[Window] = []
-    for group in groups:
-        queues = [[w for w in r.eligible() if w.key == key] for r in group]
-        while len(taken) < limit and any(queues):
-            for queue in queues:
-                if queue and len(taken) < limit:
-                    taken.append(queue.pop(0))
-    return taken
 
 
 def _batch_failed(exc: Exception, size: int) -> BatchFailedError:
