@@ -260,7 +260,10 @@ class Ticket(Iterator["Segment"]):
     def withdraw(self) -> None:
         """Drop the request's queued windows before the next batch, as :meth:`cancel` does,
         without setting the ``cancelled`` event (the caller's, which may stand for more than
-        this ticket): for a caller that stops reading the ticket before its end."""
+        this ticket): for a caller that stops reading the ticket before its end. Nothing once
+        the ticket is done."""
+        if self.done:
+            return
         self._withdrawn = True
         self._wake()
 

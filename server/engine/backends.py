@@ -222,8 +222,7 @@ class Windowed:
                 raise exc.__cause__ from exc
             raise
         finally:
-            if not ticket.done:  # stopped early (an error, the caller gone): drop the rest
-                ticket.withdraw()
+            ticket.withdraw()  # stopped early (an error, the caller gone): drop the rest
 
 
 __all__ = ["MIN_PIECE_SAMPLES", "Backend", "Sequential", "Windowed"]

@@ -73,6 +73,8 @@ class _Progress:
     channel: int | None = None  # the channel being transcribed, when channels are speakers
     channels: list[int] = field(default_factory=list)  # each segment's channel
     streamed: int = 0  # diarized segments sent so far
+    #: The next piece, planned, read and queued while the last batches of the one before ran.
+    ahead: _Ahead | None = None
 
 
 class PiecePipeline:
@@ -189,13 +191,10 @@ class PiecePipeline:
     ) -> None:
         """Transcribe one source (the audio, or one channel of it) piece by piece."""
         shape: Shape | None = None  # known once the first piece shows how long the audio is
-        ahead: list[_Ahead] = []  # the next piece, queued while this one's last batches ran
         try:
-            while ahead or not reader.finished:
-                shape = self._run_piece(
-                    model, job, reader, shape, run, on_segment, cancelled, ahead
-                )
-                if shape is None or (not ahead and reader.finished):
+            while run.ahead is not None or not reader.finished:
+                shape = self._run_piece(model, job, reader, shape, run, on_segment, cancelled)
+                if shape is None or (run.ahead is None and reader.finished):
                     break  # the caller's ``finally`` gives the last piece's memory back
                 # The piece's samples, features and working memory are free now: give them
                 # back to the kernel, so that RSS (and the planner's next reading) shows it.
@@ -204,8 +203,9 @@ class PiecePipeline:
                     # Carry the text across pieces, as sequential decoding does across windows.
                     run.prompt = _context(run.segments)
         finally:
-            for queued in ahead:  # the request failed or was cancelled: drop it, give it back
-                queued.held.close()
+            if run.ahead is not None:  # the request failed or was cancelled: give it back
+                run.ahead.held.close()
+                run.ahead = None
         if run.pieces > 1:
             reader.log_cuts()
             logger.info(
@@ -224,29 +224,26 @@ class PiecePipeline:
         run: _Progress,
         on_segment: OnSegment | None,
         cancelled: threading.Event | None,
-        ahead: list[_Ahead],
     ) -> Shape | None:
         """Plan, read and transcribe the next piece, retrying down the ladder after an
         out-of-memory error from the last finished segment.
 
-        ``ahead`` holds the next piece when it was planned, read and queued while the last
+        ``run.ahead`` holds the next piece when it was planned, read and queued while the last
         batches of the one before ran (see :meth:`_queue_ahead`): this piece is that one, and
         the piece after it is put there the same way.
 
         Returns:
             The shape for the pieces after this one; None when the audio was used up.
         """
-        queued = ahead.pop() if ahead else None
+        queued, run.ahead = run.ahead, None
         piece: Piece | None = queued.piece if queued is not None else None
         resume = 0  # samples of the piece already transcribed
         attempts = 0
         first = len(run.segments)  # the piece's first segment
 
         def on_drained() -> None:
-            if not ahead and shape is not None:
-                following = self._queue_ahead(model, job, reader, shape, run, cancelled)
-                if following is not None:
-                    ahead.append(following)
+            if run.ahead is None and shape is not None:
+                run.ahead = self._queue_ahead(model, job, reader, shape, run, cancelled)
 
         try:
             while True:
@@ -372,7 +369,7 @@ class PiecePipeline:
                         retry_after=self.settings.retry_after,
                     ) from error
         finally:
-            if queued is not None:  # taken from ``ahead`` but never run: give it back
+            if queued is not None:  # taken from ``run.ahead`` but never run: give it back
                 queued.held.close()
 
     def _queue_ahead(
@@ -424,7 +421,7 @@ class PiecePipeline:
                 except RateLimitError:
                     pass  # the queue is full: the piece is queued when its turn comes
                 else:
-                    held.callback(_withdraw, ticket)
+                    held.callback(ticket.withdraw)
         except BaseException:
             held.close()
             raise
@@ -488,11 +485,6 @@ def _piece_language(job: Job, run: _Progress) -> str | None:
     """The language a piece is decoded in: detected per stretch, every piece detects its own
     (None, unless given); else the first piece's holds for the request."""
     return job.language if job.per_region else run.language
-
-
-def _withdraw(ticket: Ticket) -> None:
-    if not ticket.done:
-        ticket.withdraw()
 
 
 def _context(segments: list[Segment]) -> list[int]:
