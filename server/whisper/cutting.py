@@ -1,4 +1,4 @@
-"""Where the windowed path cuts a file into windows: the speech Silero VAD hears, joined across
+"""Where the windowed path cuts a file into windows (:func:`cut`): the speech Silero VAD hears, joined across
 pauses it only half hears, packed into windows of at most ``chunk_length`` seconds that end
 where the speech pauses longest.
 
@@ -27,11 +27,13 @@ long stretches, which the packing does instead. Pure numpy beside the model call
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
-from faster_whisper.vad import VadOptions, get_vad_model
+from faster_whisper.vad import VadOptions, collect_chunks, get_vad_model
 
+from server.audio import loudness
 from server.audio.decode import SAMPLE_RATE
 from server.audio.loudness import loud_for_vad
 
@@ -195,21 +197,61 @@ def _quietest(probabilities: np.ndarray, first: int, last: int) -> int:
     return (lo + int(run[len(run) // 2])) * FRAME
 
 
+def cut(
+    audio: np.ndarray,
+    *,
+    vad_filter: bool,
+    vad_parameters: Mapping[str, Any] | VadOptions | None,
+    chunk_length: int,
+) -> tuple[list[Span], list[np.ndarray], list[dict[str, Any]]]:
+    """The windowed path's windows of ``audio``: the speech spans they hold (in order), each
+    window's audio, and its offset and duration on the speech-only timeline, as
+    ``BatchedInferencePipeline.transcribe`` gives them (``collect_chunks``), with the windows
+    cut as the module's docstring says. Without VAD, audio longer than one window (which the
+    pipeline refuses) is cut every ``chunk_length`` seconds."""
+    if not vad_filter:
+        step = chunk_length * SAMPLE_RATE
+        clips = [
+            {"start": start, "end": min(start + step, len(audio))}
+            for start in range(0, len(audio), step)
+        ]
+        chunks, metadata = collect_chunks(audio, clips, max_duration=chunk_length)
+        return clips, chunks, metadata
+    # A window's length, not max_speech_duration_s, bounds a stretch of speech here.
+    if vad_parameters is None:
+        vad = VadOptions(min_silence_duration_ms=160)
+    elif isinstance(vad_parameters, VadOptions):
+        vad = vad_parameters
+    else:
+        vad = VadOptions(**vad_parameters)
+    heard, windows = windows_of(audio, vad, chunk_length)
+    # Quiet stretches of speech raised, so that a quiet speaker in a window beside a loud one
+    # is decoded too; the copy is dropped once its windows are copied out.
+    audio = loudness.for_decoder(audio, heard)
+    chunks, metadata, at = [], [], 0
+    for window in windows:
+        chunks.append(np.concatenate([audio[s["start"] : s["end"]] for s in window]))
+        size = sum(s["end"] - s["start"] for s in window)
+        metadata.append({"offset": at / SAMPLE_RATE, "duration": size / SAMPLE_RATE})
+        at += size
+    return [s for w in windows for s in w], chunks, metadata
+
+
 def windows_of(
     audio: np.ndarray, vad: VadOptions, max_seconds: float
-) -> tuple[list[Span], list[Span], list[list[Span]]]:
-    """The speech VAD hears in ``audio``, that speech with half-heard pauses joined (the
-    windows' clips), and those clips packed in windows: ``(heard, clips, windows)``."""
+) -> tuple[list[Span], list[list[Span]]]:
+    """The speech VAD hears in ``audio``, and that speech with half-heard pauses joined,
+    packed in windows: ``(heard, windows)``."""
     probabilities = speech_probabilities(audio)
     heard = speech_spans(probabilities, len(audio), vad)
-    windows = pack(join_weak_pauses(heard, probabilities), probabilities, max_seconds)
-    return heard, [s for w in windows for s in w], windows
+    return heard, pack(join_weak_pauses(heard, probabilities), probabilities, max_seconds)
 
 
 __all__ = [
     "LONG_PAUSE",
     "MIN_FILL",
     "WEAK_SPEECH",
+    "cut",
     "join_weak_pauses",
     "pack",
     "speech_probabilities",

@@ -37,13 +37,11 @@ from faster_whisper.transcribe import (
     get_suppressed_tokens,
     restore_speech_timestamps,
 )
-from faster_whisper.vad import VadOptions, collect_chunks, get_speech_timestamps, get_vad_model
+from faster_whisper.vad import VadOptions, get_speech_timestamps, get_vad_model
 
-from server.audio import loudness
 from server.audio.decode import SAMPLE_RATE  # Whisper's input: 16 kHz mono
 from server.audio.loudness import loud_for_vad
 from server.transcript import Segment, TokenLogprob, Word
-from server.whisper import cutting
 
 #: faster-whisper's (and OpenAI's) temperature fallback schedule.
 TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -284,41 +282,6 @@ class WhisperRunner:
                 hotwords=hotwords,
             )
         )
-
-    def cut(
-        self,
-        audio: np.ndarray,
-        *,
-        vad_filter: bool,
-        vad_parameters: Mapping[str, Any] | VadOptions | None,
-        chunk_length: int,
-    ) -> tuple[list[dict[str, int]], list[np.ndarray], list[dict[str, Any]]]:
-        """Speech spans, window audio and window metadata, as
-        ``BatchedInferencePipeline.transcribe`` computes them, with the windows cut where
-        :mod:`server.whisper.cutting` says (pauses VAD half hears kept, windows ending at long
-        pauses). Without VAD, audio longer than one window (which the pipeline refuses) is cut
-        every ``chunk_length`` seconds."""
-        if vad_filter:
-            # A window's length, not max_speech_duration_s, bounds a stretch of speech here.
-            if vad_parameters is None:
-                vad = VadOptions(min_silence_duration_ms=160)
-            elif isinstance(vad_parameters, VadOptions):
-                vad = vad_parameters
-            else:
-                vad = VadOptions(**vad_parameters)
-            heard, clips, windows = cutting.windows_of(audio, vad, chunk_length)
-            # Quiet stretches of speech raised, so that a quiet speaker in a window beside a
-            # loud one is decoded too; the copy is dropped once its windows are copied out.
-            audio = loudness.for_decoder(audio, heard)
-            return clips, *_window_audio(audio, windows)
-        else:
-            step = chunk_length * SAMPLE_RATE
-            clips = [
-                {"start": start, "end": min(start + step, len(audio))}
-                for start in range(0, len(audio), step)
-            ]
-        chunks, metadata = collect_chunks(audio, clips, max_duration=chunk_length)
-        return clips, chunks, metadata
 
     def features(self, chunk: np.ndarray) -> np.ndarray:
         """Log-Mel features of one window's audio (not padded to 30 s)."""
@@ -612,22 +575,6 @@ def _frames_of(encoder_output: Any) -> np.ndarray:
 def _stack(slices: list[np.ndarray]) -> ctranslate2.StorageView:
     """Slices of one length as one contiguous batch (on the host)."""
     return ctranslate2.StorageView.from_array(np.ascontiguousarray(np.stack(slices)))
-
-
-def _window_audio(
-    audio: np.ndarray, windows: Sequence[Sequence[Mapping[str, int]]]
-) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-    """Each window's speech joined, and its offset and duration on the speech-only timeline
-    (as ``collect_chunks`` gives them)."""
-    chunks: list[np.ndarray] = []
-    metadata: list[dict[str, Any]] = []
-    at = 0
-    for window in windows:
-        chunks.append(np.concatenate([audio[s["start"] : s["end"]] for s in window]))
-        size = sum(s["end"] - s["start"] for s in window)
-        metadata.append({"offset": at / SAMPLE_RATE, "duration": size / SAMPLE_RATE})
-        at += size
-    return chunks, metadata
 
 
 __all__ = [
